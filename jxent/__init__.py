@@ -1,0 +1,22 @@
+"""jxent: softmax cross-entropy for JAX with exact TF/Keras semantics and fused, lean kernels."""
+
+from jxent import nn as nn
+from jxent._src.api import check_integer_labels as check_integer_labels
+from jxent._src.api import softmax_cross_entropy as softmax_cross_entropy
+from jxent._src.api import (
+    softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
+)
+from jxent._src.dispatch import ChunkedXlaKernel as ChunkedXlaKernel
+from jxent._src.dispatch import XlaKernel as XlaKernel
+from jxent._src.dispatch import names as implementations
+from jxent._version import __version__ as __version__
+
+__all__ = [
+    "check_integer_labels",
+    "implementations",
+    "nn",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
+    "ChunkedXlaKernel",
+    "XlaKernel",
+]

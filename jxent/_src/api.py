@@ -1,0 +1,147 @@
+"""The native, optax-compatible API (logits first, per-example output, keyword-only options)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+from jax.typing import ArrayLike
+
+from jxent._src import core
+from jxent._src.options import make_options
+
+_REDUCTIONS = (None, "none", "mean", "sum")
+
+
+def _check_reduction(reduction):
+  if reduction not in _REDUCTIONS:
+    raise ValueError(f"Invalid reduction {reduction!r}; expected 'none', 'mean' or 'sum'.")
+
+
+def softmax_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis: int = -1,
+    where: Optional[ArrayLike] = None,
+    reduction: Optional[str] = "none",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: Optional[float] = None,
+    axis_name: Optional[str] = None,
+    implementation: Any = None,
+) -> jax.Array:
+  r"""Softmax cross-entropy with dense (one-hot or soft) labels.
+
+  ``loss = -sum(labels' * log_softmax(cap(logits)), axis) + z_loss * logsumexp(cap(logits))**2``
+  with ``labels' = (1 - label_smoothing) * labels + label_smoothing / num_classes`` and
+  ``cap(x) = c * tanh(x / c)`` when ``logit_softcap=c``. The values and gradients (for logits and
+  labels) equal optax's ``softmax_cross_entropy`` with the default options. A ``-inf`` logit whose
+  label is 0 contributes 0. Half-precision inputs are computed in float32; the result has the
+  logits dtype.
+
+  Args:
+    logits: ``[..., num_classes, ...]`` floating logits; the class axis is ``axis``.
+    labels: the shape of ``logits`` (or broadcastable to it, e.g. ``[num_classes]``).
+    axis: the class axis (negative values count from the end).
+    where: optional boolean mask. With the rank of ``logits``: a per-element mask (masked classes
+      are left out of the softmax, as in optax); otherwise a per-example mask of shape ``[...]``.
+      Rows with nothing kept give 0 loss and 0 gradient.
+    reduction: ``"none"`` (per example, ``logits.shape`` without ``axis``), ``"sum"``, or
+      ``"mean"`` (over the examples that ``where`` keeps).
+    label_smoothing: epsilon in ``[0, 1]``.
+    z_loss: coefficient ``>= 0`` of ``logsumexp**2``.
+    logit_softcap: ``c > 0`` or None.
+    axis_name: mesh axis name when the class axis is sharded (inside ``shard_map`` / ``pmap``).
+    implementation: None (best for the backend), ``"xla"``, ``"chunked_xla"``, ``"pallas_triton"``,
+      ``"pallas_mosaic_tpu"``, or a kernel object.
+
+  Returns:
+    The per-example loss ``[...]`` or a scalar, in the dtype of ``logits``.
+
+  Example:
+    >>> import jax.numpy as jnp, jxent
+    >>> jxent.softmax_cross_entropy(jnp.array([[1., 2., 3.]]), jnp.array([[0., 0., 1.]]))
+    Array([0.40760595], dtype=float32)
+  """
+  _check_reduction(reduction)
+  opts = make_options(label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap,
+                      axis_name=axis_name)
+  return core.loss(logits, labels, axis=axis, sparse=False, opts=opts,
+                   implementation=implementation, where=where, reduction=reduction)
+
+
+def softmax_cross_entropy_with_integer_labels(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis: int = -1,
+    where: Optional[ArrayLike] = None,
+    ignore_index: Optional[int] = None,
+    reduction: Optional[str] = "none",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: Optional[float] = None,
+    axis_name: Optional[str] = None,
+    implementation: Any = None,
+) -> jax.Array:
+  r"""Softmax cross-entropy with integer class ids, without building a one-hot.
+
+  ``loss = logsumexp(x) - (1 - eps) * x[label] - eps * mean(x) + z_loss * logsumexp(x)**2`` with
+  ``x = cap(logits)``. Values and logits gradients equal optax's
+  ``softmax_cross_entropy_with_integer_labels`` with the default options. Labels outside
+  ``[0, num_classes)`` (other than ``ignore_index``) give NaN for that example; use
+  :func:`jxent.check_integer_labels` under ``jax.experimental.checkify`` to report them.
+
+  Args:
+    logits: ``[..., num_classes, ...]`` floating logits; the class axis is ``axis``.
+    labels: ``[...]`` integer class ids (``logits.shape`` without ``axis``).
+    axis: the class axis.
+    where: optional mask, as in :func:`softmax_cross_entropy`.
+    ignore_index: examples whose label equals it give 0 loss and 0 gradient, and are left out of
+      ``"mean"``.
+    reduction: ``"none"``, ``"sum"`` or ``"mean"`` (over examples not masked or ignored).
+    label_smoothing: epsilon in ``[0, 1]``.
+    z_loss: coefficient ``>= 0`` of ``logsumexp**2``.
+    logit_softcap: ``c > 0`` or None.
+    axis_name: mesh axis name when the class axis is sharded; labels are global class ids.
+    implementation: see :func:`softmax_cross_entropy`.
+
+  Returns:
+    The per-example loss ``[...]`` or a scalar, in the dtype of ``logits``.
+
+  Example:
+    >>> import jax.numpy as jnp, jxent
+    >>> jxent.softmax_cross_entropy_with_integer_labels(jnp.array([[1., 2., 3.]]), jnp.array([2]))
+    Array([0.40760595], dtype=float32)
+  """
+  _check_reduction(reduction)
+  opts = make_options(label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap,
+                      ignore_index=ignore_index, axis_name=axis_name)
+  return core.loss(logits, labels, axis=axis, sparse=True, opts=opts,
+                   implementation=implementation, where=where, reduction=reduction)
+
+
+def check_integer_labels(labels: ArrayLike, num_classes: int, *,
+                         ignore_index: Optional[int] = None) -> None:
+  """Reports labels outside ``[0, num_classes)`` through ``jax.experimental.checkify``.
+
+  Call it inside a function transformed by ``checkify.checkify`` (out-of-range labels cannot raise
+  under ``jit`` otherwise; the loss gives NaN for them).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jxent
+    >>> from jax.experimental import checkify
+    >>> f = checkify.checkify(lambda y: jxent.check_integer_labels(y, 3))
+    >>> err, _ = jax.jit(f)(jnp.array([0, 5]))
+    >>> err.get() is not None
+    True
+  """
+  from jax.experimental import checkify
+  import jax.numpy as jnp
+  labels = jnp.asarray(labels)
+  ok = (labels >= 0) & (labels < num_classes)
+  if ignore_index is not None:
+    ok = ok | (labels == ignore_index)
+  checkify.check(jnp.all(ok), "integer labels out of range [0, {n}): min {lo}, max {hi}",
+                 n=jnp.asarray(num_classes), lo=jnp.min(labels), hi=jnp.max(labels))

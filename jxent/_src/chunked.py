@@ -1,0 +1,99 @@
+"""``implementation="chunked_xla"``: the forward pass walks the class axis in blocks with an online
+max / log-sum-exp, so its temporaries are O(rows x block) whatever the vocabulary size.
+
+The backward pass is one elementwise pass that writes ``dlogits`` (the XLA kernel's backward); it
+needs no temporaries beyond its output.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jxent._src import xla
+from jxent._src.options import XentOptions
+
+BLOCK = 4096
+
+backward = xla.backward
+
+
+def _block_stats(xb, yb, start, labels, sparse, opts, want_sum_x):
+  """Block max and the block's partial statistics relative to that max."""
+  bm = jnp.max(xb, axis=-1)
+  bm = jnp.where(jnp.isneginf(bm), 0.0, bm)
+  s = xb - bm[:, None]
+  z = jnp.sum(jnp.exp(s), axis=-1)
+  sum_x = jnp.sum(xb, axis=-1) if want_sum_x else jnp.zeros_like(bm)
+  if sparse:
+    local = labels - start
+    hit = (local >= 0) & (local < xb.shape[-1])
+    picked = jnp.take_along_axis(xb, jnp.clip(local, 0, xb.shape[-1] - 1)[:, None], axis=-1)[:, 0]
+    return bm, z, jnp.where(hit, picked, 0.0), jnp.zeros_like(bm), sum_x
+  y = yb.astype(xb.dtype)
+  sum_y = jnp.sum(y, axis=-1)
+  sum_ys = jnp.sum(jnp.where(y == 0, 0.0, y * s), axis=-1)
+  return bm, z, sum_y, sum_ys, sum_x
+
+
+def _merge(state, new):
+  """Merges running (m, z, a, b, sum_x) with a block's; for dense ``a = sum(y)``, ``b = sum(y*(x-m))``
+  and for sparse ``a`` = the label's raw logit (b unused)."""
+  m0, z0, a0, b0, sx0 = state
+  m1, z1, a1, b1, sx1 = new
+  m = jnp.maximum(m0, m1)
+  d0 = jnp.where(jnp.isneginf(m0), 0.0, m0 - m)
+  d1 = m1 - m
+  z = z0 * jnp.exp(d0) + z1 * jnp.exp(d1)
+  b = b0 + d0 * a0 + b1 + d1 * a1
+  return m, z, a0 + a1, b, sx0 + sx1
+
+
+def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOptions,
+            block: int = BLOCK):
+  x_all = logits
+  rows, c = x_all.shape
+  dt = xla.compute_dtype(logits.dtype)
+  want_sum_x = bool(opts.label_smoothing)
+  offset = xla.class_offset(c, opts)
+  glabels = labels
+  if sparse:
+    labels = labels - offset  # block starts below are local
+
+  def stats(start, size):
+    xb = xla.prep_logits(lax.dynamic_slice_in_dim(x_all, start, size, axis=1), opts)
+    yb = None if sparse else lax.dynamic_slice_in_dim(labels, start, size, axis=1)
+    out = _block_stats(xb, yb, start, labels, sparse, opts, want_sum_x)
+    if sparse:  # the label's raw logit carries no max shift: keep b = 0, a additive
+      bm, z, picked, _, sx = out
+      return bm, z, jnp.zeros_like(bm), picked, sx
+    return out
+
+  zero = jnp.zeros((rows,), dt)
+  state = (jnp.full((rows,), -jnp.inf, dt), zero, zero, zero, zero)
+  nb, tail = divmod(c, block)
+  if nb:
+    state = lax.fori_loop(0, nb, lambda i, st: _merge(st, stats(i * block, block)), state)
+  if tail:
+    state = _merge(state, stats(nb * block, tail))
+  m, z, a, b, sum_x = state
+  m = jnp.where(jnp.isneginf(m), 0.0, m)
+  # Combine shards (vocab parallel): rescale to the global max.
+  if opts.axis_name is not None:
+    mg = xla.pmax(m, opts)
+    z = xla.psum(z * jnp.exp(m - mg), opts)
+    if not sparse:
+      a, b = xla.psum((a, b + (m - mg) * a), opts)
+    else:
+      b = xla.psum(b, opts)
+    sum_x = xla.psum(sum_x, opts)
+    m = mg
+  n_cls = xla.num_classes(c, opts)
+  sum_s = sum_x - n_cls * m if want_sum_x else None
+  if sparse:
+    loss, lse = xla.combine(m, jnp.log(z), None, None, sum_s, b - m, opts, n_cls)
+    loss = xla.finish_sparse(loss, glabels, n_cls, opts)
+  else:
+    loss, lse = xla.combine(m, jnp.log(z), a, b, sum_s, None, opts, n_cls)
+  return loss, lse

@@ -1,0 +1,238 @@
+"""The core: one custom VJP over canonical ``[rows, classes]`` inputs, and canonicalisation.
+
+Residuals kept between forward and backward are the inputs and the float32 per-row log-sum-exp;
+nothing of shape ``[rows, classes]`` is created for the backward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jxent._src import dispatch
+from jxent._src.options import XentOptions
+
+
+# --------------------------------------------------------------------------------------------
+# The custom VJP trio.
+# --------------------------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnames=("sparse", "opts", "kernel"))
+def xent_2d(logits: jax.Array, labels: jax.Array, sparse: bool, opts: XentOptions,
+            kernel: Any) -> jax.Array:
+  """Per-row cross-entropy of ``logits [R, C]``; returns the float32 (or float64) loss ``[R]``."""
+  return kernel.forward(logits, labels, sparse=sparse, opts=opts)[0]
+
+
+def _xent_2d_fwd(logits, labels, sparse, opts, kernel):
+  loss, lse = kernel.forward(logits, labels, sparse=sparse, opts=opts)
+  return loss, (logits, labels, lse)
+
+
+def _xent_2d_bwd(sparse, opts, kernel, res, g):
+  logits, labels, lse = res
+  dlogits, dlabels = kernel.backward(logits, labels, lse, g, sparse=sparse, opts=opts)
+  return dlogits, (None if sparse else dlabels)
+
+
+xent_2d.defvjp(_xent_2d_fwd, _xent_2d_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnames=("sparse", "opts", "kernel"))
+def xent_2d_fused(logits: jax.Array, labels: jax.Array, weights: jax.Array, sparse: bool,
+                  opts: XentOptions, kernel: Any) -> jax.Array:
+  """``sum(weights * loss)`` with the gradient formed in the forward kernel (scalar reductions).
+
+  The residual is the pre-scaled gradient itself, which replaces the buffer the backward pass
+  would have written; the backward only multiplies it by the cotangent (skipped when it is 1).
+  """
+  return _xent_2d_fused_fwd(logits, labels, weights, sparse, opts, kernel)[0]
+
+
+def _xent_2d_fused_fwd(logits, labels, weights, sparse, opts, kernel):
+  loss_w, dlogits, dlabels = kernel.fused(logits, labels, weights, sparse=sparse, opts=opts)
+  return jnp.sum(loss_w), (dlogits, dlabels)
+
+
+def _xent_2d_fused_bwd(sparse, opts, kernel, res, g):
+  dlogits, dlabels = res
+
+  def scale(d):
+    if d is None:
+      return None
+    return jax.lax.cond(g == 1, lambda: d, lambda: (d * g.astype(d.dtype)).astype(d.dtype))
+
+  return scale(dlogits), (None if sparse else scale(dlabels)), None
+
+
+xent_2d_fused.defvjp(_xent_2d_fused_fwd, _xent_2d_fused_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and canonicalisation.
+# --------------------------------------------------------------------------------------------
+def check_logits(logits, name: str = "logits") -> jax.Array:
+  if logits is None:
+    raise ValueError(f"`{name}` must not be None.")
+  logits = jnp.asarray(logits)
+  if not jnp.issubdtype(logits.dtype, jnp.floating):
+    raise TypeError(f"`{name}` must have a floating dtype (float16, bfloat16, float32, float64), "
+                    f"got {logits.dtype} with shape {logits.shape}.")
+  return logits
+
+
+def check_axis(axis, ndim: int, what: str = "logits") -> int:
+  if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+    raise TypeError(f"`axis` must be an int, got {axis!r} of type {type(axis).__name__}.")
+  if not -ndim <= axis < ndim:
+    raise ValueError(f"`axis`={axis} is out of range for {what} of rank {ndim} "
+                     f"(valid: {-ndim}..{ndim - 1}).")
+  return int(axis) % ndim
+
+
+def _to_rows(x: jax.Array, axis: int) -> jax.Array:
+  x = jnp.moveaxis(x, axis, -1)
+  return x.reshape(num_rows(x.shape[:-1]), x.shape[-1])
+
+
+def canonicalize(logits, labels, *, axis, sparse: bool, where=None):
+  """Validates and reshapes to rows.
+
+  Returns ``(logits2d [R, C], labels (dense [R, C] | int [R]), row_mask [R] | None, batch_shape)``.
+  """
+  logits = check_logits(logits)
+  if logits.ndim == 0:
+    raise ValueError("`logits` must have rank >= 1 (a class axis), got a scalar.")
+  if labels is None:
+    raise ValueError("`labels` must not be None.")
+  labels = jnp.asarray(labels)
+  ax = check_axis(axis, logits.ndim)
+  batch_shape = logits.shape[:ax] + logits.shape[ax + 1:]
+  if sparse:
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+      raise TypeError(f"integer `labels` must have an integer dtype, got {labels.dtype} "
+                      f"(shape {labels.shape}); for one-hot or soft labels use "
+                      f"softmax_cross_entropy.")
+    if labels.shape != batch_shape:
+      raise ValueError(f"integer `labels` must have the shape of `logits` without the class axis: "
+                       f"labels {labels.shape} vs logits {logits.shape} with axis={axis} "
+                       f"(expected {batch_shape}).")
+    labels2d = labels.reshape(-1)
+  else:
+    try:
+      shape = jnp.broadcast_shapes(labels.shape, logits.shape)
+    except ValueError:
+      shape = None
+    if shape != logits.shape:
+      raise ValueError(f"`labels` {labels.shape} must have (or broadcast to) the shape of `logits` "
+                       f"{logits.shape}.")
+    if not jnp.issubdtype(labels.dtype, jnp.inexact):
+      labels = labels.astype(logits.dtype)
+    labels2d = _to_rows(jnp.broadcast_to(labels, logits.shape), ax)
+  logits2d = _to_rows(logits, ax)
+  row_mask = None
+  if where is not None:
+    where = jnp.asarray(where, dtype=bool)
+    if where.ndim == logits.ndim:
+      try:
+        elem = jnp.broadcast_to(where, logits.shape)
+      except ValueError:
+        raise ValueError(f"`where` {where.shape} does not broadcast to logits {logits.shape}.") from None
+      elem = _to_rows(elem, ax)
+      row_mask = jnp.any(elem, axis=-1)
+      # Masked classes become -inf; a row with no class left becomes finite zeros (then masked).
+      fill = jnp.where(row_mask[:, None], -jnp.inf, 0.0).astype(logits.dtype)
+      logits2d = jnp.where(elem, logits2d, fill)
+      if not sparse:
+        labels2d = jnp.where(elem, labels2d, 0)
+    else:
+      try:
+        row_mask = jnp.broadcast_to(where, batch_shape).reshape(-1)
+      except ValueError:
+        raise ValueError(f"`where` {where.shape} must broadcast to logits {logits.shape} or to the "
+                         f"per-example shape {batch_shape}.") from None
+  return logits2d, labels2d, row_mask, batch_shape
+
+
+def loss(logits, labels, *, axis, sparse: bool, opts: XentOptions, implementation=None,
+         where=None, reduction: Optional[str] = "none"):
+  """The native loss: per-example (``"none"``) or reduced (``"mean"``/``"sum"``), logits dtype.
+
+  A scalar reduction with a kernel that can form the gradient in its forward pass (``fused``) uses
+  :func:`xent_2d_fused`; otherwise the per-row custom VJP followed by the reduction.
+  """
+  logits = check_logits(logits)
+  if reduction in ("mean", "sum"):
+    logits2d, labels2d, row_mask, _ = canonicalize(logits, labels, axis=axis, sparse=sparse,
+                                                   where=where)
+    if logits2d.shape[1] > 0:
+      kernel = dispatch.resolve(implementation, sparse=sparse, shape=logits2d.shape,
+                                dtype=logits2d.dtype)
+      if hasattr(kernel, "fused") and not (where is not None and jnp.ndim(where) == logits.ndim):
+        kept = _kept(labels2d, row_mask, sparse, opts)
+        w = jnp.ones(logits2d.shape[:1], jnp.float32) if kept is None else kept.astype(jnp.float32)
+        if reduction == "mean":
+          count = jnp.sum(w)
+          w = jnp.where(count > 0, w / jnp.maximum(count, 1.0), 0.0)
+        w = jax.lax.stop_gradient(w)
+        return xent_2d_fused(logits2d, labels2d, w, sparse, opts, kernel).astype(logits.dtype)
+  per_row, kept = rows_loss(logits, labels, axis=axis, sparse=sparse, opts=opts,
+                            implementation=implementation, where=where)
+  return reduce_native(per_row, kept, reduction, logits.dtype)
+
+
+def _kept(labels2d, row_mask, sparse, opts):
+  kept = row_mask
+  if sparse and opts.ignore_index is not None:
+    not_ignored = labels2d != opts.ignore_index
+    kept = not_ignored if kept is None else kept & not_ignored
+  return kept
+
+
+def rows_loss(logits, labels, *, axis, sparse: bool, opts: XentOptions, implementation=None,
+              where=None):
+  """Per-example loss in the compute dtype, shape ``logits.shape`` without ``axis``.
+
+  Returns ``(loss, kept)`` where ``kept`` is the float mask of rows that count (``where`` and
+  ``ignore_index``), or None when every row counts.
+  """
+  logits2d, labels2d, row_mask, batch_shape = canonicalize(
+      logits, labels, axis=axis, sparse=sparse, where=where)
+  rows, classes = logits2d.shape
+  if classes == 0:  # TF 2.21 returns zeros for zero classes.
+    loss = jnp.zeros((rows,), jnp.promote_types(logits2d.dtype, jnp.float32))
+  else:
+    kernel = dispatch.resolve(implementation, sparse=sparse, shape=logits2d.shape,
+                              dtype=logits2d.dtype)
+    loss = xent_2d(logits2d, labels2d, sparse, opts, kernel)
+  kept = _kept(labels2d, row_mask, sparse, opts)
+  if row_mask is not None:
+    loss = jnp.where(row_mask, loss, 0.0)
+  loss = loss.reshape(batch_shape)
+  if kept is not None:
+    kept = kept.reshape(batch_shape)
+  return loss, kept
+
+
+def num_rows(shape) -> int:
+  return functools.reduce(operator.mul, shape, 1)
+
+
+def reduce_native(loss, kept, reduction: Optional[str], dtype):
+  """The native reductions: "none" (per example), "sum", "mean" (over the rows that count)."""
+  if reduction in (None, "none"):
+    return loss.astype(dtype)
+  if reduction == "sum":
+    return jnp.sum(loss).astype(dtype)
+  if reduction == "mean":
+    total = jnp.sum(loss)
+    if kept is None:
+      count = num_rows(loss.shape)
+      return (total / count if count else total).astype(dtype)
+    count = jnp.sum(kept, dtype=loss.dtype)
+    return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0).astype(dtype)
+  raise ValueError(f"Invalid reduction {reduction!r}; expected 'none', 'mean' or 'sum'.")

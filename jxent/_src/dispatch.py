@@ -1,0 +1,100 @@
+"""Implementation registry: ``implementation=None | str | kernel instance`` -> a kernel object.
+
+A kernel object is hashable (a frozen dataclass) and has ``forward`` / ``backward`` with the
+signatures documented in :mod:`jxent._src.xla`, plus ``platforms`` (where it can run compiled) and
+``interpret`` (Pallas kernels only: run in interpret mode on any backend).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar
+
+import jax
+
+from jxent._src import chunked, xla
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaKernel:
+  """Fused XLA cross-entropy (every backend)."""
+
+  name: ClassVar[str] = "xla"
+  platforms: ClassVar[tuple[str, ...]] = ("cpu", "gpu", "cuda", "rocm", "tpu")
+  interpret: bool = False
+
+  def forward(self, logits, labels, *, sparse, opts):
+    return xla.forward(logits, labels, sparse=sparse, opts=opts)
+
+  def backward(self, logits, labels, lse, g, *, sparse, opts):
+    return xla.backward(logits, labels, lse, g, sparse=sparse, opts=opts)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkedXlaKernel(XlaKernel):
+  """Online log-sum-exp over class blocks of ``block`` classes (every backend)."""
+
+  name: ClassVar[str] = "chunked_xla"
+  block: int = chunked.BLOCK
+
+  def forward(self, logits, labels, *, sparse, opts):
+    return chunked.forward(logits, labels, sparse=sparse, opts=opts, block=self.block)
+
+
+_REGISTRY: dict[str, Callable[[], Any]] = {
+    "xla": XlaKernel,
+    "chunked_xla": ChunkedXlaKernel,
+}
+
+
+def register(name: str, factory: Callable[[], Any]) -> None:
+  _REGISTRY[name] = factory
+
+
+def names() -> tuple[str, ...]:
+  _load_pallas()
+  return tuple(_REGISTRY)
+
+
+def _load_pallas() -> None:
+  # Imported lazily: Pallas is only needed when a Pallas kernel is asked for.
+  if "pallas_triton" not in _REGISTRY:
+    from jxent._src import pallas_mosaic_tpu, pallas_triton  # noqa: F401  (registers)
+
+
+def platform() -> str:
+  return jax.default_backend()
+
+
+def _default(sparse: bool, shape, dtype) -> Any:
+  plat = platform()
+  if plat in ("gpu", "cuda"):
+    _load_pallas()
+    from jxent._src import pallas_triton
+    if pallas_triton.preferred(shape, dtype, sparse):
+      return pallas_triton.PallasTritonKernel()
+  return XlaKernel()
+
+
+def resolve(implementation, *, sparse: bool, shape, dtype) -> Any:
+  """Returns the kernel object for ``implementation``; raises if it cannot run here."""
+  if implementation is None:
+    return _default(sparse, shape, dtype)
+  if isinstance(implementation, str):
+    if implementation.startswith("pallas"):
+      _load_pallas()
+    if implementation not in _REGISTRY:
+      raise ValueError(f"Unknown implementation {implementation!r}; expected one of "
+                       f"{sorted(_REGISTRY)} or None.")
+    kernel = _REGISTRY[implementation]()
+  elif hasattr(implementation, "forward") and hasattr(implementation, "backward"):
+    kernel = implementation
+  else:
+    raise TypeError(f"`implementation` must be None, a name or a kernel object, got {implementation!r}.")
+  plat = platform()
+  if not kernel.interpret and plat not in kernel.platforms:
+    raise ValueError(
+        f"implementation {kernel.name!r} cannot run on the {plat!r} backend (it runs on "
+        f"{', '.join(kernel.platforms)}); pass implementation=None or 'xla', or an interpret-mode "
+        f"kernel object for testing.")
+  return kernel

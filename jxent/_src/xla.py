@@ -1,0 +1,176 @@
+"""The plain-XLA cross-entropy kernels: forward (per-row loss and log-sum-exp) and backward.
+
+Every kernel backend implements the same two functions on canonical 2-D inputs:
+
+* ``forward(logits [R, C], labels, *, sparse, opts) -> (loss f32 [R], lse f32 [R])``
+* ``backward(logits, labels, lse, g f32 [R], *, sparse, opts) -> (dlogits [R, C], dlabels | None)``
+
+``labels`` are ``[R, C]`` (dense, any float dtype) or ``[R]`` integers (``sparse=True``). With
+``opts.axis_name`` the class axis is a local shard of a larger vocabulary and the per-row statistics
+are combined with collectives.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jxent._src.options import XentOptions
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+  """float32 for half types and float32; float64 stays float64."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def prep_logits(logits: jax.Array, opts: XentOptions) -> jax.Array:
+  """Upcasts to the compute dtype and applies the soft-cap."""
+  x = logits.astype(compute_dtype(logits.dtype))
+  if opts.logit_softcap is not None:
+    c = opts.logit_softcap
+    x = c * jnp.tanh(x / c)
+  return x
+
+
+def softcap_factor(x: jax.Array, opts: XentOptions) -> jax.Array | float:
+  """d(capped)/d(logits) given the capped logits ``x``: ``1 - (x / c)**2``."""
+  if opts.logit_softcap is None:
+    return 1.0
+  t = x / opts.logit_softcap
+  return 1.0 - t * t
+
+
+def psum(x, opts: XentOptions):
+  return x if opts.axis_name is None else lax.psum(x, opts.axis_name)
+
+
+def pmax(x, opts: XentOptions):
+  return x if opts.axis_name is None else lax.pmax(x, opts.axis_name)
+
+
+def num_classes(local_c: int, opts: XentOptions):
+  """Global number of classes (static when not sharded)."""
+  if opts.axis_name is None:
+    return local_c
+  return local_c * lax.axis_size(opts.axis_name)
+
+
+def class_offset(local_c: int, opts: XentOptions):
+  """Global id of this shard's first class."""
+  if opts.axis_name is None:
+    return 0
+  return lax.axis_index(opts.axis_name) * local_c
+
+
+def safe_max(x: jax.Array, opts: XentOptions) -> jax.Array:
+  """Row max over the (global) class axis; an all ``-inf`` row gives 0 instead of ``-inf``."""
+  m = pmax(jnp.max(x, axis=-1), opts)
+  return jnp.where(jnp.isneginf(m), 0.0, m).astype(x.dtype)
+
+
+def combine(m, log_z, sum_y, sum_ys, sum_s, label_s, opts: XentOptions, n_classes):
+  """Per-row loss and lse from the per-row statistics (shared by the XLA and chunked kernels).
+
+  With ``s = x - m`` (capped, upcast logits minus the row max):
+  dense:  ``loss = (1-eps) * (log_z * sum(y) - sum(y*s)) + eps * (log_z - sum(s)/C)``;
+  sparse: ``loss = log_z - (1-eps) * s[label] - eps * sum(s)/C``; plus ``z * lse**2``.
+  """
+  eps = opts.label_smoothing
+  lse = m + log_z
+  if label_s is None:
+    loss = log_z * sum_y - sum_ys
+  else:
+    loss = log_z - label_s
+  if eps:
+    loss = (1.0 - eps) * loss + eps * (log_z - sum_s / n_classes)
+  if opts.z_loss:
+    loss = loss + opts.z_loss * lse * lse
+  return loss, lse
+
+
+def gather_label(s: jax.Array, labels: jax.Array, opts: XentOptions) -> jax.Array:
+  """``s[r, labels[r]]`` for global class ids (0 for ids outside this shard)."""
+  local_c = s.shape[-1]
+  local = labels - class_offset(local_c, opts)
+  in_shard = (local >= 0) & (local < local_c)
+  picked = jnp.take_along_axis(s, jnp.clip(local, 0, local_c - 1)[:, None], axis=-1)[:, 0]
+  return psum(jnp.where(in_shard, picked, 0.0), opts)
+
+
+def ignored_rows(labels: jax.Array, opts: XentOptions):
+  if opts.ignore_index is None:
+    return None
+  return labels == opts.ignore_index
+
+
+def finish_sparse(loss, labels, n_classes, opts: XentOptions):
+  """NaN for labels outside ``[0, n_classes)``, then 0 for ``ignore_index`` rows."""
+  loss = jnp.where((labels >= 0) & (labels < n_classes), loss, jnp.nan)
+  if opts.ignore_index is not None:
+    loss = jnp.where(labels == opts.ignore_index, 0.0, loss)
+  return loss
+
+
+def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOptions):
+  """Per-row loss and log-sum-exp, float32 accumulation (see module docstring)."""
+  x = prep_logits(logits, opts)
+  m = safe_max(x, opts)
+  s = x - m[:, None]
+  z = jnp.sum(jnp.exp(s), axis=-1)
+  sum_s = jnp.sum(s, axis=-1) if opts.label_smoothing else None
+  if sparse:
+    stats = psum((z, sum_s), opts)
+    label_s = gather_label(s, labels, opts)
+    sum_y = sum_ys = None
+  else:
+    y = labels.astype(x.dtype)
+    sum_y = jnp.sum(y, axis=-1)
+    # A zero label contributes nothing, even where s = -inf (masked logit).
+    sum_ys = jnp.sum(jnp.where(y == 0, 0.0, y * s), axis=-1)
+    stats = psum((z, sum_s), opts)
+    sum_y, sum_ys = psum((sum_y, sum_ys), opts)
+    label_s = None
+  z, sum_s = stats
+  n_cls = num_classes(x.shape[-1], opts)
+  loss, lse = combine(m, jnp.log(z), sum_y, sum_ys, sum_s, label_s, opts, n_cls)
+  if sparse:
+    loss = finish_sparse(loss, labels, n_cls, opts)
+  return loss, lse
+
+
+def backward(logits, labels, lse, g, *, sparse: bool, opts: XentOptions):
+  """``dlogits`` (logits dtype) and, for dense labels, ``dlabels`` (labels dtype)."""
+  x = prep_logits(logits, opts)
+  local_c = x.shape[-1]
+  n_cls = num_classes(local_c, opts)
+  eps = opts.label_smoothing
+  g = g.astype(x.dtype)
+  lse = lse.astype(x.dtype)
+  lse_safe = jnp.where(jnp.isneginf(lse), 0.0, lse)
+  p = jnp.exp(x - lse_safe[:, None])
+  coef = jnp.ones_like(lse)
+  if opts.z_loss:
+    coef = coef + 2.0 * opts.z_loss * lse
+  if sparse:
+    ign = ignored_rows(labels, opts)
+    if ign is not None:
+      g = jnp.where(ign, 0.0, g)
+    local = labels - class_offset(local_c, opts)
+    onehot = lax.broadcasted_iota(labels.dtype, x.shape, 1) == local[:, None]
+    target = jnp.where(onehot, 1.0 - eps, 0.0)
+    if eps:
+      target = target + eps / n_cls
+    dx = g[:, None] * (coef[:, None] * p - target)
+    dlabels = None
+  else:
+    y = labels.astype(x.dtype)
+    target = y if not eps else (1.0 - eps) * y + eps / n_cls
+    if not opts.tf_grad:
+      sum_t = psum(jnp.sum(y, axis=-1), opts)
+      sum_t = sum_t if not eps else (1.0 - eps) * sum_t + eps
+      coef = coef + (sum_t - 1.0)
+    dx = g[:, None] * (coef[:, None] * p - target)
+    dlabels = ((g * (1.0 - eps))[:, None] * (lse[:, None] - x)).astype(labels.dtype)
+  dlogits = (dx * softcap_factor(x, opts)).astype(logits.dtype)
+  return dlogits, dlabels

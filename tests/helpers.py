@@ -1,0 +1,26 @@
+"""Shared test helpers: random inputs and dtype-scaled tolerances."""
+
+import jax.numpy as jnp
+import numpy as np
+
+TOL = {jnp.float32: 2e-5, jnp.float16: 2e-2, jnp.bfloat16: 6e-2, jnp.float64: 1e-9}
+
+
+def tol(dtype, scale=1.0):
+  return TOL[jnp.dtype(dtype).type] * scale
+
+
+def rand_logits(rng, shape, dtype=jnp.float32, scale=3.0):
+  return jnp.asarray(rng.normal(size=shape) * scale, dtype)
+
+
+def rand_probs(rng, shape, axis=-1):
+  p = rng.random(size=shape) + 0.05
+  return (p / p.sum(axis=axis, keepdims=True)).astype(np.float32)
+
+
+def assert_close(actual, expected, dtype=jnp.float32, scale=1.0, what=""):
+  a = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
+  e = np.asarray(expected, np.float64)
+  t = tol(dtype, scale)
+  np.testing.assert_allclose(a, e, rtol=t, atol=t, err_msg=what)

@@ -1,0 +1,267 @@
+"""One shared test base: every implementation against the float64 NumPy reference and optax."""
+
+import chex
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.test_util import check_grads
+from hypothesis import given, settings
+
+import jxent
+from jxent._src import reference
+from conftest import kernels
+from helpers import assert_close, rand_logits, rand_probs, tol
+
+OPTION_SETS = [
+    {},
+    {"label_smoothing": 0.1},
+    {"z_loss": 1e-3},
+    {"logit_softcap": 4.0},
+    {"label_smoothing": 0.2, "z_loss": 1e-2, "logit_softcap": 6.0},
+]
+
+
+@pytest.mark.parametrize("kernel", kernels())
+class TestKernels:
+  """Values and VJPs (random cotangents) of each kernel, all options, unaligned shapes."""
+
+  @pytest.mark.parametrize("options", OPTION_SETS)
+  @pytest.mark.parametrize("shape", [(7, 33), (3, 5, 131)])
+  def test_integer_labels(self, kernel, options, shape):
+    rng = np.random.default_rng(1)
+    x = rand_logits(rng, shape)
+    y = jnp.asarray(rng.integers(0, shape[-1], size=shape[:-1]))
+    y = y.reshape(-1).at[1].set(-100).reshape(y.shape)
+    g = jnp.asarray(rng.normal(size=shape[:-1]), jnp.float32)
+    f = lambda x: jxent.softmax_cross_entropy_with_integer_labels(
+        x, y, ignore_index=-100, implementation=kernel, **options)
+    out, vjp = jax.vjp(jax.jit(f), x)
+    (dx,) = vjp(g)
+    l, rdx, _ = reference.xent(x, y, sparse=True, ignore_index=-100, g=g, **options)
+    assert_close(out, l, what="loss")
+    assert_close(dx, rdx, what="dlogits")
+    assert float(jnp.abs(dx.reshape(-1, shape[-1])[1]).max()) == 0.0  # ignored row
+
+  @pytest.mark.parametrize("options", OPTION_SETS)
+  @pytest.mark.parametrize("tf_grad", [False, True])
+  def test_dense_labels(self, kernel, options, tf_grad):
+    rng = np.random.default_rng(2)
+    x = rand_logits(rng, (9, 37))
+    y = jnp.asarray(rng.random((9, 37)) * 0.1, jnp.float32)  # unnormalised soft labels
+    g = jnp.asarray(rng.normal(size=(9,)), jnp.float32)
+    opts = jxent._src.options.make_options(tf_grad=tf_grad, **options)
+
+    def f(x, y):
+      loss, _ = jxent._src.core.rows_loss(x, y, axis=-1, sparse=False, opts=opts,
+                                          implementation=kernel)
+      return loss
+
+    out, vjp = jax.vjp(jax.jit(f), x, y)
+    dx, dy = vjp(g)
+    l, rdx, rdy = reference.xent(x, y, g=g, tf_grad=tf_grad, **options)
+    assert_close(out, l, what="loss")
+    assert_close(dx, rdx, what="dlogits")
+    assert_close(dy, rdy, what="dlabels")
+
+  @pytest.mark.parametrize("reduction", ["mean", "sum"])
+  @pytest.mark.parametrize("sparse", [True, False])
+  def test_scalar_reductions(self, kernel, reduction, sparse):
+    rng = np.random.default_rng(3)
+    x = rand_logits(rng, (11, 29))
+    if sparse:
+      y = jnp.asarray(rng.integers(0, 29, size=11)).at[4].set(-1)
+      f = lambda x, s: s * jxent.softmax_cross_entropy_with_integer_labels(
+          x, y, ignore_index=-1, reduction=reduction, implementation=kernel, z_loss=1e-3)
+      l, rdx, _ = reference.xent(x, y, sparse=True, ignore_index=-1, z_loss=1e-3)
+      n = 10
+    else:
+      y = jnp.asarray(rand_probs(rng, (11, 29)))
+      f = lambda x, s: s * jxent.softmax_cross_entropy(
+          x, y, reduction=reduction, implementation=kernel, z_loss=1e-3)
+      l, rdx, _ = reference.xent(x, y, z_loss=1e-3)
+      n = 11
+    scale = 1.0 / n if reduction == "mean" else 1.0
+    for s in (1.0, -1.7):  # cotangent 1 skips the scaling in the fused kernels
+      v, dx = jax.jit(jax.value_and_grad(f))(x, s)
+      assert_close(v, s * scale * l.sum(), what="value")
+      assert_close(dx, s * scale * rdx, what="grad")
+
+  @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+  def test_half_precision_rule(self, kernel, dtype):
+    """bf16/f16: error vs float32 truth no worse than naive half-precision error + small tol."""
+    rng = np.random.default_rng(4)
+    x32 = rand_logits(rng, (16, 257))
+    y = jnp.asarray(rng.integers(0, 257, size=16))
+    x = x32.astype(dtype)
+    truth, tdx, _ = reference.xent(np.asarray(x.astype(jnp.float32)), y, sparse=True)
+    got, vjp = jax.vjp(lambda x: jxent.softmax_cross_entropy_with_integer_labels(
+        x, y, implementation=kernel), x)
+    (dx,) = vjp(jnp.ones((16,), dtype))
+    assert got.dtype == dtype and dx.dtype == dtype
+    naive = -jnp.take_along_axis(jax.nn.log_softmax(x), y[:, None], -1)[:, 0]
+    err = np.abs(np.asarray(got, np.float64) - truth).max()
+    naive_err = np.abs(np.asarray(naive, np.float64) - truth).max()
+    assert err <= naive_err + tol(dtype, 0.5) * np.abs(truth).max()
+    assert_close(dx, tdx, dtype=dtype, scale=0.5, what="dlogits")
+
+  def test_vmap_and_grad(self, kernel):
+    rng = np.random.default_rng(5)
+    x = rand_logits(rng, (4, 6, 19))
+    y = jnp.asarray(rng.integers(0, 19, size=(4, 6)))
+    f = lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(x, y, implementation=kernel)
+    v = jax.vmap(f)(x, y)
+    assert_close(v, reference.xent(x, y, sparse=True)[0])
+    gv = jax.vmap(jax.grad(lambda x, y: f(x, y).sum()))(x, y)
+    assert_close(gv, reference.xent(x, y, sparse=True)[1])
+
+
+class TestAgainstOptax:
+  """Native API with default options == optax (values and gradients)."""
+
+  @given(rows=st.integers(1, 6), classes=st.integers(1, 40), extra=st.integers(1, 3),
+         axis=st.integers(-3, 2), seed=st.integers(0, 2**16),
+         dtype=st.sampled_from([jnp.float32, jnp.float16, jnp.bfloat16]))
+  @settings(max_examples=25, deadline=None)
+  def test_random(self, rows, classes, extra, axis, seed, dtype):
+    rng = np.random.default_rng(seed)
+    shape = (rows, extra, classes)
+    x = rand_logits(rng, shape).astype(dtype)
+    yd = jnp.asarray(rand_probs(rng, shape))
+    x = jnp.moveaxis(x, -1, axis)
+    yd = jnp.moveaxis(yd, -1, axis)
+    yi = jnp.asarray(rng.integers(0, classes, size=(rows, extra)))
+    # Dense.
+    ours, (dx, dy) = jax.value_and_grad(
+        lambda a, b: jxent.softmax_cross_entropy(a, b, axis=axis).astype(jnp.float32).sum(),
+        argnums=(0, 1))(x, yd)
+    theirs, (tdx, tdy) = jax.value_and_grad(
+        lambda a, b: optax.softmax_cross_entropy(a.astype(jnp.float32), b, axis=axis).sum(),
+        argnums=(0, 1))(x, yd)
+    assert_close(ours, theirs, dtype, scale=rows * extra)
+    assert_close(dx, tdx, dtype)
+    assert_close(dy, tdy, dtype, scale=10)
+    # Integer (class axis moved to the same place).
+    ours = jxent.softmax_cross_entropy_with_integer_labels(x, yi, axis=axis)
+    theirs = optax.softmax_cross_entropy_with_integer_labels(x.astype(jnp.float32), yi, axis=axis)
+    assert ours.dtype == dtype
+    assert_close(ours, theirs, dtype, scale=3)
+
+  def test_where_matches_optax(self):
+    rng = np.random.default_rng(6)
+    x = rand_logits(rng, (5, 12))
+    y = jnp.asarray(rand_probs(rng, (5, 12)))
+    yi = jnp.asarray(rng.integers(0, 6, size=5))
+    w_elem = jnp.asarray(rng.random((5, 12)) > 0.3).at[:, :6].set(True).at[2].set(False)
+    w_row = jnp.array([True, False, True, True, False])
+    for w in (w_elem, w_row):
+      a, ga = jax.value_and_grad(lambda x: jxent.softmax_cross_entropy(x, y, where=w).sum())(x)
+      b, gb = jax.value_and_grad(lambda x: optax.softmax_cross_entropy(x, y, where=w).sum())(x)
+      assert_close(a, b)
+      assert_close(ga, gb)
+      a = jxent.softmax_cross_entropy_with_integer_labels(x, yi, where=w)
+      b = optax.softmax_cross_entropy_with_integer_labels(x, yi, where=w)
+      assert_close(a, b)
+    # mean over kept rows
+    m = jxent.softmax_cross_entropy_with_integer_labels(x, yi, where=w_row, reduction="mean")
+    assert_close(m, optax.softmax_cross_entropy_with_integer_labels(x, yi)[w_row].mean())
+
+
+class TestCore:
+
+  def test_residuals_are_per_row(self, capsys):
+    """Between forward and backward: the inputs and one float32 value per row, nothing [R, C]."""
+    x = jnp.ones((64, 1000))
+    yi = jnp.zeros((64,), jnp.int32)
+    yd = jax.nn.one_hot(yi, 1000)
+    from jax.ad_checkpoint import print_saved_residuals
+    for impl in ("xla", "chunked_xla"):
+      print_saved_residuals(lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(
+          x, y, reduction="mean", implementation=impl), x, yi)
+      print_saved_residuals(lambda x, y: jxent.softmax_cross_entropy(
+          x, y, implementation=impl).sum(), x, yd)
+    lines = capsys.readouterr().out.strip().splitlines()
+    big = [l for l in lines if "64,1000]" in l and "from the argument" not in l]
+    assert not big, lines
+    assert sum("f32[64] output" in l for l in lines) == 4, lines
+
+  def test_masked_neg_inf_logit(self):
+    x = jnp.array([[0.0, -jnp.inf, 1.0]])
+    y = jnp.array([[1.0, 0.0, 0.0]])
+    loss, dx = jax.value_and_grad(lambda x: jxent.softmax_cross_entropy(x, y).sum())(x)
+    np.testing.assert_allclose(loss, 1.3132616, rtol=1e-6)
+    np.testing.assert_allclose(dx, [[-0.7310586, 0.0, 0.7310586]], rtol=1e-6)
+
+  def test_out_of_range_labels_give_nan(self):
+    x = jnp.zeros((3, 4))
+    out = jax.jit(jxent.softmax_cross_entropy_with_integer_labels)(x, jnp.array([0, 4, -1]))
+    assert np.isfinite(out[0]) and np.isnan(out[1]) and np.isnan(out[2])
+    from jax.experimental import checkify
+    f = checkify.checkify(lambda y: jxent.check_integer_labels(y, 4))
+    err, _ = jax.jit(f)(jnp.array([0, 4]))
+    assert err.get() is not None and "out of range" in err.get()
+    err, _ = jax.jit(f)(jnp.array([0, 3]))
+    assert err.get() is None
+
+  def test_check_grads(self):
+    rng = np.random.default_rng(7)
+    x = rand_logits(rng, (3, 5), scale=1.0)
+    y = jnp.asarray(rand_probs(rng, (3, 5)))
+    f = lambda x, y: jxent.softmax_cross_entropy(x, y, z_loss=0.1, logit_softcap=3.0,
+                                                 label_smoothing=0.1).sum()
+    check_grads(f, (x, y), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+    yi = jnp.array([0, 4, 2])
+    fi = lambda x: jxent.softmax_cross_entropy_with_integer_labels(x, yi, z_loss=0.1,
+                                                                   label_smoothing=0.2).sum()
+    check_grads(fi, (x,), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+
+  def test_no_retrace(self):
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(x, y):
+      return jxent.softmax_cross_entropy_with_integer_labels(x, y, reduction="mean")
+
+    rng = np.random.default_rng(8)
+    for _ in range(3):
+      f(rand_logits(rng, (4, 9)), jnp.asarray(rng.integers(0, 9, size=4)))
+
+  @pytest.mark.parametrize("bad, exc, match", [
+      (dict(logits=jnp.ones((2, 3), jnp.int32)), TypeError, "floating"),
+      (dict(labels=jnp.ones((2,), jnp.float32)), TypeError, "integer dtype"),
+      (dict(labels=jnp.ones((3,), jnp.int32)), ValueError, r"\(3,\)"),
+      (dict(axis=2), ValueError, "out of range"),
+      (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+      (dict(z_loss=-1.0), ValueError, "z_loss"),
+      (dict(logit_softcap=0.0), ValueError, "logit_softcap"),
+      (dict(reduction="avg"), ValueError, "reduction"),
+      (dict(implementation="nope"), ValueError, "Unknown implementation"),
+      (dict(implementation="pallas_triton"), ValueError, "cannot run on the 'cpu'"),
+      (dict(implementation="pallas_mosaic_tpu"), ValueError, "cannot run on the 'cpu'"),
+  ])
+  def test_bad_input(self, bad, exc, match):
+    args = dict(logits=jnp.ones((2, 3)), labels=jnp.zeros((2,), jnp.int32))
+    args.update(bad)
+    logits, labels = args.pop("logits"), args.pop("labels")
+    with pytest.raises(exc, match=match):
+      jax.jit(lambda a, b: jxent.softmax_cross_entropy_with_integer_labels(a, b, **args))(
+          logits, labels)
+
+  def test_dense_shape_mismatch(self):
+    with pytest.raises(ValueError, match=r"\(2, 3\).*\(2, 2\)"):
+      jxent.softmax_cross_entropy(jnp.ones((2, 2)), jnp.ones((2, 3)))
+
+  def test_reductions(self):
+    rng = np.random.default_rng(9)
+    x = rand_logits(rng, (6, 10))
+    y = jnp.array([1, 2, -100, 3, -100, 0])
+    per = reference.xent(x, y, sparse=True, ignore_index=-100)[0]
+    f = lambda r: jxent.softmax_cross_entropy_with_integer_labels(x, y, ignore_index=-100,
+                                                                  reduction=r)
+    assert_close(f("none"), per)
+    assert_close(f("sum"), per.sum())
+    assert_close(f("mean"), per.sum() / 4)
+    all_ignored = jxent.softmax_cross_entropy_with_integer_labels(
+        x, jnp.full((6,), -100), ignore_index=-100, reduction="mean")
+    assert float(all_ignored) == 0.0
