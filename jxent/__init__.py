@@ -9,11 +9,17 @@ from jxent._src.api import (
 from jxent._src.dispatch import ChunkedXlaKernel as ChunkedXlaKernel
 from jxent._src.dispatch import XlaKernel as XlaKernel
 from jxent._src.dispatch import names as implementations
+from jxent._src.linear import LinearChunked as LinearChunked
+from jxent._src.linear import LinearFusedGrad as LinearFusedGrad
+from jxent._src.linear import linear_softmax_cross_entropy as linear_softmax_cross_entropy
 from jxent._version import __version__ as __version__
 
 __all__ = [
     "check_integer_labels",
     "implementations",
+    "linear_softmax_cross_entropy",
+    "LinearChunked",
+    "LinearFusedGrad",
     "nn",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",

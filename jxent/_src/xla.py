@@ -89,13 +89,21 @@ def combine(m, log_z, sum_y, sum_ys, sum_s, label_s, opts: XentOptions, n_classe
   return loss, lse
 
 
-def gather_label(s: jax.Array, labels: jax.Array, opts: XentOptions) -> jax.Array:
-  """``s[r, labels[r]]`` for global class ids (0 for ids outside this shard)."""
-  local_c = s.shape[-1]
+def local_label(logits: jax.Array, labels: jax.Array, opts: XentOptions):
+  """``(cap(logits[r, local[r]]), local, in_shard)`` for global class ids ``labels``.
+
+  Gathers from the raw logits, so no ``[R, C]`` intermediate is shared with the reductions."""
+  local_c = logits.shape[-1]
   local = labels - class_offset(local_c, opts)
   in_shard = (local >= 0) & (local < local_c)
-  picked = jnp.take_along_axis(s, jnp.clip(local, 0, local_c - 1)[:, None], axis=-1)[:, 0]
-  return psum(jnp.where(in_shard, picked, 0.0), opts)
+  picked = jnp.take_along_axis(logits, jnp.clip(local, 0, local_c - 1)[:, None], axis=-1)[:, 0]
+  return prep_logits(picked, opts), local, in_shard
+
+
+def gather_label(logits: jax.Array, labels: jax.Array, opts: XentOptions) -> jax.Array:
+  """The label's capped, upcast logit, combined over shards."""
+  x_lab, _, in_shard = local_label(logits, labels, opts)
+  return psum(jnp.where(in_shard, x_lab, 0.0), opts)
 
 
 def ignored_rows(labels: jax.Array, opts: XentOptions):
@@ -113,30 +121,28 @@ def finish_sparse(loss, labels, n_classes, opts: XentOptions):
 
 
 def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOptions):
-  """Per-row loss and log-sum-exp, float32 accumulation (see module docstring)."""
+  """Per-row loss and log-sum-exp, float32 accumulation (see module docstring).
+
+  Each reduction recomputes ``x - m`` from the inputs rather than sharing an ``[R, C]`` array,
+  so XLA fuses every one of them into a single read of the logits.
+  """
   x = prep_logits(logits, opts)
   m = safe_max(x, opts)
-  s = x - m[:, None]
-  z = jnp.sum(jnp.exp(s), axis=-1)
-  sum_s = jnp.sum(s, axis=-1) if opts.label_smoothing else None
-  if sparse:
-    stats = psum((z, sum_s), opts)
-    label_s = gather_label(s, labels, opts)
-    sum_y = sum_ys = None
-  else:
-    y = labels.astype(x.dtype)
-    sum_y = jnp.sum(y, axis=-1)
-    # A zero label contributes nothing, even where s = -inf (masked logit).
-    sum_ys = jnp.sum(jnp.where(y == 0, 0.0, y * s), axis=-1)
-    stats = psum((z, sum_s), opts)
-    sum_y, sum_ys = psum((sum_y, sum_ys), opts)
-    label_s = None
-  z, sum_s = stats
+  z = jnp.sum(jnp.exp(x - m[:, None]), axis=-1)
   n_cls = num_classes(x.shape[-1], opts)
-  loss, lse = combine(m, jnp.log(z), sum_y, sum_ys, sum_s, label_s, opts, n_cls)
+  sum_s = None
+  if opts.label_smoothing:
+    sum_s = psum(jnp.sum(x, axis=-1), opts) - n_cls * m
   if sparse:
-    loss = finish_sparse(loss, labels, n_cls, opts)
-  return loss, lse
+    z = psum(z, opts)
+    label_s = gather_label(logits, labels, opts) - m
+    loss, lse = combine(m, jnp.log(z), None, None, sum_s, label_s, opts, n_cls)
+    return finish_sparse(loss, labels, n_cls, opts), lse
+  y = labels.astype(x.dtype)
+  # A zero label contributes nothing, even where x = -inf (masked logit).
+  sum_ys = jnp.sum(jnp.where(y == 0, 0.0, y * (x - m[:, None])), axis=-1)
+  z, sum_y, sum_ys = psum((z, jnp.sum(y, axis=-1), sum_ys), opts)
+  return combine(m, jnp.log(z), sum_y, sum_ys, sum_s, None, opts, n_cls)
 
 
 def backward(logits, labels, lse, g, *, sparse: bool, opts: XentOptions):
@@ -156,21 +162,24 @@ def backward(logits, labels, lse, g, *, sparse: bool, opts: XentOptions):
     ign = ignored_rows(labels, opts)
     if ign is not None:
       g = jnp.where(ign, 0.0, g)
-    local = labels - class_offset(local_c, opts)
-    onehot = lax.broadcasted_iota(labels.dtype, x.shape, 1) == local[:, None]
-    target = jnp.where(onehot, 1.0 - eps, 0.0)
-    if eps:
-      target = target + eps / n_cls
-    dx = g[:, None] * (coef[:, None] * p - target)
-    dlabels = None
-  else:
-    y = labels.astype(x.dtype)
-    target = y if not eps else (1.0 - eps) * y + eps / n_cls
-    if not opts.tf_grad:
-      sum_t = psum(jnp.sum(y, axis=-1), opts)
-      sum_t = sum_t if not eps else (1.0 - eps) * sum_t + eps
-      coef = coef + (sum_t - 1.0)
-    dx = g[:, None] * (coef[:, None] * p - target)
-    dlabels = ((g * (1.0 - eps))[:, None] * (lse[:, None] - x)).astype(labels.dtype)
+    # Every class gets g * (coef * p - eps / C); the label's entry is then overwritten with its
+    # exact value, computed per row in float32 (a scatter of R values instead of an [R, C] one-hot).
+    base = coef[:, None] * p - (eps / n_cls if eps else 0.0)
+    dlogits = (g[:, None] * base * softcap_factor(x, opts)).astype(logits.dtype)
+    x_lab, local, in_shard = local_label(logits, labels, opts)
+    d_lab = g * (coef * jnp.exp(x_lab - lse_safe) - (1.0 - eps) - (eps / n_cls if eps else 0.0))
+    d_lab = d_lab * softcap_factor(x_lab, opts)
+    rows = jnp.arange(x.shape[0])
+    idx = jnp.where(in_shard, local, local_c)  # out of bounds: dropped
+    dlogits = dlogits.at[rows, idx].set(d_lab.astype(logits.dtype), mode="drop")
+    return dlogits, None
+  y = labels.astype(x.dtype)
+  target = y if not eps else (1.0 - eps) * y + eps / n_cls
+  if not opts.tf_grad:
+    sum_t = psum(jnp.sum(y, axis=-1), opts)
+    sum_t = sum_t if not eps else (1.0 - eps) * sum_t + eps
+    coef = coef + (sum_t - 1.0)
+  dx = g[:, None] * (coef[:, None] * p - target)
+  dlabels = ((g * (1.0 - eps))[:, None] * (lse[:, None] - x)).astype(labels.dtype)
   dlogits = (dx * softcap_factor(x, opts)).astype(logits.dtype)
   return dlogits, dlabels

@@ -1,0 +1,299 @@
+"""Fused linear + cross-entropy: the loss of ``x @ w`` without materialising ``[N, V]`` logits.
+
+Two algorithms (``implementation=``):
+
+* ``"chunked_xla"`` (lean, the default): the forward walks the vocabulary in blocks of ``block_v``
+  columns with an online log-sum-exp; the backward recomputes each block's logits and accumulates
+  ``dx`` (float32) and writes ``dw`` block by block. 4 matmuls; temporaries O(N x block_v).
+  Residuals: the inputs and the per-row log-sum-exp.
+* ``"fused_grad_xla"`` (fast, scalar reductions only): walks the tokens in chunks of ``block_n``
+  rows, forms each chunk's full-vocabulary logits, loss and gradient in the forward pass, and
+  accumulates ``dw`` in float32. 3 matmuls; temporaries O(block_n x V) plus the float32 ``dw``
+  accumulator. The backward only scales the saved gradients by the cotangent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from jxent._src import core, xla
+from jxent._src.options import XentOptions, make_options
+
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearChunked:
+  """Vocab-blocked linear cross-entropy with recompute (lean)."""
+  name = "chunked_xla"
+  block_v: int = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearFusedGrad:
+  """Token-chunked linear cross-entropy with the gradient formed in the forward pass (fast)."""
+  name = "fused_grad_xla"
+  block_n: int = 256
+
+
+_LINEAR = {"chunked_xla": LinearChunked, "fused_grad_xla": LinearFusedGrad}
+
+
+def _dot(a, b):
+  return jnp.dot(a, b, preferred_element_type=_F32)
+
+
+def _blocks(v: int, block: int):
+  """(start, size) of full blocks as a loop count, plus the static tail."""
+  nb, tail = divmod(v, block)
+  return nb, tail
+
+
+def _target_and_coef(z, labels, start, lse, opts, v_total):
+  """Per-block pieces of the gradient: coef * p - target."""
+  eps = opts.label_smoothing
+  cols = start + lax.broadcasted_iota(labels.dtype, z.shape, 1)
+  target = jnp.where(cols == labels[:, None], 1.0 - eps, 0.0)
+  if eps:
+    target = target + eps / v_total
+  coef = 1.0 + 2.0 * opts.z_loss * lse
+  return target, coef
+
+
+def _dlogits_block(zraw, labels, start, lse, g, opts, v_total):
+  z = xla.prep_logits(zraw, opts)
+  p = jnp.exp(z - lse[:, None])
+  target, coef = _target_and_coef(z, labels, start, lse, opts, v_total)
+  return g[:, None] * (coef[:, None] * p - target) * xla.softcap_factor(z, opts)
+
+
+# ------------------------------------------------------------------------------------------------
+# Lean: vocab blocks, online log-sum-exp, recompute in the backward pass.
+# ------------------------------------------------------------------------------------------------
+def _chunked_forward(x, w, labels, opts, block_v):
+  n, v = x.shape[0], w.shape[1]
+  glabels = labels
+  labels = labels - xla.class_offset(v, opts)  # local ids when the vocabulary is sharded
+
+  def stats(start, size, state):
+    m0, z0, lab0, sx0 = state
+    zb = xla.prep_logits(_dot(x, lax.dynamic_slice_in_dim(w, start, size, axis=1)), opts)
+    bm = jnp.max(zb, axis=-1)
+    m = jnp.maximum(m0, bm)
+    z = z0 * jnp.exp(m0 - m) + jnp.sum(jnp.exp(zb - m[:, None]), axis=-1)
+    local = labels - start
+    hit = (local >= 0) & (local < size)
+    picked = jnp.take_along_axis(zb, jnp.clip(local, 0, size - 1)[:, None], axis=-1)[:, 0]
+    lab = lab0 + jnp.where(hit, picked, 0.0)
+    sx = sx0 + (jnp.sum(zb, axis=-1) if opts.label_smoothing else 0.0)
+    return m, z, lab, sx
+
+  init = (jnp.full((n,), -jnp.inf, _F32), jnp.zeros((n,), _F32), jnp.zeros((n,), _F32),
+          jnp.zeros((n,), _F32))
+  nb, tail = _blocks(v, block_v)
+  state = lax.fori_loop(0, nb, lambda i, s: stats(i * block_v, block_v, s), init) if nb else init
+  if tail:
+    state = stats(nb * block_v, tail, state)
+  m, z, lab, sx = state
+  if opts.axis_name is not None:
+    mg = xla.pmax(m, opts)
+    z, lab, sx = xla.psum((z * jnp.exp(m - mg), lab, sx), opts)
+    m = mg
+  v_total = xla.num_classes(v, opts)
+  loss, lse = xla.combine(m, jnp.log(z), None, None, sx - v_total * m, lab - m, opts, v_total)
+  return xla.finish_sparse(loss, glabels, v_total, opts), lse
+
+
+def _chunked_backward(x, w, labels, lse, g, opts, block_v):
+  v = w.shape[1]
+  v_total = xla.num_classes(v, opts)
+  if opts.ignore_index is not None:
+    g = jnp.where(labels == opts.ignore_index, 0.0, g)
+  g = g.astype(_F32)
+  labels = labels - xla.class_offset(v, opts)
+
+  def step(start, size, carry):
+    dx, dw = carry
+    wb = lax.dynamic_slice_in_dim(w, start, size, axis=1)
+    dz = _dlogits_block(_dot(x, wb), labels, start, lse, g, opts, v_total).astype(x.dtype)
+    dx = dx + _dot(dz, wb.T)
+    dw = lax.dynamic_update_slice_in_dim(dw, _dot(x.T, dz).astype(dw.dtype), start, axis=1)
+    return dx, dw
+
+  carry = (jnp.zeros(x.shape, _F32), jnp.zeros(w.shape, w.dtype))
+  nb, tail = _blocks(v, block_v)
+  if nb:
+    carry = lax.fori_loop(0, nb, lambda i, c: step(i * block_v, block_v, c), carry)
+  if tail:
+    carry = step(nb * block_v, tail, carry)
+  dx, dw = carry
+  return xla.psum(dx, opts).astype(x.dtype), dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnames=("opts", "block_v"))
+def linear_xent_chunked(x, w, labels, opts: XentOptions, block_v: int):
+  """Per-row loss ``[N]`` (float32) of ``x [N, D] @ w [D, V]``; lean memory."""
+  return _chunked_forward(x, w, labels, opts, block_v)[0]
+
+
+def _linear_xent_chunked_fwd(x, w, labels, opts, block_v):
+  loss, lse = _chunked_forward(x, w, labels, opts, block_v)
+  return loss, (x, w, labels, lse)
+
+
+def _linear_xent_chunked_bwd(opts, block_v, res, g):
+  x, w, labels, lse = res
+  dx, dw = _chunked_backward(x, w, labels, lse, g, opts, block_v)
+  return dx, dw, None
+
+
+linear_xent_chunked.defvjp(_linear_xent_chunked_fwd, _linear_xent_chunked_bwd)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fast: token chunks, gradient formed in the forward pass (scalar reductions).
+# ------------------------------------------------------------------------------------------------
+def _fused_all(x, w, labels, weights, opts, block_n):
+  n, v = x.shape[0], w.shape[1]
+  pad = (-n) % block_n
+  if pad:  # padded rows get weight 0 (and label 0): they add nothing
+    x = jnp.pad(x, ((0, pad), (0, 0)))
+    labels = jnp.pad(labels, (0, pad))
+    weights = jnp.pad(weights, (0, pad))
+  nc = x.shape[0] // block_n
+
+  def body(i, carry):
+    total, dx, dw = carry
+    xs = lax.dynamic_slice_in_dim(x, i * block_n, block_n)
+    ys = lax.dynamic_slice_in_dim(labels, i * block_n, block_n)
+    ws = lax.dynamic_slice_in_dim(weights, i * block_n, block_n)
+    zraw = _dot(xs, w)
+    loss, lse = xla.forward(zraw, ys, sparse=True, opts=opts)
+    total = total + jnp.sum(jnp.where(ws == 0, 0.0, loss * ws))
+    g = jnp.where(xla.ignored_rows(ys, opts) if opts.ignore_index is not None else False, 0.0, ws)
+    dz = _dlogits_block(zraw, ys, 0, lse, g, opts, v).astype(x.dtype)
+    dx = lax.dynamic_update_slice_in_dim(dx, _dot(dz, w.T).astype(x.dtype), i * block_n, axis=0)
+    dw = dw + _dot(xs.T, dz)
+    return total, dx, dw
+
+  init = (jnp.zeros((), _F32), jnp.zeros(x.shape, x.dtype), jnp.zeros(w.shape, _F32))
+  total, dx, dw = lax.fori_loop(0, nc, body, init)
+  return total, dx[:n], dw.astype(w.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnames=("opts", "block_n"))
+def linear_xent_fused(x, w, labels, weights, opts: XentOptions, block_n: int):
+  """``sum(weights * loss)`` of ``x @ w`` with the gradients formed in the forward pass."""
+  return _fused_all(x, w, labels, weights, opts, block_n)[0]
+
+
+def _linear_xent_fused_fwd(x, w, labels, weights, opts, block_n):
+  total, dx, dw = _fused_all(x, w, labels, weights, opts, block_n)
+  return total, (dx, dw)
+
+
+def _linear_xent_fused_bwd(opts, block_n, res, g):
+  dx, dw = res
+  scale = lambda d: lax.cond(g == 1, lambda: d, lambda: (d * g.astype(d.dtype)).astype(d.dtype))
+  return scale(dx), scale(dw), None, None
+
+
+linear_xent_fused.defvjp(_linear_xent_fused_fwd, _linear_xent_fused_bwd)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public entry point.
+# ------------------------------------------------------------------------------------------------
+def linear_softmax_cross_entropy(
+    x: ArrayLike,
+    w: ArrayLike,
+    labels: ArrayLike,
+    *,
+    reduction: Optional[str] = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: Optional[float] = None,
+    axis_name: Optional[str] = None,
+    implementation: Any = None,
+) -> jax.Array:
+  """Cross-entropy of ``x @ w`` with integer labels, never building ``[N, V]`` logits.
+
+  Args:
+    x: ``[..., hidden]`` activations.
+    w: ``[hidden, num_classes]`` projection (a flax ``Dense`` kernel; pass ``emb.T`` for tied
+      embeddings).
+    labels: ``[...]`` integer class ids.
+    reduction: ``"mean"`` (over rows not ignored), ``"sum"`` or ``"none"`` (``[...]``).
+    ignore_index: rows with this label give 0 loss and 0 gradient.
+    label_smoothing: epsilon in ``[0, 1]``.
+    z_loss: coefficient ``>= 0`` of ``logsumexp**2``.
+    logit_softcap: ``c > 0`` or None.
+    axis_name: mesh axis over which the class dimension of ``w`` is sharded (vocab parallel);
+      labels are global ids. Uses the lean algorithm.
+    implementation: None or ``"chunked_xla"`` (lean: vocab blocks, recompute, O(N x block)
+      temporaries), ``"fused_grad_xla"`` (fast: 3 matmuls, gradient formed in the forward pass,
+      float32 dW accumulator; scalar reductions only), or a ``LinearChunked(block_v=...)`` /
+      ``LinearFusedGrad(block_n=...)`` object.
+
+  Returns:
+    The reduced loss (scalar) or per-row losses ``[...]``, in the dtype of ``x``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jxent
+    >>> x = jnp.ones((4, 8)); w = jnp.ones((8, 10)); y = jnp.array([0, 1, 2, 3])
+    >>> jxent.linear_softmax_cross_entropy(x, w, y)
+    Array(2.3025851, dtype=float32)
+  """
+  x = core.check_logits(x, "x")
+  w = core.check_logits(w, "w")
+  labels = jnp.asarray(labels)
+  if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[0]:
+    raise ValueError(f"expected x [..., hidden] and w [hidden, num_classes]; got x {x.shape}, "
+                     f"w {w.shape}.")
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f"`labels` must be integers, got {labels.dtype}.")
+  if labels.shape != x.shape[:-1]:
+    raise ValueError(f"`labels` {labels.shape} must have the shape of x without its last axis "
+                     f"{x.shape[:-1]}.")
+  if reduction not in ("mean", "sum", "none", None):
+    raise ValueError(f"Invalid reduction {reduction!r}; expected 'mean', 'sum' or 'none'.")
+  opts = make_options(label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap,
+                      ignore_index=ignore_index, axis_name=axis_name)
+  if implementation is None:
+    algo = LinearChunked()
+  elif isinstance(implementation, str):
+    if implementation not in _LINEAR:
+      raise ValueError(f"Unknown implementation {implementation!r} for linear_softmax_cross_entropy; "
+                       f"expected one of {sorted(_LINEAR)} or None.")
+    algo = _LINEAR[implementation]()
+  elif isinstance(implementation, (LinearChunked, LinearFusedGrad)):
+    algo = implementation
+  else:
+    raise TypeError(f"`implementation` must be None, a name or a Linear* object, got {implementation!r}.")
+  batch_shape = labels.shape
+  x2 = x.reshape(-1, x.shape[-1])
+  y2 = labels.reshape(-1)
+  kept = None if ignore_index is None else (y2 != ignore_index)
+  if isinstance(algo, LinearFusedGrad):
+    if reduction not in ("mean", "sum"):
+      raise ValueError("implementation 'fused_grad_xla' forms the gradient in the forward pass and "
+                       f"needs reduction 'mean' or 'sum', got {reduction!r}.")
+    if axis_name is not None:
+      raise ValueError("implementation 'fused_grad_xla' does not support axis_name; use 'chunked_xla'.")
+    wts = jnp.ones(y2.shape, _F32) if kept is None else kept.astype(_F32)
+    if reduction == "mean":
+      count = jnp.sum(wts)
+      wts = jnp.where(count > 0, wts / jnp.maximum(count, 1.0), 0.0)
+    total = linear_xent_fused(x2, w, y2, lax.stop_gradient(wts), opts, algo.block_n)
+    return total.astype(x.dtype)
+  loss = linear_xent_chunked(x2, w, y2, opts, algo.block_v)
+  return core.reduce_native(loss.reshape(batch_shape), None if kept is None else
+                            kept.reshape(batch_shape), reduction, x.dtype)

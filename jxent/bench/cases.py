@@ -1,0 +1,157 @@
+"""Benchmark cases as data, and the implementations that can run them."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One benchmark shape. ``kind="logits"``: ``[n, v]`` logits; ``kind="linear"``: ``x [n, d]``
+  times ``w [d, v]``. ``labels`` is "int" or "dense" (logits cases only)."""
+
+  kind: str
+  n: int
+  v: int
+  d: int = 0
+  dtype: str = "float32"
+  labels: str = "int"
+
+  @property
+  def shape(self) -> str:
+    return f"{self.n}x{self.d}->{self.v}" if self.kind == "linear" else f"{self.n}x{self.v}"
+
+
+PRESETS = {
+    "quick": (
+        [Case("logits", 1024, 8192, labels="int"), Case("logits", 1024, 8192, labels="dense"),
+         Case("logits", 256, 32003, labels="int"), Case("linear", 1024, 8192, d=256)],
+        ("forward", "forward_and_vjp"),
+    ),
+    "llm": (
+        [Case("logits", n, v, dtype="bfloat16", labels=lab)
+         for (n, v) in ((8192, 128256), (32768, 32000), (4096, 256000), (8192, 151936))
+         for lab in ("int", "dense")]
+        + [Case("linear", 8192, 256000, d=2304, dtype="bfloat16"),
+           Case("linear", 8192, 128256, d=4096, dtype="bfloat16")],
+        ("forward", "forward_and_vjp"),
+    ),
+}
+
+MODES = ("forward", "forward_and_vjp")
+
+JXENT_LOGITS = ("xla", "chunked_xla", "pallas_triton", "pallas_triton_rows", "pallas_mosaic_tpu")
+JXENT_LINEAR = ("linear_chunked", "linear_fused_grad")
+PEERS = ("optax", "naive", "keras", "unfused")
+
+
+def all_implementations() -> tuple[str, ...]:
+  return JXENT_LOGITS + JXENT_LINEAR + PEERS
+
+
+def _platform_ok(name: str) -> bool:
+  plat = jax.default_backend()
+  if name.startswith("pallas_triton"):
+    return plat in ("gpu", "cuda", "rocm")
+  if name == "pallas_mosaic_tpu":
+    return plat == "tpu"
+  if name == "keras":
+    return importlib.util.find_spec("keras") is not None
+  if name == "optax":
+    return importlib.util.find_spec("optax") is not None
+  return True
+
+
+def applies(name: str, case: Case) -> bool:
+  """Whether implementation ``name`` runs ``case`` on this backend."""
+  if not _platform_ok(name):
+    return False
+  if case.kind == "linear":
+    return name in JXENT_LINEAR + ("unfused", "optax")
+  return name in JXENT_LOGITS + ("optax", "naive", "keras")
+
+
+def default_implementations() -> tuple[str, ...]:
+  return tuple(n for n in all_implementations())
+
+
+def make_inputs(case: Case, key):
+  """Random (never zero) inputs for one case."""
+  dt = jnp.dtype(case.dtype)
+  k1, k2, k3 = jax.random.split(key, 3)
+  ids = jax.random.randint(k2, (case.n,), 0, case.v)
+  if case.kind == "linear":
+    x = jax.random.normal(k1, (case.n, case.d), jnp.float32).astype(dt)
+    w = (jax.random.normal(k3, (case.d, case.v), jnp.float32) * case.d ** -0.5).astype(dt)
+    return (x, w, ids)
+  logits = (jax.random.normal(k1, (case.n, case.v), jnp.float32) * 3).astype(dt)
+  if case.labels == "dense":
+    return (logits, jax.nn.one_hot(ids, case.v, dtype=dt))
+  return (logits, ids)
+
+
+def loss_fn(name: str, case: Case) -> Callable:
+  """The scalar (mean) loss of implementation ``name`` for ``case``; differentiated w.r.t. arg 0
+  (logits) or args 0 and 1 (x, w) for linear cases."""
+  import jxent
+  dense = case.labels == "dense"
+  if case.kind == "linear":
+    if name == "linear_chunked":
+      return lambda x, w, y: jxent.linear_softmax_cross_entropy(x, w, y, implementation="chunked_xla")
+    if name == "linear_fused_grad":
+      return lambda x, w, y: jxent.linear_softmax_cross_entropy(x, w, y, implementation="fused_grad_xla")
+    if name in ("unfused", "optax"):
+      import optax
+      return lambda x, w, y: optax.softmax_cross_entropy_with_integer_labels(
+          (x @ w).astype(jnp.float32), y).mean()
+  if name in JXENT_LOGITS:
+    impl = name.removesuffix("_rows")
+    if name.endswith("_rows"):  # per-row custom VJP (separate forward and backward kernels)
+      if dense:
+        return lambda x, y: jxent.softmax_cross_entropy(x, y, implementation=impl).astype(jnp.float32).mean()
+      return lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(
+          x, y, implementation=impl).astype(jnp.float32).mean()
+    if dense:
+      return lambda x, y: jxent.softmax_cross_entropy(x, y, reduction="mean", implementation=impl)
+    return lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(
+        x, y, reduction="mean", implementation=impl)
+  if name == "optax":
+    import optax
+    if dense:
+      return lambda x, y: optax.softmax_cross_entropy(x, y).mean()
+    return lambda x, y: optax.softmax_cross_entropy_with_integer_labels(x, y).mean()
+  if name == "naive":
+    if dense:
+      return lambda x, y: -(y * jax.nn.log_softmax(x)).sum(-1).mean()
+    return lambda x, y: -jnp.take_along_axis(jax.nn.log_softmax(x), y[:, None], -1).mean()
+  if name == "keras":
+    import os
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    import keras
+    if dense:
+      return lambda x, y: keras.losses.categorical_crossentropy(y, x, from_logits=True).mean()
+    return lambda x, y: keras.losses.sparse_categorical_crossentropy(y, x, from_logits=True).mean()
+  raise ValueError(f"implementation {name!r} does not apply to {case}")
+
+
+def floor_bytes(case: Case, mode: str) -> Optional[int]:
+  """Bytes that must cross memory (DESIGN.md): forward reads the logits (and dense labels);
+  forward+backward reads the logits twice and writes the gradient (dense: labels read twice)."""
+  if case.kind == "linear":
+    return None
+  lb = case.n * case.v * jnp.dtype(case.dtype).itemsize
+  dense = case.labels == "dense"
+  if mode == "forward":
+    return lb * (2 if dense else 1)
+  return lb * 3 + (2 * lb if dense else 0)
+
+
+def matmul_flops(case: Case, mode: str) -> Optional[int]:
+  if case.kind != "linear":
+    return None
+  return 2 * case.n * case.d * case.v * (1 if mode == "forward" else 3)

@@ -1,0 +1,315 @@
+"""``jxent-bench``: how close each cross-entropy implementation is to the hardware floor and peers.
+
+Examples::
+
+  jxent-bench                                  # --quick, CPU-sized, under a minute
+  jxent-bench --llm --json benchmarks/h100.json --plot benchmarks/h100.png
+  jxent-bench --shape 2048,32000 --dtype float32 --implementations xla,optax --modes forward_and_vjp
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from jxent.bench import cases as C
+
+
+class UsageError(Exception):
+  pass
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+  try:
+    dims = tuple(int(t) for t in text.split(","))
+  except ValueError:
+    raise UsageError(f"malformed --shape {text!r}: expected N,V or N,D,V (positive integers)") from None
+  if len(dims) not in (2, 3) or any(d <= 0 for d in dims):
+    raise UsageError(f"malformed --shape {text!r}: expected N,V or N,D,V (positive integers)")
+  return dims
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="jxent-bench", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  g = p.add_mutually_exclusive_group()
+  g.add_argument("--quick", action="store_true", help="CPU-sized preset (the default)")
+  g.add_argument("--llm", action="store_true", help="LLM-sized preset (GPU/TPU)")
+  g.add_argument("--preset", choices=sorted(C.PRESETS), help="a named preset")
+  p.add_argument("--shape", action="append", default=[],
+                 help="custom case N,V (logits) or N,D,V (linear); repeatable")
+  p.add_argument("--dtype", default=None, help="dtype of custom cases (float32, bfloat16, float16)")
+  p.add_argument("--labels", default="int", help="label kinds of custom logits cases: int,dense")
+  p.add_argument("--implementations", default=None,
+                 help="comma list; default: every one that runs here. Known: "
+                      + ", ".join(C.all_implementations()))
+  p.add_argument("--modes", default=None, help="comma list of " + ", ".join(C.MODES))
+  p.add_argument("--reps", type=int, default=10, help="timed runs per row (median; >= 10)")
+  p.add_argument("--json", metavar="PATH", help="write rows as a JSON list")
+  p.add_argument("--csv", metavar="PATH", help="write rows as CSV")
+  p.add_argument("--plot", metavar="PATH.png", help="bar chart (needs matplotlib: the bench extra)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  return p
+
+
+def resolve(args) -> tuple[list[C.Case], tuple[str, ...], tuple[str, ...]]:
+  if args.shape:
+    dtype = args.dtype or "float32"
+    try:
+      jnp.dtype(dtype)
+    except TypeError:
+      raise UsageError(f"unknown --dtype {dtype!r}") from None
+    labels = [s for s in args.labels.split(",") if s]
+    for lab in labels:
+      if lab not in ("int", "dense"):
+        raise UsageError(f"unknown --labels {lab!r}: expected int or dense")
+    cases = []
+    for text in args.shape:
+      dims = _parse_shape(text)
+      if len(dims) == 3:
+        cases.append(C.Case("linear", dims[0], dims[2], d=dims[1], dtype=dtype))
+      else:
+        cases.extend(C.Case("logits", dims[0], dims[1], dtype=dtype, labels=lab) for lab in labels)
+    modes = C.MODES
+  else:
+    preset = "llm" if args.llm else (args.preset or "quick")
+    cases, modes = C.PRESETS[preset]
+    if args.dtype:
+      cases = [dataclasses.replace(c, dtype=args.dtype) for c in cases]
+  if args.modes:
+    modes = tuple(m for m in args.modes.split(",") if m)
+    for m in modes:
+      if m not in C.MODES:
+        raise UsageError(f"unknown mode {m!r}: expected one of {', '.join(C.MODES)}")
+  if args.implementations:
+    impls = tuple(i for i in args.implementations.split(",") if i)
+    for i in impls:
+      if i not in C.all_implementations():
+        raise UsageError(f"unknown implementation {i!r}: expected one of "
+                         f"{', '.join(C.all_implementations())}")
+  else:
+    impls = C.default_implementations()
+  if args.reps < 10:
+    raise UsageError(f"--reps must be >= 10, got {args.reps}")
+  return list(cases), modes, impls
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing.
+# ------------------------------------------------------------------------------------------------
+def _median_ms(fn, arg_sets, reps: int) -> float:
+  out = fn(*arg_sets[0])
+  jax.block_until_ready(out)
+  for args in arg_sets[1:2]:
+    jax.block_until_ready(fn(*args))
+  times = []
+  for i in range(reps):
+    args = arg_sets[i % len(arg_sets)]
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times) * 1e3
+
+
+def _rotations(nbytes: int) -> int:
+  """Rotate among input copies when one set would sit in cache (< 256 MB), up to 4 copies."""
+  if nbytes >= 256 << 20:
+    return 1
+  return int(min(4, max(2, (256 << 20) // max(nbytes, 1))))
+
+
+def copy_bandwidth(reps: int) -> float:
+  """Bytes/s of a large elementwise read+write, measured now on the default device."""
+  n = (1 << 28) if jax.default_backend() != "cpu" else (1 << 25)  # 1 GiB / 128 MiB of float32
+  x = jax.random.uniform(jax.random.key(7), (n,), jnp.float32) + 1.0
+  f = jax.jit(lambda a: a * 1.5 + 1.0)
+  ms = _median_ms(f, [(x,)], reps)
+  return 2 * x.nbytes / (ms * 1e-3)
+
+
+def _compile(fn, args):
+  t0 = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_ms = (time.perf_counter() - t0) * 1e3
+  try:
+    temp = int(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:  # noqa: BLE001  (not every backend reports it)
+    temp = None
+  return compiled, compile_ms, temp
+
+
+def run_row(name: str, case: C.Case, mode: str, inputs, reps: int) -> dict:
+  f = C.loss_fn(name, case)
+  if mode == "forward_and_vjp":
+    argnums = (0, 1) if case.kind == "linear" else 0
+    f = jax.value_and_grad(f, argnums=argnums)
+  compiled, compile_ms, temp = _compile(f, inputs[0])
+  ms = _median_ms(compiled, inputs, reps)
+  return dict(median_ms=ms, compile_ms=compile_ms, temp_bytes=temp)
+
+
+def matmul_floor_ms(case: C.Case, mode: str, inputs, reps: int) -> float:
+  """Linear cases: the matmuls alone (1 forward, 3 forward+backward), measured now."""
+  if mode == "forward":
+    f = lambda x, w, y: (x @ w)
+  else:
+    def f(x, w, y):
+      z = x @ w
+      return z, z @ w.T, x.T @ z
+  compiled, _, _ = _compile(f, inputs[0])
+  return _median_ms(compiled, inputs, reps)
+
+
+# ------------------------------------------------------------------------------------------------
+# Output.
+# ------------------------------------------------------------------------------------------------
+def _progress(i: int, total: int, label: str, enabled: bool):
+  if not enabled:
+    return
+  width = 28
+  done = int(width * i / max(total, 1))
+  sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{total} {label[:60]:<60}")
+  if i == total:
+    sys.stderr.write("\n")
+  sys.stderr.flush()
+
+
+def format_table(rows: list[dict]) -> str:
+  head = ("case", "mode", "implementation", "median ms", "x floor", "x optax", "GB/s", "TFLOP/s",
+          "temp MB", "compile ms")
+  lines = []
+  for r in rows:
+    if "error" in r:
+      lines.append((r["case"], r["mode"], r["implementation"], "error: " + r["error"][:60],
+                    "", "", "", "", "", ""))
+      continue
+    f = lambda v, fmt: "-" if v is None else format(v, fmt)
+    lines.append((r["case"], r["mode"], r["implementation"], f(r["median_ms"], ".3f"),
+                  f(r["x_floor"], ".2f"), f(r["x_optax"], ".2f"), f(r["gbps"], ".0f"),
+                  f(r["tflops"], ".1f"),
+                  f(None if r["temp_bytes"] is None else r["temp_bytes"] / 1e6, ".1f"),
+                  f(r["compile_ms"], ".0f")))
+  widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+  fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths))
+  return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines])
+
+
+def write_plot(rows: list[dict], path: str) -> None:
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    raise UsageError("--plot needs matplotlib: pip install -e '.[bench]'") from None
+  groups = {}
+  for r in rows:
+    if "error" not in r:
+      groups.setdefault((r["case"], r["mode"]), []).append(r)
+  fig, axes = plt.subplots(len(groups), 1, figsize=(9, 2.0 + 0.35 * max(
+      (len(v) for v in groups.values()), default=1) * max(len(groups), 1)), squeeze=False)
+  for ax, ((case, mode), rs) in zip(axes[:, 0], groups.items()):
+    names = [r["implementation"] for r in rs]
+    ax.barh(names, [r["median_ms"] for r in rs], color="tab:blue")
+    floor = rs[0].get("floor_ms")
+    if floor:
+      ax.axvline(floor, color="tab:red", linestyle="--", label=f"floor {floor:.3g} ms")
+      ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"{case}  {mode}", fontsize=9)
+    ax.set_xlabel("ms (median)")
+  fig.suptitle(f"jxent-bench on {rows[0]['device']} (jax {rows[0]['jax_version']})", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  try:
+    cases, modes, impls = resolve(args)
+  except UsageError as e:
+    print(f"jxent-bench: error: {e}", file=sys.stderr)
+    return 2
+  device = jax.devices()[0]
+  dev_name = f"{device.platform}:{getattr(device, 'device_kind', device.platform)}"
+  bw = copy_bandwidth(args.reps)
+  print(f"jxent-bench on {dev_name}, jax {jax.__version__}, copy bandwidth {bw / 1e9:.0f} GB/s",
+        file=sys.stderr)
+  plan = [(c, m, i) for c in cases for m in modes for i in impls if C.applies(i, c)]
+  rows, key = [], jax.random.key(0)
+  inputs_cache = {}
+  show = not args.no_progress and sys.stderr.isatty()
+  floors = {}
+  for k, (case, mode, name) in enumerate(plan):
+    _progress(k, len(plan), f"{case.shape} {case.labels} {mode} {name}", show)
+    if case not in inputs_cache:
+      inputs_cache.clear()
+      one = C.make_inputs(case, key)
+      nbytes = sum(a.nbytes for a in one)
+      inputs_cache[case] = [one] + [C.make_inputs(case, jax.random.fold_in(key, r))
+                                    for r in range(1, _rotations(nbytes))]
+    inputs = inputs_cache[case]
+    row = dict(implementation=name, mode=mode, case=f"{case.shape} {case.dtype} {case.labels}"
+               if case.kind == "logits" else f"linear {case.shape} {case.dtype}",
+               kind=case.kind, shape=[case.n, case.d, case.v] if case.kind == "linear"
+               else [case.n, case.v], dtype=case.dtype, labels=case.labels, device=dev_name,
+               jax_version=jax.__version__, copy_gbps=bw / 1e9,
+               date=datetime.date.today().isoformat())
+    try:
+      row.update(run_row(name, case, mode, inputs, args.reps))
+    except Exception as e:  # noqa: BLE001  (one failing implementation must not stop the run)
+      row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+      rows.append(row)
+      continue
+    fb = C.floor_bytes(case, mode)
+    flops = C.matmul_flops(case, mode)
+    if fb is not None:
+      row["floor_ms"] = fb / bw * 1e3
+      row["gbps"] = fb / (row["median_ms"] * 1e-3) / 1e9
+    else:
+      if (case, mode) not in floors:
+        floors[(case, mode)] = matmul_floor_ms(case, mode, inputs, args.reps)
+      row["floor_ms"] = floors[(case, mode)]
+      row["gbps"] = None
+    row["x_floor"] = row["median_ms"] / row["floor_ms"]
+    row["tflops"] = None if flops is None else flops / (row["median_ms"] * 1e-3) / 1e12
+    rows.append(row)
+  _progress(len(plan), len(plan), "done", show)
+  optax_ms = {(r["case"], r["mode"]): r["median_ms"] for r in rows
+              if r["implementation"] in ("optax",) and "error" not in r}
+  for r in rows:
+    if "error" not in r:
+      base = optax_ms.get((r["case"], r["mode"]))
+      r["x_optax"] = None if base is None else r["median_ms"] / base
+  print(format_table(rows))
+  if args.json:
+    with open(args.json, "w") as fh:
+      json.dump(rows, fh, indent=1)
+  if args.csv:
+    keys = sorted({k for r in rows for k in r})
+    with open(args.csv, "w", newline="") as fh:
+      w = csv.DictWriter(fh, fieldnames=keys)
+      w.writeheader()
+      w.writerows(rows)
+  if args.plot:
+    try:
+      write_plot(rows, args.plot)
+    except UsageError as e:
+      print(f"jxent-bench: error: {e}", file=sys.stderr)
+      return 2
+  return 0
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("KERAS_BACKEND", "jax")
+  sys.exit(main())
