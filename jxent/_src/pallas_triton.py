@@ -50,12 +50,12 @@ def _cap(x, opts):
 
 
 def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c):
-  """Online per-lane statistics over one row; returns (m, log_z, a, b, sum_x) combined.
+  """One walk over a row with scalar online statistics (one exp per element).
 
-  dense: ``a = sum(y)``, ``b = sum(y * (x - m))``; sparse: ``a`` unused, ``b`` = label logit.
+  Returns ``(m, log_z, a, b, sum_s)``: dense ``a = sum(y)``, ``b = sum(y * (x - m))``; sparse
+  ``b`` = the label's logit minus ``m``; ``sum_s = sum(x - m)`` (label smoothing only).
   """
   c = x_ref.shape[0]
-  nb = pl.cdiv(c, block_c)
   lanes = jnp.arange(block_c)
 
   def body(i, carry):
@@ -63,27 +63,25 @@ def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c):
     idx = i * block_c + lanes
     mask = idx < c
     x = jnp.where(mask, _cap(_load(x_ref, idx, mask, 0.0).astype(jnp.float32), opts), -jnp.inf)
-    m_new = jnp.maximum(m, x)
-    z = z * jnp.exp(m - m_new) + jnp.exp(x - m_new)
+    m_new = jnp.maximum(m, jnp.max(x))
+    z = z * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new))
     if opts.label_smoothing:
-      sx = sx + jnp.where(mask, x, 0.0)
+      sx = sx + jnp.sum(jnp.where(mask, x, 0.0))
     if sparse:
-      b = b + jnp.where(idx == label, x, 0.0)
+      b = b + jnp.sum(jnp.where(idx == label, x, 0.0))
     else:
       y = _load(y_ref, idx, mask, 0.0).astype(jnp.float32)
-      b = b + (m - m_new) * a + jnp.where(y == 0, 0.0, y * (x - m_new))
-      a = a + y
+      b = b + (m - m_new) * a + jnp.sum(jnp.where(y == 0, 0.0, y * (x - m_new)))
+      a = a + jnp.sum(y)
     return m_new, z, a, b, sx
 
-  zeros = jnp.zeros((block_c,), jnp.float32)
-  init = (jnp.full((block_c,), _NEG, jnp.float32), zeros, zeros, zeros, zeros)
-  m, z, a, b, sx = jax.lax.fori_loop(0, nb, body, init)
-  mm = jnp.max(m)
-  z_tot = jnp.sum(z * jnp.exp(m - mm))
+  zero = jnp.zeros((), jnp.float32)
+  init = (jnp.full((), _NEG, jnp.float32), zero, zero, zero, zero)
+  m, z, a, b, sx = jax.lax.fori_loop(0, pl.cdiv(c, block_c), body, init)
+  sum_s = sx - c * m
   if sparse:
-    return mm, jnp.log(z_tot), None, jnp.sum(b) - mm, jnp.sum(sx) - c * mm
-  a_tot = jnp.sum(a)
-  return mm, jnp.log(z_tot), a_tot, jnp.sum(b + (m - mm) * a), jnp.sum(sx) - c * mm
+    return m, jnp.log(z), None, b - m, sum_s
+  return m, jnp.log(z), a, b, sum_s
 
 
 def _loss_from_stats(m, log_z, a, b, sum_s, label, c, *, sparse, opts):

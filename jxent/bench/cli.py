@@ -108,17 +108,22 @@ def resolve(args) -> tuple[list[C.Case], tuple[str, ...], tuple[str, ...]]:
 # ------------------------------------------------------------------------------------------------
 # Timing.
 # ------------------------------------------------------------------------------------------------
-def _median_ms(fn, arg_sets, reps: int) -> float:
-  out = fn(*arg_sets[0])
-  jax.block_until_ready(out)
-  for args in arg_sets[1:2]:
+def _median_ms(fn, arg_sets, reps: int, inner: int = 0) -> float:
+  """Median over ``reps`` samples of the mean time of ``inner`` back-to-back calls (rotating
+  inputs), each sample ended by a device sync. Enqueuing several calls before the sync keeps
+  host dispatch out of the device time; warm-up runs first."""
+  if not inner:
+    inner = 1 if jax.default_backend() == "cpu" else 5
+  for args in arg_sets[:2]:
     jax.block_until_ready(fn(*args))
-  times = []
-  for i in range(reps):
-    args = arg_sets[i % len(arg_sets)]
+  times, k = [], 0
+  for _ in range(reps):
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
+    for _ in range(inner):
+      out = fn(*arg_sets[k % len(arg_sets)])
+      k += 1
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / inner)
   return statistics.median(times) * 1e3
 
 
@@ -131,9 +136,11 @@ def _rotations(nbytes: int) -> int:
 
 def copy_bandwidth(reps: int) -> float:
   """Bytes/s of a large elementwise read+write, measured now on the default device."""
-  n = (1 << 28) if jax.default_backend() != "cpu" else (1 << 25)  # 1 GiB / 128 MiB of float32
-  x = jax.random.uniform(jax.random.key(7), (n,), jnp.float32) + 1.0
-  f = jax.jit(lambda a: a * 1.5 + 1.0)
+  gpu = jax.default_backend() != "cpu"
+  n = (1 << 31) if gpu else (1 << 26)  # 4 GiB of bfloat16 on accelerators, 256 MiB of float32 on CPU
+  dt = jnp.bfloat16 if gpu else jnp.float32
+  x = (jax.random.uniform(jax.random.key(7), (n,), jnp.float32) + 1.0).astype(dt)
+  f = jax.jit(lambda a: a + jnp.asarray(1, dt))
   ms = _median_ms(f, [(x,)], reps)
   return 2 * x.nbytes / (ms * 1e-3)
 
@@ -284,6 +291,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     row["x_floor"] = row["median_ms"] / row["floor_ms"]
     row["tflops"] = None if flops is None else flops / (row["median_ms"] * 1e-3) / 1e12
     rows.append(row)
+    if args.json:  # written as it goes, so an interrupted run keeps what it measured
+      with open(args.json, "w") as fh:
+        json.dump(rows, fh, indent=1)
   _progress(len(plan), len(plan), "done", show)
   optax_ms = {(r["case"], r["mode"]): r["median_ms"] for r in rows
               if r["implementation"] in ("optax",) and "error" not in r}
