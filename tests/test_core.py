@@ -89,6 +89,19 @@ class TestKernels:
       assert_close(v, s * scale * l.sum(), what="value")
       assert_close(dx, s * scale * rdx, what="grad")
 
+  def test_dense_labels_gradient_when_requested(self, kernel):
+    """Scalar reduction, gradients for logits and labels (the labels one only when asked for)."""
+    rng = np.random.default_rng(11)
+    x = rand_logits(rng, (6, 21))
+    y = jnp.asarray(rand_probs(rng, (6, 21)))
+    f = lambda x, y: jxent.softmax_cross_entropy(x, y, reduction="sum", implementation=kernel,
+                                                 label_smoothing=0.1)
+    (dx, dy) = jax.jit(jax.grad(f, argnums=(0, 1)))(x, y)
+    _, rdx, rdy = reference.xent(x, y, label_smoothing=0.1)
+    assert_close(dx, rdx)
+    assert_close(dy, rdy)
+    assert_close(jax.jit(jax.grad(f))(x, y), rdx)
+
   @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
   def test_half_precision_rule(self, kernel, dtype):
     """bf16/f16: error vs float32 truth no worse than naive half-precision error + small tol."""

@@ -28,18 +28,28 @@ def xent_2d(logits: jax.Array, labels: jax.Array, sparse: bool, opts: XentOption
   return kernel.forward(logits, labels, sparse=sparse, opts=opts)[0]
 
 
+def _want_dlabels(labels, sparse):
+  """A marker residual (static pytree structure): empty array if labels need a gradient."""
+  return None if (sparse or not labels.perturbed) else jnp.zeros((0,), jnp.float32)
+
+
 def _xent_2d_fwd(logits, labels, sparse, opts, kernel):
-  loss, lse = kernel.forward(logits, labels, sparse=sparse, opts=opts)
-  return loss, (logits, labels, lse)
+  # symbolic_zeros=True: inputs arrive as CustomVJPPrimal(value, perturbed).
+  want = _want_dlabels(labels, sparse)
+  loss, lse = kernel.forward(logits.value, labels.value, sparse=sparse, opts=opts)
+  return loss, (logits.value, labels.value, lse, want)
 
 
 def _xent_2d_bwd(sparse, opts, kernel, res, g):
-  logits, labels, lse = res
-  dlogits, dlabels = kernel.backward(logits, labels, lse, g, sparse=sparse, opts=opts)
+  logits, labels, lse, want = res
+  if isinstance(g, jax.custom_derivatives.SymbolicZero):
+    g = jnp.zeros(lse.shape, lse.dtype)
+  dlogits, dlabels = kernel.backward(logits, labels, lse, g, sparse=sparse, opts=opts,
+                                     want_dlabels=want is not None)
   return dlogits, (None if sparse else dlabels)
 
 
-xent_2d.defvjp(_xent_2d_fwd, _xent_2d_bwd)
+xent_2d.defvjp(_xent_2d_fwd, _xent_2d_bwd, symbolic_zeros=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("sparse", "opts", "kernel"))
@@ -55,12 +65,17 @@ def xent_2d_fused(logits: jax.Array, labels: jax.Array, weights: jax.Array, spar
 
 
 def _xent_2d_fused_fwd(logits, labels, weights, sparse, opts, kernel):
-  loss_w, dlogits, dlabels = kernel.fused(logits, labels, weights, sparse=sparse, opts=opts)
+  want = _want_dlabels(labels, sparse) is not None
+  loss_w, dlogits, dlabels = kernel.fused(logits.value, labels.value, weights.value, sparse=sparse,
+                                          opts=opts, want_dlabels=want)
   return jnp.sum(loss_w), (dlogits, dlabels)
 
 
 def _xent_2d_fused_bwd(sparse, opts, kernel, res, g):
   dlogits, dlabels = res
+
+  if isinstance(g, jax.custom_derivatives.SymbolicZero):
+    g = jnp.zeros((), jnp.float32)
 
   def scale(d):
     if d is None:
@@ -70,7 +85,7 @@ def _xent_2d_fused_bwd(sparse, opts, kernel, res, g):
   return scale(dlogits), (None if sparse else scale(dlabels)), None
 
 
-xent_2d_fused.defvjp(_xent_2d_fused_fwd, _xent_2d_fused_bwd)
+xent_2d_fused.defvjp(_xent_2d_fused_fwd, _xent_2d_fused_bwd, symbolic_zeros=True)
 
 
 # --------------------------------------------------------------------------------------------

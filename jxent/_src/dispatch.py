@@ -26,8 +26,8 @@ class XlaKernel:
   def forward(self, logits, labels, *, sparse, opts):
     return xla.forward(logits, labels, sparse=sparse, opts=opts)
 
-  def backward(self, logits, labels, lse, g, *, sparse, opts):
-    return xla.backward(logits, labels, lse, g, sparse=sparse, opts=opts)
+  def backward(self, logits, labels, lse, g, *, sparse, opts, want_dlabels=True):
+    return xla.backward(logits, labels, lse, g, sparse=sparse, opts=opts, want_dlabels=want_dlabels)
 
 
 @dataclasses.dataclass(frozen=True)

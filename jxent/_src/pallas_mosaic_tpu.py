@@ -78,7 +78,8 @@ def _bwd_kernel(*refs, sparse, opts, block_c, c):
   if sparse:
     x_ref, y_ref, lse_ref, g_ref, dx_ref = refs
   else:
-    x_ref, y_ref, lse_ref, g_ref, st_ref, dx_ref, dy_ref = refs
+    x_ref, y_ref, lse_ref, g_ref, st_ref, dx_ref, *dy = refs
+    dy_ref = dy[0] if dy else None
   j = pl.program_id(1)
   col = _cols(j, x_ref.shape, block_c)
   eps = opts.label_smoothing
@@ -96,7 +97,8 @@ def _bwd_kernel(*refs, sparse, opts, block_c, c):
     target = (1.0 - eps) * y
     if not opts.tf_grad:
       coef = coef + (st_ref[...] - 1.0)
-    dy_ref[...] = (g * (1.0 - eps) * (lse - x)).astype(dy_ref.dtype)
+    if dy_ref is not None:
+      dy_ref[...] = (g * (1.0 - eps) * (lse - x)).astype(dy_ref.dtype)
   if eps:
     target = target + eps / c
   dx = g * (coef * p - target) * xla.softcap_factor(x, opts)
@@ -140,7 +142,7 @@ class PallasMosaicTpuKernel:
         name="jxent_xent_fwd")(logits, y)
     return loss[:, 0], lse[:, 0]
 
-  def backward(self, logits, labels, lse, g, *, sparse, opts):
+  def backward(self, logits, labels, lse, g, *, sparse, opts, want_dlabels=True):
     _check(opts)
     rows, c = logits.shape
     br, bc, grid = self._grid(rows, c)
@@ -154,13 +156,14 @@ class PallasMosaicTpuKernel:
       sum_t = jnp.sum(labels.astype(jnp.float32), axis=-1)
       args.append(((1.0 - opts.label_smoothing) * sum_t + opts.label_smoothing)[:, None])
       in_specs.append(row_spec)
-      out_shape.append(jax.ShapeDtypeStruct((rows, c), labels.dtype))
+      if want_dlabels:
+        out_shape.append(jax.ShapeDtypeStruct((rows, c), labels.dtype))
     res = pl.pallas_call(
         functools.partial(_bwd_kernel, sparse=sparse, opts=opts, block_c=bc, c=c),
         grid=grid, in_specs=in_specs, out_specs=[blk_spec] * len(out_shape),
         out_shape=tuple(out_shape), compiler_params=self._params(("parallel", "parallel")),
         interpret=self.interpret, name="jxent_xent_bwd")(*args)
-    return (res[0], None) if sparse else (res[0], res[1])
+    return res[0], (res[1] if len(res) > 1 else None)
 
 
 def _check(opts: XentOptions):

@@ -145,7 +145,7 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
   return combine(m, jnp.log(z), sum_y, sum_ys, sum_s, None, opts, n_cls)
 
 
-def backward(logits, labels, lse, g, *, sparse: bool, opts: XentOptions):
+def backward(logits, labels, lse, g, *, sparse: bool, opts: XentOptions, want_dlabels: bool = True):
   """``dlogits`` (logits dtype) and, for dense labels, ``dlabels`` (labels dtype)."""
   x = prep_logits(logits, opts)
   local_c = x.shape[-1]
@@ -180,6 +180,8 @@ def backward(logits, labels, lse, g, *, sparse: bool, opts: XentOptions):
     sum_t = sum_t if not eps else (1.0 - eps) * sum_t + eps
     coef = coef + (sum_t - 1.0)
   dx = g[:, None] * (coef[:, None] * p - target)
-  dlabels = ((g * (1.0 - eps))[:, None] * (lse[:, None] - x)).astype(labels.dtype)
+  dlabels = None
+  if want_dlabels:
+    dlabels = ((g * (1.0 - eps))[:, None] * (lse[:, None] - x)).astype(labels.dtype)
   dlogits = (dx * softcap_factor(x, opts)).astype(logits.dtype)
   return dlogits, dlabels
