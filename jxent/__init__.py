@@ -1,5 +1,8 @@
 """jxent: softmax cross-entropy for JAX with exact TF/Keras semantics and fused, lean kernels."""
 
+from jxent import contrib as contrib
+from jxent import keras as keras
+from jxent import losses as losses
 from jxent import nn as nn
 from jxent._src.api import check_integer_labels as check_integer_labels
 from jxent._src.api import softmax_cross_entropy as softmax_cross_entropy
@@ -20,6 +23,9 @@ __all__ = [
     "linear_softmax_cross_entropy",
     "LinearChunked",
     "LinearFusedGrad",
+    "contrib",
+    "keras",
+    "losses",
     "nn",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",

@@ -12,7 +12,7 @@ from jax.typing import ArrayLike
 from jxent._src import core
 from jxent._src.options import XentOptions
 
-_TF_OPTS = XentOptions(tf_grad=True)
+TF_OPTS = XentOptions(tf_grad=True)
 
 
 def _missing(name, labels, logits):
@@ -53,7 +53,7 @@ def softmax_cross_entropy_with_logits_v2(labels: ArrayLike, logits: ArrayLike, a
     axis = dim
   axis = -1 if axis is None else axis
   logits = core.check_logits(logits)
-  loss, _ = core.rows_loss(logits, labels, axis=axis, sparse=False, opts=_TF_OPTS)
+  loss, _ = core.rows_loss(logits, labels, axis=axis, sparse=False, opts=TF_OPTS)
   return loss.astype(logits.dtype)
 
 
@@ -99,5 +99,5 @@ def sparse_softmax_cross_entropy_with_logits(labels: Optional[ArrayLike] = None,
     raise ValueError(f"Rank mismatch: Rank of labels (received {labels.ndim}) should equal rank of "
                      f"logits minus 1 (received {logits.ndim}); labels {labels.shape}, logits "
                      f"{logits.shape}.")
-  loss, _ = core.rows_loss(logits, labels, axis=-1, sparse=True, opts=_TF_OPTS)
+  loss, _ = core.rows_loss(logits, labels, axis=-1, sparse=True, opts=TF_OPTS)
   return loss.astype(logits.dtype)

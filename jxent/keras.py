@@ -1,0 +1,9 @@
+"""Keras front door: tf.keras 2.21 categorical cross-entropy (Keras 3 reduction names accepted)."""
+
+from jxent._src.keras_losses import CategoricalCrossentropy as CategoricalCrossentropy
+from jxent._src.keras_losses import SparseCategoricalCrossentropy as SparseCategoricalCrossentropy
+from jxent._src.keras_losses import categorical_crossentropy as categorical_crossentropy
+from jxent._src.keras_losses import sparse_categorical_crossentropy as sparse_categorical_crossentropy
+
+__all__ = ["CategoricalCrossentropy", "SparseCategoricalCrossentropy", "categorical_crossentropy",
+           "sparse_categorical_crossentropy"]
