@@ -19,6 +19,22 @@ BLOCK = 4096
 backward = xla.backward
 
 
+def fold_blocks(step, size: int, block: int, state):
+  """``state = step(start, block_size, state)`` over ``[0, size)`` in blocks of ``block``.
+
+  The first block is peeled off the loop so that the carry takes the sharding type (under
+  ``shard_map``) of what the blocks produce; the last, shorter block is a static step.
+  """
+  nb, tail = divmod(size, block)
+  if nb:
+    state = step(0, block, state)
+    if nb > 1:
+      state = lax.fori_loop(1, nb, lambda i, st: step(i * block, block, st), state)
+  if tail:
+    state = step(nb * block, tail, state)
+  return state
+
+
 def _block_stats(xb, yb, start, labels, sparse, opts, want_sum_x):
   """Block max and the block's partial statistics relative to that max."""
   bm = jnp.max(xb, axis=-1)
@@ -72,11 +88,7 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
 
   zero = jnp.zeros((rows,), dt)
   state = (jnp.full((rows,), -jnp.inf, dt), zero, zero, zero, zero)
-  nb, tail = divmod(c, block)
-  if nb:
-    state = lax.fori_loop(0, nb, lambda i, st: _merge(st, stats(i * block, block)), state)
-  if tail:
-    state = _merge(state, stats(nb * block, tail))
+  state = fold_blocks(lambda start, size, st: _merge(st, stats(start, size)), c, block, state)
   m, z, a, b, sum_x = state
   m = jnp.where(jnp.isneginf(m), 0.0, m)
   # Combine shards (vocab parallel): rescale to the global max.

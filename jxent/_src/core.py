@@ -16,6 +16,7 @@ import numpy as np
 
 from jxent._src import dispatch
 from jxent._src.options import XentOptions
+from jxent._src.xla import match_vma
 
 
 # --------------------------------------------------------------------------------------------
@@ -46,7 +47,7 @@ def _xent_2d_bwd(sparse, opts, kernel, res, g):
     g = jnp.zeros(lse.shape, lse.dtype)
   dlogits, dlabels = kernel.backward(logits, labels, lse, g, sparse=sparse, opts=opts,
                                      want_dlabels=want is not None)
-  return dlogits, (None if sparse else dlabels)
+  return match_vma(dlogits, logits), (None if sparse else match_vma(dlabels, labels))
 
 
 xent_2d.defvjp(_xent_2d_fwd, _xent_2d_bwd, symbolic_zeros=True)
@@ -68,7 +69,8 @@ def _xent_2d_fused_fwd(logits, labels, weights, sparse, opts, kernel):
   want = _want_dlabels(labels, sparse) is not None
   loss_w, dlogits, dlabels = kernel.fused(logits.value, labels.value, weights.value, sparse=sparse,
                                           opts=opts, want_dlabels=want)
-  return jnp.sum(loss_w), (dlogits, dlabels)
+  return jnp.sum(loss_w), (match_vma(dlogits, logits.value),
+                           None if dlabels is None else match_vma(dlabels, labels.value))
 
 
 def _xent_2d_fused_bwd(sparse, opts, kernel, res, g):

@@ -24,6 +24,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jxent._src import core, xla
+from jxent._src.chunked import fold_blocks
 from jxent._src.options import XentOptions, make_options
 
 _F32 = jnp.float32
@@ -48,12 +49,6 @@ _LINEAR = {"chunked_xla": LinearChunked, "fused_grad_xla": LinearFusedGrad}
 
 def _dot(a, b):
   return jnp.dot(a, b, preferred_element_type=_F32)
-
-
-def _blocks(v: int, block: int):
-  """(start, size) of full blocks as a loop count, plus the static tail."""
-  nb, tail = divmod(v, block)
-  return nb, tail
 
 
 def _target_and_coef(z, labels, start, lse, opts, v_total):
@@ -97,11 +92,7 @@ def _chunked_forward(x, w, labels, opts, block_v):
 
   init = (jnp.full((n,), -jnp.inf, _F32), jnp.zeros((n,), _F32), jnp.zeros((n,), _F32),
           jnp.zeros((n,), _F32))
-  nb, tail = _blocks(v, block_v)
-  state = lax.fori_loop(0, nb, lambda i, s: stats(i * block_v, block_v, s), init) if nb else init
-  if tail:
-    state = stats(nb * block_v, tail, state)
-  m, z, lab, sx = state
+  m, z, lab, sx = fold_blocks(stats, v, block_v, init)
   if opts.axis_name is not None:
     mg = xla.pmax(m, opts)
     z, lab, sx = xla.psum((z * jnp.exp(m - mg), lab, sx), opts)
@@ -127,13 +118,7 @@ def _chunked_backward(x, w, labels, lse, g, opts, block_v):
     dw = lax.dynamic_update_slice_in_dim(dw, _dot(x.T, dz).astype(dw.dtype), start, axis=1)
     return dx, dw
 
-  carry = (jnp.zeros(x.shape, _F32), jnp.zeros(w.shape, w.dtype))
-  nb, tail = _blocks(v, block_v)
-  if nb:
-    carry = lax.fori_loop(0, nb, lambda i, c: step(i * block_v, block_v, c), carry)
-  if tail:
-    carry = step(nb * block_v, tail, carry)
-  dx, dw = carry
+  dx, dw = fold_blocks(step, v, block_v, (jnp.zeros(x.shape, _F32), jnp.zeros(w.shape, w.dtype)))
   return xla.psum(dx, opts).astype(x.dtype), dw
 
 
@@ -151,7 +136,7 @@ def _linear_xent_chunked_fwd(x, w, labels, opts, block_v):
 def _linear_xent_chunked_bwd(opts, block_v, res, g):
   x, w, labels, lse = res
   dx, dw = _chunked_backward(x, w, labels, lse, g, opts, block_v)
-  return dx, dw, None
+  return xla.match_vma(dx, x), xla.match_vma(dw, w), None
 
 
 linear_xent_chunked.defvjp(_linear_xent_chunked_fwd, _linear_xent_chunked_bwd)
@@ -196,7 +181,7 @@ def linear_xent_fused(x, w, labels, weights, opts: XentOptions, block_n: int):
 
 def _linear_xent_fused_fwd(x, w, labels, weights, opts, block_n):
   total, dx, dw = _fused_all(x, w, labels, weights, opts, block_n)
-  return total, (dx, dw)
+  return total, (xla.match_vma(dx, x), xla.match_vma(dw, w))
 
 
 def _linear_xent_fused_bwd(opts, block_n, res, g):

@@ -49,6 +49,30 @@ def pmax(x, opts: XentOptions):
   return x if opts.axis_name is None else lax.pmax(x, opts.axis_name)
 
 
+def _varying(x) -> set:
+  """The manual mesh axes ``x`` varies over (``{V:...}`` in its type); empty outside shard_map."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "mat", None)  # jax >= 0.10
+  if mat is not None and hasattr(mat, "varying"):
+    return set(mat.varying)
+  return set(getattr(aval, "vma", ()) or ())
+
+
+def match_vma(ct, like):
+  """Gives a cotangent the manual-axis (``shard_map``) type of its primal: sums over the mesh axes
+  it varies over and the primal does not (e.g. the data-parallel sum of a weight gradient), and
+  marks as varying the axes the primal varies over. Outside ``shard_map`` it returns ``ct``."""
+  if ct is None:
+    return None
+  have, want = _varying(ct), _varying(like)
+  extra, missing = tuple(sorted(have - want)), tuple(sorted(want - have))
+  if extra:
+    ct = lax.psum(ct, extra)
+  if missing:
+    ct = lax.pcast(ct, missing, to="varying")
+  return ct
+
+
 def num_classes(local_c: int, opts: XentOptions):
   """Global number of classes (static when not sharded)."""
   if opts.axis_name is None:
