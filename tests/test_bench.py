@@ -1,0 +1,51 @@
+"""jxent-bench: the CLI runs, writes the documented fields, and rejects bad input with exit 2."""
+
+import json
+
+import pytest
+
+from jxent.bench import cli
+
+FIELDS = {"implementation", "mode", "shape", "dtype", "median_ms", "compile_ms", "temp_bytes",
+          "gbps", "x_floor", "device", "jax_version"}
+
+
+def test_small_run_writes_json_csv_plot(tmp_path, capsys):
+  out = tmp_path / "out.json"
+  rc = cli.main(["--shape", "64,1000", "--labels", "int,dense", "--implementations",
+                 "xla,chunked_xla,optax,naive", "--reps", "10", "--json", str(out),
+                 "--csv", str(tmp_path / "out.csv"), "--plot", str(tmp_path / "out.png"),
+                 "--no-progress"])
+  assert rc == 0
+  rows = json.loads(out.read_text())
+  assert {r["implementation"] for r in rows} == {"xla", "chunked_xla", "optax", "naive"}
+  for r in rows:
+    assert FIELDS <= set(r), set(r) ^ FIELDS
+    assert r["median_ms"] > 0 and r["x_floor"] > 0
+  assert (tmp_path / "out.csv").read_text().startswith("case") or (tmp_path / "out.csv").stat().st_size
+  assert (tmp_path / "out.png").stat().st_size > 1000
+  assert "x floor" in capsys.readouterr().out
+
+
+def test_linear_case():
+  rows_path = "/dev/null"
+  rc = cli.main(["--shape", "64,32,500", "--implementations", "linear_chunked,linear_fused_grad,unfused",
+                 "--modes", "forward_and_vjp", "--reps", "10", "--no-progress", "--json", rows_path])
+  assert rc == 0
+
+
+@pytest.mark.parametrize("argv", [
+    ["--implementations", "nope"],
+    ["--preset", "huge"],
+    ["--shape", "12"],
+    ["--shape", "a,b"],
+    ["--shape", "0,10"],
+    ["--modes", "backward"],
+    ["--shape", "8,8", "--dtype", "float77"],
+])
+def test_bad_input_exit_2(argv, capsys):
+  with pytest.raises(SystemExit) as e:
+    raise SystemExit(cli.main(argv + ["--no-progress"]))
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err and "error" in err[-1]

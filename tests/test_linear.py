@@ -1,0 +1,109 @@
+"""linear_softmax_cross_entropy against the float64 reference: every option combination, both
+algorithms, N not a multiple of the chunk, V prime, finite differences, bf16, memory bound."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jxent
+from jxent._src import reference
+from helpers import assert_close
+
+ALGOS = [pytest.param(jxent.LinearChunked(block_v=16), id="chunked"),
+         pytest.param(jxent.LinearFusedGrad(block_n=8), id="fused_grad")]
+COMBOS = list(itertools.product((0.0, 0.1), (0.0, 1e-3), (None, 5.0), (None, -100)))
+
+
+def data(seed, n=37, d=16, v=101):  # n not a multiple of the chunks, v prime
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(d, v)) * 0.5, jnp.float32)
+  y = jnp.asarray(rng.integers(0, v, size=n)).at[3].set(-100).at[10].set(-100)
+  return x, w, y
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("ls, z, cap, ign", COMBOS)
+def test_options_against_reference(algo, ls, z, cap, ign):
+  x, w, y = data(0)
+  if ign is None:
+    y = jnp.maximum(y, 0)
+  kw = dict(label_smoothing=ls, z_loss=z, logit_softcap=cap, ignore_index=ign)
+  for reduction, s in (("mean", 1.0), ("sum", 0.7)):
+    f = lambda x, w: s * jxent.linear_softmax_cross_entropy(x, w, y, reduction=reduction,
+                                                            implementation=algo, **kw)
+    v, (dx, dw) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, w)
+    kept = np.ones(37) if ign is None else np.asarray(y != ign, np.float64)
+    scale = s / kept.sum() if reduction == "mean" else s
+    loss, dl, _ = reference.xent(np.asarray(x, np.float64) @ np.asarray(w, np.float64), y,
+                                 sparse=True, g=kept * scale, **kw)
+    assert_close(v, scale * loss.sum(), scale=5)
+    assert_close(dx, dl @ np.asarray(w, np.float64).T, scale=5)
+    assert_close(dw, np.asarray(x, np.float64).T @ dl, scale=5)
+    if ign is not None:
+      assert float(jnp.abs(dx[3]).max()) == 0.0 and float(jnp.abs(dx[10]).max()) == 0.0
+
+
+def test_reduction_none_and_leading_dims():
+  x, w, y = data(1)
+  x3 = x[:36].reshape(4, 9, 16)
+  y3 = y[:36].reshape(4, 9)
+  out = jxent.linear_softmax_cross_entropy(x3, w, y3, reduction="none", ignore_index=-100)
+  ref = reference.xent(np.asarray(x3, np.float64) @ np.asarray(w, np.float64), y3, sparse=True,
+                       ignore_index=-100)[0]
+  assert out.shape == (4, 9)
+  assert_close(out, ref, scale=5)
+  with pytest.raises(ValueError, match="fused_grad_xla"):
+    jxent.linear_softmax_cross_entropy(x, w, y, reduction="none", implementation="fused_grad_xla")
+
+
+def test_finite_differences():
+  x, w, y = data(2, n=6, d=4, v=7)
+  y = jnp.maximum(y, 0)
+  for algo in (jxent.LinearChunked(block_v=3), jxent.LinearFusedGrad(block_n=4)):
+    f = lambda x, w: jxent.linear_softmax_cross_entropy(x, w, y, implementation=algo, z_loss=0.1,
+                                                        label_smoothing=0.1, logit_softcap=3.0)
+    check_grads(f, (x, w), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+
+
+def test_bf16_rule():
+  x, w, y = data(3, n=64, d=32, v=257)
+  y = jnp.maximum(y, 0)
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  truth = reference.xent(np.asarray(xb, np.float64) @ np.asarray(wb, np.float64), y, sparse=True)[0].mean()
+  naive = jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(xb @ wb), y[:, None], -1))
+  for algo in ("chunked_xla", "fused_grad_xla"):
+    got = jxent.linear_softmax_cross_entropy(xb, wb, y, implementation=algo)
+    assert got.dtype == jnp.bfloat16
+    assert abs(float(got) - truth) <= abs(float(naive) - truth) + 1e-2 * abs(truth)
+    dx, dw = jax.grad(lambda a, b: jxent.linear_softmax_cross_entropy(a, b, y, implementation=algo),
+                      argnums=(0, 1))(xb, wb)
+    assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
+
+
+def test_memory_bound():
+  """jit(value_and_grad) temporaries <= 10% of the float32 [N, V] logits (N=2048, D=256, V=32768)."""
+  n, d, v = 2048, 256, 32768
+  x = jax.ShapeDtypeStruct((n, d), jnp.float32)
+  w = jax.ShapeDtypeStruct((d, v), jnp.float32)
+  y = jax.ShapeDtypeStruct((n,), jnp.int32)
+  f = jax.jit(jax.value_and_grad(lambda x, w, y: jxent.linear_softmax_cross_entropy(x, w, y),
+                                 argnums=(0, 1)))
+  temp = f.lower(x, w, y).compile().memory_analysis().temp_size_in_bytes
+  assert temp <= 0.10 * n * v * 4, temp
+
+
+def test_bad_input():
+  x, w, y = data(4)
+  with pytest.raises(ValueError, match="hidden"):
+    jxent.linear_softmax_cross_entropy(x, w.T, y)
+  with pytest.raises(TypeError, match="integers"):
+    jxent.linear_softmax_cross_entropy(x, w, y.astype(jnp.float32))
+  with pytest.raises(ValueError, match="Unknown implementation"):
+    jxent.linear_softmax_cross_entropy(x, w, y, implementation="nope")
+  with pytest.raises(ValueError, match="label_smoothing"):
+    jxent.linear_softmax_cross_entropy(x, w, y, label_smoothing=2.0)
