@@ -41,7 +41,7 @@ class LinearChunked:
 class LinearFusedGrad:
   """Token-chunked linear cross-entropy with the gradient formed in the forward pass (fast)."""
   name = "fused_grad_xla"
-  block_n: int = 256
+  block_n: int = 512
 
 
 _LINEAR = {"chunked_xla": LinearChunked, "fused_grad_xla": LinearFusedGrad}
