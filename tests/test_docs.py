@@ -1,0 +1,31 @@
+"""The README's commands and code, and the docstring examples, stay runnable."""
+
+import doctest
+import pathlib
+import re
+
+import pytest
+
+import jxent
+from jxent._src import api, keras_losses, linear, tf_losses, tf_nn
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+  cmd = next(l for l in README.splitlines() if "pytest" in l and l.startswith("pip install"))
+  assert cmd in (ROOT / ".ci" / "run").read_text().splitlines()
+  assert README.index("jxent-bench") < README.index("pytest")
+
+
+@pytest.mark.parametrize("i", range(len(re.findall(r"```python\n(.*?)```", README, re.S))))
+def test_readme_python_blocks_run(i):
+  block = re.findall(r"```python\n(.*?)```", README, re.S)[i]
+  exec(compile(block, f"README block {i}", "exec"), {})
+
+
+@pytest.mark.parametrize("module", [api, tf_nn, tf_losses, keras_losses, linear])
+def test_docstring_examples(module):
+  failures, tried = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+  assert tried > 0 and failures == 0
