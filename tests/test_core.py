@@ -120,6 +120,25 @@ class TestKernels:
     assert err <= naive_err + tol(dtype, 0.5) * np.abs(truth).max()
     assert_close(dx, tdx, dtype=dtype, scale=0.5, what="dlogits")
 
+  @pytest.mark.parametrize("mask_kind", ["element", "row"])
+  def test_where_masks_mean(self, kernel, mask_kind):
+    """`where` masks with scalar reductions (the fused path for Pallas) against optax."""
+    rng = np.random.default_rng(13)
+    x = rand_logits(rng, (6, 20))
+    y = jnp.asarray(rand_probs(rng, (6, 20)))
+    if mask_kind == "element":
+      w = jnp.asarray(rng.random((6, 20)) > 0.3).at[:, :3].set(True).at[4].set(False)
+      kept = np.asarray(w.any(-1))
+    else:
+      w = jnp.array([True, False, True, True, False, True])
+      kept = np.asarray(w)
+    v, g = jax.jit(jax.value_and_grad(lambda x: jxent.softmax_cross_entropy(
+        x, y, where=w, reduction="mean", implementation=kernel)))(x)
+    rv, rg = jax.value_and_grad(lambda x: optax.softmax_cross_entropy(x, y, where=w).sum() /
+                                kept.sum())(x)
+    assert_close(v, rv)
+    assert_close(g, rg)
+
   def test_vmap_and_grad(self, kernel):
     rng = np.random.default_rng(5)
     x = rand_logits(rng, (4, 6, 19))

@@ -190,7 +190,7 @@ def loss(logits, labels, *, axis, sparse: bool, opts: XentOptions, implementatio
     if logits2d.shape[1] > 0:
       kernel = dispatch.resolve(implementation, sparse=sparse, shape=logits2d.shape,
                                 dtype=logits2d.dtype)
-      if hasattr(kernel, "fused") and not (where is not None and jnp.ndim(where) == logits.ndim):
+      if hasattr(kernel, "fused"):
         kept = _kept(labels2d, row_mask, sparse, opts)
         w = jnp.ones(logits2d.shape[:1], jnp.float32) if kept is None else kept.astype(jnp.float32)
         if reduction == "mean":

@@ -204,7 +204,7 @@ class PallasTritonKernel:
   num_warps: int = 4
   num_stages: int = 1
 
-  def _call(self, kernel, out_shape, rows):
+  def _call(self, kernel, out_shape):
     params = None
     if not self.interpret:
       params = _plgpu().CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
@@ -220,7 +220,7 @@ class PallasTritonKernel:
     rows, c = logits.shape
     kernel = functools.partial(_fwd_kernel, sparse=sparse, opts=opts, block_c=self._block(c))
     out = (jax.ShapeDtypeStruct((), jnp.float32),) * 2
-    loss, lse = self._call(kernel, out, rows)(logits, labels)
+    loss, lse = self._call(kernel, out)(logits, labels)
     return loss, lse
 
   def backward(self, logits, labels, lse, g, *, sparse, opts, want_dlabels=True):
@@ -230,7 +230,7 @@ class PallasTritonKernel:
     out = [jax.ShapeDtypeStruct((c,), logits.dtype)]
     if not sparse and want_dlabels:
       out.append(jax.ShapeDtypeStruct((c,), labels.dtype))
-    res = self._call(kernel, tuple(out), rows)(logits, labels, lse, g.astype(jnp.float32))
+    res = self._call(kernel, tuple(out))(logits, labels, lse, g.astype(jnp.float32))
     return res[0], (res[1] if len(res) > 1 else None)
 
   def fused(self, logits, labels, weights, *, sparse, opts, want_dlabels=True):
@@ -241,7 +241,7 @@ class PallasTritonKernel:
     out = [jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((c,), logits.dtype)]
     if not sparse and want_dlabels:
       out.append(jax.ShapeDtypeStruct((c,), labels.dtype))
-    res = self._call(kernel, tuple(out), rows)(logits, labels, weights.astype(jnp.float32))
+    res = self._call(kernel, tuple(out))(logits, labels, weights.astype(jnp.float32))
     return res[0], res[1], (res[2] if len(res) > 2 else None)
 
 

@@ -52,11 +52,3 @@ def xent(logits, labels, *, axis=-1, sparse=False, label_smoothing=0.0, z_loss=0
       dlabels = np.moveaxis(-gg[..., None] * (1 - eps) * logp, -1, axis)
   return loss, dlogits, dlabels
 
-
-def linear_xent(x, w, labels, **kw):
-  """Reference for ``x @ w`` followed by integer-label cross-entropy (float64)."""
-  x = np.asarray(x, np.float64)
-  w = np.asarray(w, np.float64)
-  logits = x @ w
-  loss, dlogits, _ = xent(logits, labels, sparse=True, **kw)
-  return loss, dlogits @ w.T, x.reshape(-1, x.shape[-1]).T @ dlogits.reshape(-1, w.shape[1])

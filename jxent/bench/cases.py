@@ -76,10 +76,6 @@ def applies(name: str, case: Case) -> bool:
   return name in JXENT_LOGITS + ("optax", "naive", "keras")
 
 
-def default_implementations() -> tuple[str, ...]:
-  return tuple(n for n in all_implementations())
-
-
 def make_inputs(case: Case, key):
   """Random (never zero) inputs for one case."""
   dt = jnp.dtype(case.dtype)

@@ -99,7 +99,7 @@ def resolve(args) -> tuple[list[C.Case], tuple[str, ...], tuple[str, ...]]:
         raise UsageError(f"unknown implementation {i!r}: expected one of "
                          f"{', '.join(C.all_implementations())}")
   else:
-    impls = C.default_implementations()
+    impls = C.all_implementations()
   if args.reps < 10:
     raise UsageError(f"--reps must be >= 10, got {args.reps}")
   return list(cases), modes, impls
