@@ -1,8 +1,8 @@
 """``implementation="pallas_triton"``: single-pass GPU cross-entropy kernels (Pallas on Triton).
 
-* forward: one program per row walks the class axis once, in blocks of ``block_c``, keeping a
-  per-lane online max / sum-exp (and the label statistics), then writes the row's loss and
-  log-sum-exp. One HBM read of the logits.
+* forward: one program per row walks the class axis once, in blocks of ``block_c``, keeping an
+  online max / sum-exp (and the label statistics) with one ``exp`` per element, then writes the
+  row's loss and log-sum-exp. One HBM read of the logits.
 * backward: one program per row writes ``dlogits = g * (coef * softmax - target)`` from the saved
   log-sum-exp. One read and one write.
 * fused (scalar reductions): the forward pass, then a second walk over the same row (still in L2)
@@ -49,18 +49,14 @@ def _cap(x, opts):
   return c * jnp.tanh(x / c)
 
 
-def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c, lane_sums=True):
-  """One walk over a row with online statistics: one ``exp`` per element.
+def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c):
+  """One walk over a row with scalar online statistics (one exp per element).
 
-  The running max ``m`` is a scalar (one cross-lane max per block); with ``lane_sums`` the sums
-  (sum-exp, label terms) stay per-lane vectors, rescaled by the scalar ``exp(m_old - m_new)``, and
-  are reduced across lanes once at the end; otherwise they are reduced every block.
   Returns ``(m, log_z, a, b, sum_s)``: dense ``a = sum(y)``, ``b = sum(y * (x - m))``; sparse
   ``b`` = the label's logit minus ``m``; ``sum_s = sum(x - m)`` (label smoothing only).
   """
   c = x_ref.shape[0]
   lanes = jnp.arange(block_c)
-  red = (lambda v: v) if lane_sums else jnp.sum
 
   def body(i, carry):
     m, z, a, b, sx = carry
@@ -68,21 +64,20 @@ def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c, lane_sums=True):
     mask = idx < c
     x = jnp.where(mask, _cap(_load(x_ref, idx, mask, 0.0).astype(jnp.float32), opts), -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(x))
-    z = z * jnp.exp(m - m_new) + red(jnp.exp(x - m_new))
+    z = z * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new))
     if opts.label_smoothing:
-      sx = sx + red(jnp.where(mask, x, 0.0))
+      sx = sx + jnp.sum(jnp.where(mask, x, 0.0))
     if sparse:
-      b = b + red(jnp.where(idx == label, x, 0.0))
+      b = b + jnp.sum(jnp.where(idx == label, x, 0.0))
     else:
       y = _load(y_ref, idx, mask, 0.0).astype(jnp.float32)
-      b = b + (m - m_new) * a + red(jnp.where(y == 0, 0.0, y * (x - m_new)))
-      a = a + red(y)
+      b = b + (m - m_new) * a + jnp.sum(jnp.where(y == 0, 0.0, y * (x - m_new)))
+      a = a + jnp.sum(y)
     return m_new, z, a, b, sx
 
-  acc = jnp.zeros((block_c,) if lane_sums else (), jnp.float32)
-  init = (jnp.full((), _NEG, jnp.float32), acc, acc, acc, acc)
+  zero = jnp.zeros((), jnp.float32)
+  init = (jnp.full((), _NEG, jnp.float32), zero, zero, zero, zero)
   m, z, a, b, sx = jax.lax.fori_loop(0, pl.cdiv(c, block_c), body, init)
-  z, a, b, sx = jnp.sum(z), jnp.sum(a), jnp.sum(b), jnp.sum(sx)
   sum_s = sx - c * m
   if sparse:
     return m, jnp.log(z), None, b - m, sum_s
@@ -148,12 +143,11 @@ def _row_weight(label, g, opts):
 # ------------------------------------------------------------------------------------------------
 # Kernels (one row each; vmapped over rows, which becomes the grid).
 # ------------------------------------------------------------------------------------------------
-def _fwd_kernel(*refs, sparse, opts, block_c, lane_sums):
+def _fwd_kernel(*refs, sparse, opts, block_c):
   x_ref, y_ref, loss_ref, lse_ref = refs
   c = x_ref.shape[0]
   label = y_ref[()] if sparse else None
-  m, log_z, a, b, sum_s = _row_stats(x_ref, y_ref, label, sparse=sparse, opts=opts, block_c=block_c,
-                                     lane_sums=lane_sums)
+  m, log_z, a, b, sum_s = _row_stats(x_ref, y_ref, label, sparse=sparse, opts=opts, block_c=block_c)
   loss, lse = _loss_from_stats(m, log_z, a, b, sum_s, label, c, sparse=sparse, opts=opts)
   loss_ref[()] = loss
   lse_ref[()] = lse
@@ -175,13 +169,12 @@ def _bwd_kernel(*refs, sparse, opts, block_c):
              block_c=block_c)
 
 
-def _fused_kernel(*refs, sparse, opts, block_c, lane_sums):
+def _fused_kernel(*refs, sparse, opts, block_c):
   x_ref, y_ref, w_ref, loss_ref, dx_ref, *dy = refs
   dy_ref = dy[0] if dy else None
   c = x_ref.shape[0]
   label = y_ref[()] if sparse else None
-  m, log_z, a, b, sum_s = _row_stats(x_ref, y_ref, label, sparse=sparse, opts=opts, block_c=block_c,
-                                     lane_sums=lane_sums)
+  m, log_z, a, b, sum_s = _row_stats(x_ref, y_ref, label, sparse=sparse, opts=opts, block_c=block_c)
   loss, lse = _loss_from_stats(m, log_z, a, b, sum_s, label, c, sparse=sparse, opts=opts)
   w = w_ref[()]
   loss_ref[()] = jnp.where(w == 0, 0.0, loss * w)
@@ -210,7 +203,6 @@ class PallasTritonKernel:
   block_c: int = 2048  # tuned on an H100 (benchmarks/results/*gpu_check.jsonl)
   num_warps: int = 4
   num_stages: int = 1
-  lane_sums: bool = False
 
   def _call(self, kernel, out_shape):
     params = None
@@ -226,8 +218,7 @@ class PallasTritonKernel:
   def forward(self, logits, labels, *, sparse, opts):
     _check(opts)
     rows, c = logits.shape
-    kernel = functools.partial(_fwd_kernel, sparse=sparse, opts=opts, block_c=self._block(c),
-                               lane_sums=self.lane_sums)
+    kernel = functools.partial(_fwd_kernel, sparse=sparse, opts=opts, block_c=self._block(c))
     out = (jax.ShapeDtypeStruct((), jnp.float32),) * 2
     loss, lse = self._call(kernel, out)(logits, labels)
     return loss, lse
@@ -246,8 +237,7 @@ class PallasTritonKernel:
     """Weighted per-row loss and the gradient of ``sum(loss * weights)`` in one kernel."""
     _check(opts)
     rows, c = logits.shape
-    kernel = functools.partial(_fused_kernel, sparse=sparse, opts=opts, block_c=self._block(c),
-                               lane_sums=self.lane_sums)
+    kernel = functools.partial(_fused_kernel, sparse=sparse, opts=opts, block_c=self._block(c))
     out = [jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((c,), logits.dtype)]
     if not sparse and want_dlabels:
       out.append(jax.ShapeDtypeStruct((c,), labels.dtype))
