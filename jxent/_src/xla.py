@@ -206,7 +206,13 @@ def backward(logits, labels, lse, g, *, sparse: bool, opts: XentOptions, want_dl
   g = g.astype(x.dtype)
   lse = lse.astype(x.dtype)
   lse_safe = jnp.where(jnp.isneginf(lse), 0.0, lse)
-  p = jnp.exp(x - lse_safe[:, None])
+  if segments(local_c) == 1 and jax.default_backend() == "cpu" and opts.axis_name is None:
+    # XLA:CPU is bound by exp: written as the forward's exp(x - max(x)) times a per-row factor,
+    # the exp is shared with the forward pass when both are in one jit program (CSE).
+    m = safe_max(x, opts)
+    p = jnp.exp(x - m[:, None]) * jnp.exp(m - lse_safe)[:, None]
+  else:
+    p = jnp.exp(x - lse_safe[:, None])
   coef = jnp.ones_like(lse)
   if opts.z_loss:
     coef = coef + 2.0 * opts.z_loss * lse
@@ -219,10 +225,14 @@ def backward(logits, labels, lse, g, *, sparse: bool, opts: XentOptions, want_dl
     base = coef[:, None] * p - (eps / n_cls if eps else 0.0)
     dlogits = (g[:, None] * base * softcap_factor(x, opts)).astype(logits.dtype)
     x_lab, local, in_shard = local_label(logits, labels, opts)
-    d_lab = g * (coef * jnp.exp(x_lab - lse_safe) - (1.0 - eps) - (eps / n_cls if eps else 0.0))
-    d_lab = d_lab * softcap_factor(x_lab, opts)
     rows = jnp.arange(x.shape[0])
     idx = jnp.where(in_shard, local, local_c)  # out of bounds: dropped
+    if jnp.finfo(logits.dtype).bits >= 32:  # adding the one-hot term is exact enough
+      d_add = -g * (1.0 - eps) * softcap_factor(x_lab, opts)
+      return dlogits.at[rows, idx].add(d_add.astype(logits.dtype), mode="drop"), None
+    # Half precision: p - 1 would cancel in the output dtype; write the exact value instead.
+    d_lab = g * (coef * jnp.exp(x_lab - lse_safe) - (1.0 - eps) - (eps / n_cls if eps else 0.0))
+    d_lab = d_lab * softcap_factor(x_lab, opts)
     dlogits = dlogits.at[rows, idx].set(d_lab.astype(logits.dtype), mode="drop")
     return dlogits, None
   y = labels.astype(x.dtype)
