@@ -6,7 +6,6 @@ import re
 
 import pytest
 
-import jxent
 from jxent._src import api, keras_losses, linear, tf_losses, tf_nn
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

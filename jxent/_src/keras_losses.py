@@ -9,7 +9,7 @@ no JAX equivalent: pass logits with ``from_logits=True``.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp

@@ -6,7 +6,7 @@ Thin front doors: validate and canonicalise as TF does, then call the core (thro
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
