@@ -17,7 +17,14 @@ from jxent._src import chunked, xla
 
 @dataclasses.dataclass(frozen=True)
 class XlaKernel:
-  """Fused XLA cross-entropy (every backend)."""
+  """Fused XLA cross-entropy (every backend).
+
+  Example:
+    >>> import jax.numpy as jnp, jxent
+    >>> jxent.softmax_cross_entropy_with_integer_labels(
+    ...     jnp.array([[1., 2., 3.]]), jnp.array([2]), implementation=jxent.XlaKernel())
+    Array([0.40760595], dtype=float32)
+  """
 
   name: ClassVar[str] = "xla"
   platforms: ClassVar[tuple[str, ...]] = ("cpu", "gpu", "cuda", "rocm", "tpu")
@@ -32,7 +39,14 @@ class XlaKernel:
 
 @dataclasses.dataclass(frozen=True)
 class ChunkedXlaKernel(XlaKernel):
-  """Online log-sum-exp over class blocks of ``block`` classes (every backend)."""
+  """Online log-sum-exp over class blocks of ``block`` classes (every backend).
+
+  Example:
+    >>> import jax.numpy as jnp, jxent
+    >>> jxent.softmax_cross_entropy_with_integer_labels(
+    ...     jnp.array([[1., 2., 3.]]), jnp.array([2]), implementation=jxent.ChunkedXlaKernel(block=2))
+    Array([0.40760595], dtype=float32)
+  """
 
   name: ClassVar[str] = "chunked_xla"
   block: int = chunked.BLOCK
@@ -52,6 +66,13 @@ def register(name: str, factory: Callable[[], Any]) -> None:
 
 
 def names() -> tuple[str, ...]:
+  """Every registered implementation name (not all run on every backend).
+
+  Example:
+    >>> import jxent
+    >>> jxent.implementations()
+    ('xla', 'chunked_xla', 'pallas_triton', 'pallas_mosaic_tpu')
+  """
   _load_pallas()
   return tuple(_REGISTRY)
 
