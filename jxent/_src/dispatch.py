@@ -71,10 +71,10 @@ def names() -> tuple[str, ...]:
   Example:
     >>> import jxent
     >>> jxent.implementations()
-    ('xla', 'chunked_xla', 'pallas_triton', 'pallas_mosaic_tpu')
+    ('chunked_xla', 'pallas_mosaic_tpu', 'pallas_triton', 'xla')
   """
   _load_pallas()
-  return tuple(_REGISTRY)
+  return tuple(sorted(_REGISTRY))
 
 
 def _load_pallas() -> None:
