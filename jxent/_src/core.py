@@ -184,23 +184,28 @@ def loss(logits, labels, *, axis, sparse: bool, opts: XentOptions, implementatio
   :func:`xent_2d_fused`; otherwise the per-row custom VJP followed by the reduction.
   """
   logits = check_logits(logits)
-  if reduction in ("mean", "sum"):
-    logits2d, labels2d, row_mask, _ = canonicalize(logits, labels, axis=axis, sparse=sparse,
-                                                   where=where)
-    if logits2d.shape[1] > 0:
-      kernel = dispatch.resolve(implementation, sparse=sparse, shape=logits2d.shape,
-                                dtype=logits2d.dtype)
-      if hasattr(kernel, "fused"):
-        kept = _kept(labels2d, row_mask, sparse, opts)
-        w = jnp.ones(logits2d.shape[:1], jnp.float32) if kept is None else kept.astype(jnp.float32)
-        if reduction == "mean":
-          count = jnp.sum(w)
-          w = jnp.where(count > 0, w / jnp.maximum(count, 1.0), 0.0)
-        w = jax.lax.stop_gradient(w)
-        return xent_2d_fused(logits2d, labels2d, w, sparse, opts, kernel).astype(logits.dtype)
-  per_row, kept = rows_loss(logits, labels, axis=axis, sparse=sparse, opts=opts,
-                            implementation=implementation, where=where)
-  return reduce_native(per_row, kept, reduction, logits.dtype)
+  logits2d, labels2d, row_mask, batch_shape = canonicalize(logits, labels, axis=axis,
+                                                           sparse=sparse, where=where)
+  kernel = _kernel(implementation, sparse, logits2d)
+  kept = _kept(labels2d, row_mask, sparse, opts)
+  if reduction in ("mean", "sum") and hasattr(kernel, "fused"):
+    w = jnp.ones(logits2d.shape[:1], jnp.float32) if kept is None else kept.astype(jnp.float32)
+    if reduction == "mean":
+      count = jnp.sum(w)
+      w = jnp.where(count > 0, w / jnp.maximum(count, 1.0), 0.0)
+    w = jax.lax.stop_gradient(w)
+    return xent_2d_fused(logits2d, labels2d, w, sparse, opts, kernel).astype(logits.dtype)
+  per_row = _per_row(logits2d, labels2d, row_mask, sparse, opts, kernel)
+  kept = None if kept is None else kept.reshape(batch_shape)
+  return reduce_native(per_row.reshape(batch_shape), kept, reduction, logits.dtype)
+
+
+def _kernel(implementation, sparse, logits2d):
+  """The kernel for these rows; None for zero classes (nothing to compute)."""
+  if logits2d.shape[1] == 0:
+    return None
+  return dispatch.resolve(implementation, sparse=sparse, shape=logits2d.shape,
+                          dtype=logits2d.dtype)
 
 
 def _kept(labels2d, row_mask, sparse, opts):
@@ -211,29 +216,29 @@ def _kept(labels2d, row_mask, sparse, opts):
   return kept
 
 
+def _per_row(logits2d, labels2d, row_mask, sparse, opts, kernel):
+  if kernel is None:  # zero classes: TF 2.21 returns zeros
+    loss = jnp.zeros(logits2d.shape[:1], jnp.promote_types(logits2d.dtype, jnp.float32))
+  else:
+    loss = xent_2d(logits2d, labels2d, sparse, opts, kernel)
+  if row_mask is not None:
+    loss = jnp.where(row_mask, loss, 0.0)
+  return loss
+
+
 def rows_loss(logits, labels, *, axis, sparse: bool, opts: XentOptions, implementation=None,
               where=None):
   """Per-example loss in the compute dtype, shape ``logits.shape`` without ``axis``.
 
-  Returns ``(loss, kept)`` where ``kept`` is the float mask of rows that count (``where`` and
+  Returns ``(loss, kept)`` where ``kept`` is the mask of rows that count (``where`` and
   ``ignore_index``), or None when every row counts.
   """
   logits2d, labels2d, row_mask, batch_shape = canonicalize(
       logits, labels, axis=axis, sparse=sparse, where=where)
-  rows, classes = logits2d.shape
-  if classes == 0:  # TF 2.21 returns zeros for zero classes.
-    loss = jnp.zeros((rows,), jnp.promote_types(logits2d.dtype, jnp.float32))
-  else:
-    kernel = dispatch.resolve(implementation, sparse=sparse, shape=logits2d.shape,
-                              dtype=logits2d.dtype)
-    loss = xent_2d(logits2d, labels2d, sparse, opts, kernel)
+  kernel = _kernel(implementation, sparse, logits2d)
+  loss = _per_row(logits2d, labels2d, row_mask, sparse, opts, kernel).reshape(batch_shape)
   kept = _kept(labels2d, row_mask, sparse, opts)
-  if row_mask is not None:
-    loss = jnp.where(row_mask, loss, 0.0)
-  loss = loss.reshape(batch_shape)
-  if kept is not None:
-    kept = kept.reshape(batch_shape)
-  return loss, kept
+  return loss, (None if kept is None else kept.reshape(batch_shape))
 
 
 def num_rows(shape) -> int:
