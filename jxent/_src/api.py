@@ -10,14 +10,6 @@ from jax.typing import ArrayLike
 from jxent._src import core
 from jxent._src.options import make_options
 
-_REDUCTIONS = (None, "none", "mean", "sum")
-
-
-def _check_reduction(reduction):
-  if reduction not in _REDUCTIONS:
-    raise ValueError(f"Invalid reduction {reduction!r}; expected 'none', 'mean' or 'sum'.")
-
-
 def softmax_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -64,7 +56,7 @@ def softmax_cross_entropy(
     >>> jxent.softmax_cross_entropy(jnp.array([[1., 2., 3.]]), jnp.array([[0., 0., 1.]]))
     Array([0.40760595], dtype=float32)
   """
-  _check_reduction(reduction)
+  core.check_reduction(reduction)
   opts = make_options(label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap,
                       axis_name=axis_name)
   return core.loss(logits, labels, axis=axis, sparse=False, opts=opts,
@@ -115,7 +107,7 @@ def softmax_cross_entropy_with_integer_labels(
     >>> jxent.softmax_cross_entropy_with_integer_labels(jnp.array([[1., 2., 3.]]), jnp.array([2]))
     Array([0.40760595], dtype=float32)
   """
-  _check_reduction(reduction)
+  core.check_reduction(reduction)
   opts = make_options(label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap,
                       ignore_index=ignore_index, axis_name=axis_name)
   return core.loss(logits, labels, axis=axis, sparse=True, opts=opts,

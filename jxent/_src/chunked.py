@@ -36,7 +36,7 @@ def fold_blocks(step, size: int, block: int, state):
 
 
 def _block_stats(xb, yb, start, labels, sparse, opts, want_sum_x):
-  """Block max and the block's partial statistics relative to that max."""
+  """Block max and the block's partial statistics ``(m, z, a, b, sum_x)`` (see :func:`_merge`)."""
   bm = jnp.max(xb, axis=-1)
   bm = jnp.where(jnp.isneginf(bm), 0.0, bm)
   s = xb - bm[:, None]
@@ -46,7 +46,7 @@ def _block_stats(xb, yb, start, labels, sparse, opts, want_sum_x):
     local = labels - start
     hit = (local >= 0) & (local < xb.shape[-1])
     picked = jnp.take_along_axis(xb, jnp.clip(local, 0, xb.shape[-1] - 1)[:, None], axis=-1)[:, 0]
-    return bm, z, jnp.where(hit, picked, 0.0), jnp.zeros_like(bm), sum_x
+    return bm, z, jnp.zeros_like(bm), jnp.where(hit, picked, 0.0), sum_x
   y = yb.astype(xb.dtype)
   sum_y = jnp.sum(y, axis=-1)
   sum_ys = jnp.sum(jnp.where(y == 0, 0.0, y * s), axis=-1)
@@ -80,11 +80,7 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
   def stats(start, size):
     xb = xla.prep_logits(lax.dynamic_slice_in_dim(x_all, start, size, axis=1), opts)
     yb = None if sparse else lax.dynamic_slice_in_dim(labels, start, size, axis=1)
-    out = _block_stats(xb, yb, start, labels, sparse, opts, want_sum_x)
-    if sparse:  # the label's raw logit carries no max shift: keep b = 0, a additive
-      bm, z, picked, _, sx = out
-      return bm, z, jnp.zeros_like(bm), picked, sx
-    return out
+    return _block_stats(xb, yb, start, labels, sparse, opts, want_sum_x)
 
   zero = jnp.zeros((rows,), dt)
   state = (jnp.full((rows,), -jnp.inf, dt), zero, zero, zero, zero)

@@ -245,6 +245,14 @@ def num_rows(shape) -> int:
   return functools.reduce(operator.mul, shape, 1)
 
 
+REDUCTIONS = (None, "none", "mean", "sum")
+
+
+def check_reduction(reduction):
+  if reduction not in REDUCTIONS:
+    raise ValueError(f"Invalid reduction {reduction!r}; expected 'none', 'mean' or 'sum'.")
+
+
 def reduce_native(loss, kept, reduction: Optional[str], dtype):
   """The native reductions: "none" (per example), "sum", "mean" (over the rows that count)."""
   if reduction in (None, "none"):

@@ -248,8 +248,7 @@ def linear_softmax_cross_entropy(
   if labels.shape != x.shape[:-1]:
     raise ValueError(f"`labels` {labels.shape} must have the shape of x without its last axis "
                      f"{x.shape[:-1]}.")
-  if reduction not in ("mean", "sum", "none", None):
-    raise ValueError(f"Invalid reduction {reduction!r}; expected 'mean', 'sum' or 'none'.")
+  core.check_reduction(reduction)
   opts = make_options(label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap,
                       ignore_index=ignore_index, axis_name=axis_name)
   if implementation is None:

@@ -42,13 +42,6 @@ def _store(ref, idx, val, mask):
   _plgpu().store(ref.at[idx], val, mask=mask)
 
 
-def _cap(x, opts):
-  if opts.logit_softcap is None:
-    return x
-  c = opts.logit_softcap
-  return c * jnp.tanh(x / c)
-
-
 def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c):
   """One walk over a row with scalar online statistics (one exp per element).
 
@@ -62,7 +55,7 @@ def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c):
     m, z, a, b, sx = carry
     idx = i * block_c + lanes
     mask = idx < c
-    x = jnp.where(mask, _cap(_load(x_ref, idx, mask, 0.0).astype(jnp.float32), opts), -jnp.inf)
+    x = jnp.where(mask, xla.prep_logits(_load(x_ref, idx, mask, 0.0), opts), -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(x))
     z = z * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new))
     if opts.label_smoothing:
@@ -104,7 +97,7 @@ def _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, lse, g, sum_t, *, sparse, op
   def _(i):
     idx = i * block_c + lanes
     mask = idx < c
-    x = _cap(_load(x_ref, idx, mask, 0.0).astype(jnp.float32), opts)
+    x = xla.prep_logits(_load(x_ref, idx, mask, 0.0), opts)
     p = jnp.exp(x - lse)
     if sparse:
       target = jnp.where(idx == label, 1.0 - eps, 0.0)
@@ -115,10 +108,7 @@ def _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, lse, g, sum_t, *, sparse, op
         _store(dy_ref, idx, (g * (1.0 - eps) * (lse - x)).astype(dy_ref.dtype), mask)
     if eps:
       target = target + eps / c
-    dx = g * (coef * p - target)
-    if opts.logit_softcap is not None:
-      t = x / opts.logit_softcap
-      dx = dx * (1.0 - t * t)
+    dx = g * (coef * p - target) * xla.softcap_factor(x, opts)
     _store(dx_ref, idx, dx.astype(dx_ref.dtype), mask)
 
 
