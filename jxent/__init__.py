@@ -30,5 +30,20 @@ __all__ = [
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
     "ChunkedXlaKernel",
+    "PallasMosaicTpuKernel",
+    "PallasTritonKernel",
     "XlaKernel",
 ]
+
+_LAZY = {
+    "PallasTritonKernel": "jxent._src.pallas_triton",
+    "PallasMosaicTpuKernel": "jxent._src.pallas_mosaic_tpu",
+}
+
+
+def __getattr__(name: str):
+  # The Pallas kernel objects are imported on first use, so `import jxent` does not load Pallas.
+  if name in _LAZY:
+    import importlib
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module 'jxent' has no attribute {name!r}")

@@ -149,6 +149,21 @@ class TestKernels:
     gv = jax.vmap(jax.grad(lambda x, y: f(x, y).sum()))(x, y)
     assert_close(gv, reference.xent(x, y, sparse=True)[1])
 
+  def test_out_of_range_labels_give_nan(self, kernel):
+    """Per-row NaN for labels outside [0, C) (the Triton kernel reads the label's logit at a
+    clipped address), in the row losses and in the fused scalar path; other rows stay exact."""
+    rng = np.random.default_rng(6)
+    x = rand_logits(rng, (4, 37))
+    y = jnp.array([3, 37, -1, 36])
+    f = lambda x: jxent.softmax_cross_entropy_with_integer_labels(x, y, implementation=kernel)
+    out = np.asarray(jax.jit(f)(x))
+    ref = reference.xent(x, jnp.array([3, 0, 0, 36]), sparse=True)[0]
+    assert np.isnan(out[1]) and np.isnan(out[2])
+    assert_close(out[[0, 3]], ref[[0, 3]])
+    mean = jax.jit(lambda x: jxent.softmax_cross_entropy_with_integer_labels(
+        x, y, reduction="mean", implementation=kernel))(x)
+    assert np.isnan(mean)
+
 
 class TestAgainstOptax:
   """Native API with default options == optax (values and gradients)."""
@@ -292,6 +307,16 @@ class TestCore:
     with pytest.raises(exc, match=match):
       jax.jit(lambda a, b: jxent.softmax_cross_entropy_with_integer_labels(a, b, **args))(
           logits, labels)
+
+  @pytest.mark.parametrize("bad, match", [
+      (dict(block_c=1000), "power of two, got 1000"),
+      (dict(block_c=0), "block_c must be a positive int, got 0"),
+      (dict(num_warps=-4), "num_warps must be a positive int, got -4"),
+      (dict(programs=0), "programs must be None or a positive int, got 0"),
+  ])
+  def test_bad_triton_kernel_parameters(self, bad, match):
+    with pytest.raises(ValueError, match=match):
+      jxent.PallasTritonKernel(**bad)
 
   def test_dense_shape_mismatch(self):
     with pytest.raises(ValueError, match=r"\(2, 3\).*\(2, 2\)"):

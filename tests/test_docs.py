@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from jxent._src import api, dispatch, keras_losses, linear, tf_losses, tf_nn
+from jxent._src import api, dispatch, keras_losses, linear, pallas_triton, tf_losses, tf_nn
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -24,7 +24,8 @@ def test_readme_python_blocks_run(i):
   exec(compile(block, f"README block {i}", "exec"), {})
 
 
-@pytest.mark.parametrize("module", [api, dispatch, tf_nn, tf_losses, keras_losses, linear])
+@pytest.mark.parametrize(
+    "module", [api, dispatch, tf_nn, tf_losses, keras_losses, linear, pallas_triton])
 def test_docstring_examples(module):
   failures, tried = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
   assert tried > 0 and failures == 0
