@@ -79,7 +79,7 @@ def names() -> tuple[str, ...]:
 
 def _load_pallas() -> None:
   # Imported lazily: Pallas is only needed when a Pallas kernel is asked for.
-  if "pallas_triton" not in _REGISTRY:
+  if not {"pallas_triton", "pallas_mosaic_tpu"} <= _REGISTRY.keys():
     from jxent._src import pallas_mosaic_tpu, pallas_triton  # noqa: F401  (registers)
 
 
