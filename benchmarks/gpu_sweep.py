@@ -1,44 +1,92 @@
-"""Triton kernel sweep at 8192x128256 bf16 (integer labels): forward and fused value_and_grad for
-block_c x num_warps, plus a compiled correctness check against XLA. Same timing as jxent-bench
-(median of batched, synced samples).
+"""Triton kernel sweep on a GPU, one call (about 5 minutes on an H100):
 
-Recorded (results/2026-11-22_h100_gpu_sweep_lane_sums.jsonl): a variant that kept the sum-exp and
-label sums as per-lane vectors (one cross-lane reduction per block instead of two) was slower at
-every block size (best 0.98 ms forward vs 0.905 ms), so the kernel reduces every block.
+1. correctness of the compiled kernels against the XLA path (default launch and the persistent
+   launch, integer and dense labels, forward / row VJP / fused mean value_and_grad);
+2. the copy floor (bytes / measured copy bandwidth, as in ``jxent-bench``);
+3. integer-label forward and fused ``value_and_grad`` of the mean at 8192x128256, 4096x256000 and
+   32768x32000 bf16, for the one-program-per-row launch and the persistent launch
+   (``programs`` x ``block_c`` x ``num_warps``). The persistent launch bounds the rows in flight
+   so that the fused kernel's second walk over a row finds it in L2: the target is 0.85x of the
+   three-pass floor (one read + one write of the logits = 0.67x).
 
-  PYTHONPATH=. python benchmarks/gpu_sweep.py       # writes $OUT/gpu_sweep.jsonl
+Timing as in jxent-bench (median of batched, synced samples, rotated inputs).
+
+  PYTHONPATH=. python benchmarks/gpu_sweep.py            # writes $OUT/gpu_sweep.jsonl
+  PYTHONPATH=. python benchmarks/gpu_sweep.py --dry-run  # CPU: interpret mode, tiny shapes
+
+Earlier record (results/2026-11-22_h100_gpu_sweep_lane_sums.jsonl): a variant that kept the
+sum-exp and label sums as per-lane vectors was slower at every block size, so every block is
+reduced.
 """
-import itertools, json, os
+import functools, itertools, json, os, sys
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax, jax.numpy as jnp, numpy as np
 import jxent
-from jxent._src.pallas_triton import PallasTritonKernel
-from jxent.bench.cli import _median_ms
+from jxent.bench.cli import _median_ms, copy_bandwidth
 
 log = open(os.path.join(os.environ.get("OUT", "."), "gpu_sweep.jsonl"), "w")
 def emit(**kw):
   print(json.dumps(kw), flush=True); log.write(json.dumps(kw) + "\n"); log.flush()
-
-n, v = 8192, 128256
-key = jax.random.key(0)
-xs = [((jax.random.normal(jax.random.fold_in(key, i), (n, v), jnp.float32) * 3).astype(jnp.bfloat16),
-       jax.random.randint(jax.random.fold_in(key, 100 + i), (n,), 0, v)) for i in range(2)]
-x, y = xs[0]
-yd = jax.nn.one_hot(y, v, dtype=jnp.bfloat16)
 def rel(a, b):
   a = np.asarray(jnp.asarray(a, jnp.float32), np.float64); b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-k = PallasTritonKernel()
-for name, f, lab in (("int", jxent.softmax_cross_entropy_with_integer_labels, y), ("dense", jxent.softmax_cross_entropy, yd)):
-  g = jax.jit(jax.value_and_grad(lambda x, l, impl: f(x, l, reduction="mean", implementation=impl)), static_argnums=2)
-  a, b = g(x, lab, k), g(x, lab, "xla")
-  emit(case="check", labels=name, value_rel=rel(a[0], b[0]), grad_rel=rel(a[1], b[1]),
-       fwd_rel=rel(jax.jit(lambda x, l: f(x, l, implementation=k))(x, lab), jax.jit(lambda x, l: f(x, l, implementation="xla"))(x, lab)))
-for bc, nw in itertools.product((1024, 2048, 4096), (2, 4, 8)):
-  k = PallasTritonKernel(block_c=bc, num_warps=nw)
-  try:
-    fwd = jax.jit(lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(x, y, implementation=k))
-    fused = jax.jit(jax.value_and_grad(lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(x, y, implementation=k, reduction="mean")))
-    emit(case="sweep", block_c=bc, num_warps=nw, fwd_ms=_median_ms(fwd, xs, 10), fused_vg_ms=_median_ms(fused, xs, 10))
-  except Exception as e:
-    emit(case="sweep", block_c=bc, num_warps=nw, error=repr(e)[:300])
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)) if np.all(np.isfinite(a)) else float("nan")
+
+DRY = "--dry-run" in sys.argv
+K = functools.partial(jxent.PallasTritonKernel, interpret=True) if DRY else jxent.PallasTritonKernel
+SHAPES = ((64, 1000), (32, 3001)) if DRY else ((8192, 128256), (4096, 256000), (32768, 32000))
+emit(case="device", kind=jax.devices()[0].device_kind, jax=jax.__version__)
+bw = copy_bandwidth(10)
+emit(case="copy_bandwidth", gbps=bw / 1e9)
+key = jax.random.key(0)
+OPTS = dict(label_smoothing=0.1, z_loss=1e-4, logit_softcap=30.0, ignore_index=-100)
+
+def inputs(n, v, copies):
+  return [((jax.random.normal(jax.random.fold_in(key, i), (n, v), jnp.float32) * 3).astype(jnp.bfloat16),
+           jax.random.randint(jax.random.fold_in(key, 100 + i), (n,), 0, v).at[3].set(-100)) for i in range(copies)]
+
+# 1. correctness
+n, v = SHAPES[0]
+(x, y), = inputs(n, v, 1)
+yd = jax.nn.one_hot(jnp.maximum(y, 0), v, dtype=jnp.bfloat16)
+gr = jax.random.normal(key, (n,), jnp.float32).astype(jnp.bfloat16)
+for kern, o in itertools.product((K(), K(programs=264, block_c=4096, num_warps=8)), ({}, OPTS)):
+  for lab, f, yy in (("int", jxent.softmax_cross_entropy_with_integer_labels, y), ("dense", jxent.softmax_cross_entropy, yd)):
+    oo = dict(o, ignore_index=-100) if lab == "int" else {k: w for k, w in o.items() if k != "ignore_index"}
+    def run(impl, x, yy):
+      fo = jax.jit(lambda x, y: f(x, y, implementation=impl, **oo))
+      fr = jax.jit(lambda x, y, g: jax.vjp(lambda x: f(x, y, implementation=impl, **oo), x)[1](g)[0])
+      fm = jax.jit(jax.value_and_grad(lambda x, y: 2.0 * f(x, y, implementation=impl, reduction="mean", **oo)))
+      return (fo(x, yy), fr(x, yy, gr)) + fm(x, yy)
+    try:
+      a, b = run(kern, x, yy), run("xla", x, yy)
+      emit(case="check", programs=kern.programs, labels=lab, opts=bool(o), loss_rel=rel(a[0], b[0]),
+           dlogits_rel=rel(a[1], b[1]), mean_rel=rel(a[2], b[2]), mean_grad_rel=rel(a[3], b[3]))
+    except Exception as e:
+      emit(case="check", programs=kern.programs, labels=lab, error=repr(e)[:1500])
+del x, y, yd
+
+# 2.-3. floors and sweep
+for n, v in SHAPES:
+  xs = inputs(n, v, 2)
+  nbytes = n * v * 2
+  floor_fwd, floor_3 = nbytes / bw * 1e3, 3 * nbytes / bw * 1e3
+  emit(case="floor", shape=[n, v], fwd_ms=floor_fwd, three_pass_ms=floor_3)
+  ref = jax.jit(jax.value_and_grad(lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(
+      x, y, implementation="xla", reduction="mean")))
+  emit(case="time", shape=[n, v], impl="xla", vg_ms=_median_ms(ref, xs, 10))
+  configs = [K(block_c=bc, num_warps=nw) for bc, nw in ((2048, 4), (4096, 4), (4096, 8))]
+  configs += [K(programs=p * 132, block_c=bc, num_warps=nw)
+              for p, bc, nw in itertools.product((1, 2, 4), (2048, 4096, 8192), (4, 8, 16))]
+  configs = configs[:3] + configs[-2:] if DRY else configs
+  for k in configs:
+    cfg = dict(programs=k.programs, block_c=k.block_c, num_warps=k.num_warps)
+    try:
+      fwd = jax.jit(lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(x, y, implementation=k))
+      vg = jax.jit(jax.value_and_grad(lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(
+          x, y, implementation=k, reduction="mean")))
+      f_ms, vg_ms = _median_ms(fwd, xs, 10), _median_ms(vg, xs, 10)
+      emit(case="time", shape=[n, v], **cfg, fwd_ms=f_ms, fwd_x_floor=f_ms / floor_fwd,
+           vg_ms=vg_ms, vg_x_three_pass_floor=vg_ms / floor_3)
+    except Exception as e:
+      emit(case="time", shape=[n, v], **cfg, error=repr(e)[:300])
+  del xs
