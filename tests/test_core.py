@@ -165,6 +165,38 @@ class TestKernels:
     assert np.isnan(mean)
 
 
+class TestMosaicFused:
+  """The TPU fused kernel (whole rows in VMEM, several row blocks and class chunks) and its
+  two-kernel schedule for rows too long for the VMEM budget, against float64."""
+
+  @pytest.mark.parametrize("vmem", [24 << 20, 1])
+  @pytest.mark.parametrize("sparse", [True, False])
+  def test_value_and_grads(self, vmem, sparse):
+    from jxent._src.pallas_mosaic_tpu import PallasMosaicTpuKernel
+    kernel = PallasMosaicTpuKernel(interpret=True, block_r=16, block_c=128, fused_vmem_bytes=vmem)
+    assert (kernel.fused_rows(300, [jnp.float32] * 2) == 0) == (vmem == 1)
+    rng = np.random.default_rng(21)
+    x = rand_logits(rng, (37, 300))
+    opts = dict(label_smoothing=0.1, z_loss=1e-3, logit_softcap=5.0)
+    if sparse:
+      y = jnp.asarray(rng.integers(0, 300, size=37)).at[3].set(-100)
+      f = lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(
+          x, y, ignore_index=-100, reduction="mean", implementation=kernel, **opts)
+      l, rdx, _ = reference.xent(x, y, sparse=True, ignore_index=-100, **opts)
+      v, dx = jax.jit(jax.value_and_grad(f))(x, y)
+      assert_close(v, l.sum() / 36)
+      assert_close(dx, rdx / 36)
+    else:
+      y = jnp.asarray(rand_probs(rng, (37, 300)))
+      f = lambda x, y: jxent.softmax_cross_entropy(x, y, reduction="sum", implementation=kernel,
+                                                   **opts)
+      l, rdx, rdy = reference.xent(x, y, **opts)
+      v, (dx, dy) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, y)
+      assert_close(v, l.sum())
+      assert_close(dx, rdx)
+      assert_close(dy, rdy)
+
+
 class TestAgainstOptax:
   """Native API with default options == optax (values and gradients)."""
 

@@ -1,10 +1,16 @@
 """``implementation="pallas_mosaic_tpu"``: the cross-entropy kernels for TPU (Pallas on Mosaic).
 
-The grid is (row blocks, class blocks) with the class axis innermost and sequential
-("arbitrary"): the forward keeps per-row online max / sum-exp / label statistics in VMEM scratch and
-writes loss and log-sum-exp at the last class block (one HBM read of the logits). The backward is
-fully parallel and writes ``dlogits`` from the saved log-sum-exp (one read, one write).
-Tested in interpret mode on CPU; ``axis_name`` is not supported (use ``"xla"``).
+* forward: grid (row blocks, class blocks), the class axis innermost and sequential
+  ("arbitrary"); per-row online max / sum-exp / label statistics live in VMEM scratch and the
+  loss and log-sum-exp are written at the last class block (one HBM read of the logits).
+* backward: fully parallel; writes ``dlogits`` from the saved log-sum-exp (one read, one write).
+* fused (scalar reductions): grid (row blocks,) over whole rows held in VMEM; one walk folds the
+  statistics, a second walk over the same VMEM block writes the gradient pre-scaled by the row
+  weights (one HBM read and one write, the 0.67x of the three-pass floor). Rows too long for the
+  VMEM budget use the forward and backward kernels.
+
+Tested in interpret mode on CPU, and lowered to Mosaic for TPU from CPU (tests/test_lowering.py);
+not yet compiled or timed on a TPU. ``axis_name`` is not supported (use ``"xla"``).
 """
 
 from __future__ import annotations
@@ -28,102 +34,241 @@ def _pltpu():
   return pltpu
 
 
-def _cols(j, shape, block_c):
-  return j * block_c + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+def _cols(start, shape):
+  return start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
 
 
-def _fwd_kernel(x_ref, y_ref, loss_ref, lse_ref, m_sc, z_sc, a_sc, b_sc, sx_sc, *, sparse, opts,
-                block_c, c):
+# ------------------------------------------------------------------------------------------------
+# Block math shared by the kernels: statistics of a [rows, block] tile, the row results, and the
+# gradient of a tile. Row vectors are [rows, 1].
+# ------------------------------------------------------------------------------------------------
+def _init_stats(rows):
+  zero = jnp.zeros((rows, 1), jnp.float32)
+  return (jnp.full((rows, 1), _NEG, jnp.float32), zero, zero, zero, zero)
+
+
+def _update_stats(stats, x, y, col, *, sparse, opts, c):
+  """Folds one tile into the online ``(max, sum-exp, sum y, label term, sum x)`` statistics."""
+  m_old, z, a, b, sx = stats
+  mask = col < c
+  x = jnp.where(mask, xla.prep_logits(x, opts).astype(jnp.float32), -jnp.inf)
+  m_new = jnp.maximum(m_old, jnp.max(x, axis=1, keepdims=True))
+  z = z * jnp.exp(m_old - m_new) + jnp.sum(jnp.exp(x - m_new), axis=1, keepdims=True)
+  if opts.label_smoothing:
+    sx = sx + jnp.sum(jnp.where(mask, x, 0.0), axis=1, keepdims=True)
+  if sparse:
+    b = b + jnp.sum(jnp.where(col == y, x, 0.0), axis=1, keepdims=True)
+  else:
+    yv = jnp.where(mask, y.astype(jnp.float32), 0.0)
+    b = (b + (m_old - m_new) * a
+         + jnp.sum(jnp.where(yv == 0, 0.0, yv * (x - m_new)), axis=1, keepdims=True))
+    a = a + jnp.sum(yv, axis=1, keepdims=True)
+  return m_new, z, a, b, sx
+
+
+def _finish_stats(stats, y, *, sparse, opts, c):
+  """Per-row ``(loss, lse)`` from the statistics of the whole row."""
+  m, z, a, b, sx = stats
+  log_z, sum_s = jnp.log(z), sx - c * m
+  if sparse:
+    loss, lse = xla.combine(m, log_z, None, None, sum_s, b - m, opts, c)
+    return xla.finish_sparse(loss, y, c, opts), lse
+  return xla.combine(m, log_z, a, b, sum_s, None, opts, c)
+
+
+def _grad_tile(x, y, col, lse, g, sum_t, *, sparse, opts, c):
+  """``(dlogits, dlabels)`` of one tile; ``g`` already holds the row weights and masking."""
+  eps = opts.label_smoothing
+  x = xla.prep_logits(x, opts).astype(jnp.float32)
+  p = jnp.exp(x - lse)
+  coef = 1.0 + 2.0 * opts.z_loss * lse
+  dy = None
+  if sparse:
+    target = jnp.where(col == y, 1.0 - eps, 0.0)
+  else:
+    target = (1.0 - eps) * y.astype(jnp.float32)
+    if sum_t is not None:
+      coef = coef + (sum_t - 1.0)
+    dy = g * (1.0 - eps) * (lse - x)
+  if eps:
+    target = target + eps / c
+  return g * (coef * p - target) * xla.softcap_factor(x, opts), dy
+
+
+def _row_weight(y, g, *, sparse, opts):
+  if sparse and opts.ignore_index is not None:
+    g = jnp.where(y == opts.ignore_index, 0.0, g)
+  return g
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels.
+# ------------------------------------------------------------------------------------------------
+def _fwd_kernel(x_ref, y_ref, loss_ref, lse_ref, *scratch, sparse, opts, block_c, c):
+  """Grid (row blocks, class blocks): online statistics in VMEM scratch across class blocks."""
   j = pl.program_id(1)
 
   @pl.when(j == 0)
   def _init():
-    m_sc[...] = jnp.full(m_sc.shape, _NEG, jnp.float32)
-    for ref in (z_sc, a_sc, b_sc, sx_sc):
-      ref[...] = jnp.zeros(ref.shape, jnp.float32)
+    for ref, val in zip(scratch, _init_stats(x_ref.shape[0])):
+      ref[...] = val
 
-  col = _cols(j, x_ref.shape, block_c)
-  mask = col < c
-  x = jnp.where(mask, xla.prep_logits(x_ref[...], opts).astype(jnp.float32), -jnp.inf)
-  m_old = m_sc[...]
-  m_new = jnp.maximum(m_old, jnp.max(x, axis=1, keepdims=True))
-  z_sc[...] = z_sc[...] * jnp.exp(m_old - m_new) + jnp.sum(jnp.exp(x - m_new), axis=1, keepdims=True)
-  if opts.label_smoothing:
-    sx_sc[...] += jnp.sum(jnp.where(mask, x, 0.0), axis=1, keepdims=True)
-  if sparse:
-    b_sc[...] += jnp.sum(jnp.where(col == y_ref[...], x, 0.0), axis=1, keepdims=True)
-  else:
-    y = jnp.where(mask, y_ref[...].astype(jnp.float32), 0.0)
-    a = a_sc[...]
-    b_sc[...] = (b_sc[...] + (m_old - m_new) * a
-                 + jnp.sum(jnp.where(y == 0, 0.0, y * (x - m_new)), axis=1, keepdims=True))
-    a_sc[...] = a + jnp.sum(y, axis=1, keepdims=True)
-  m_sc[...] = m_new
+  col = _cols(j * block_c, x_ref.shape)
+  stats = _update_stats(tuple(ref[...] for ref in scratch), x_ref[...], y_ref[...], col,
+                        sparse=sparse, opts=opts, c=c)
+  for ref, val in zip(scratch, stats):
+    ref[...] = val
 
   @pl.when(j == pl.num_programs(1) - 1)
   def _finish():
-    m = m_sc[...]
-    log_z = jnp.log(z_sc[...])
-    sum_s = sx_sc[...] - c * m
-    if sparse:
-      loss, lse = xla.combine(m, log_z, None, None, sum_s, b_sc[...] - m, opts, c)
-      loss = xla.finish_sparse(loss, y_ref[...], c, opts)
-    else:
-      loss, lse = xla.combine(m, log_z, a_sc[...], b_sc[...], sum_s, None, opts, c)
-    loss_ref[...] = loss
-    lse_ref[...] = lse
+    loss_ref[...], lse_ref[...] = _finish_stats(stats, y_ref[...], sparse=sparse, opts=opts, c=c)
 
 
 def _bwd_kernel(*refs, sparse, opts, block_c, c):
+  """Grid (row blocks, class blocks), all parallel: one tile of ``dlogits`` from the saved lse."""
   if sparse:
     x_ref, y_ref, lse_ref, g_ref, dx_ref = refs
+    st_ref = dy_ref = None
   else:
     x_ref, y_ref, lse_ref, g_ref, st_ref, dx_ref, *dy = refs
     dy_ref = dy[0] if dy else None
-  j = pl.program_id(1)
-  col = _cols(j, x_ref.shape, block_c)
-  eps = opts.label_smoothing
-  x = xla.prep_logits(x_ref[...], opts).astype(jnp.float32)
-  lse = lse_ref[...]
-  g = g_ref[...]
-  p = jnp.exp(x - lse)
-  coef = 1.0 + 2.0 * opts.z_loss * lse
-  if sparse:
-    if opts.ignore_index is not None:
-      g = jnp.where(y_ref[...] == opts.ignore_index, 0.0, g)
-    target = jnp.where(col == y_ref[...], 1.0 - eps, 0.0)
-  else:
-    y = y_ref[...].astype(jnp.float32)
-    target = (1.0 - eps) * y
-    if not opts.tf_grad:
-      coef = coef + (st_ref[...] - 1.0)
-    if dy_ref is not None:
-      dy_ref[...] = (g * (1.0 - eps) * (lse - x)).astype(dy_ref.dtype)
-  if eps:
-    target = target + eps / c
-  dx = g * (coef * p - target) * xla.softcap_factor(x, opts)
+  col = _cols(pl.program_id(1) * block_c, x_ref.shape)
+  y = y_ref[...]
+  g = _row_weight(y, g_ref[...], sparse=sparse, opts=opts)
+  sum_t = None if (st_ref is None or opts.tf_grad) else st_ref[...]
+  dx, dy = _grad_tile(x_ref[...], y, col, lse_ref[...], g, sum_t, sparse=sparse, opts=opts, c=c)
   dx_ref[...] = dx.astype(dx_ref.dtype)
+  if dy_ref is not None:
+    dy_ref[...] = dy.astype(dy_ref.dtype)
+
+
+def _walk(c, chunk, body, carry):
+  """``body(start, size, carry)`` over ``[0, c)`` in chunks of ``chunk`` (static tail)."""
+  n = c // chunk
+  if n:
+    carry = jax.lax.fori_loop(
+        0, n, lambda j, cr: body(pl.multiple_of(j * chunk, chunk), chunk, cr), carry)
+  if c % chunk:
+    carry = body(n * chunk, c % chunk, carry)
+  return carry
+
+
+def _fused_kernel(*refs, sparse, opts, chunk, c):
+  """Grid (row blocks,): whole rows sit in VMEM, so the gradient walk reads them on chip.
+
+  Walk 1 folds the statistics chunk by chunk; walk 2 writes the gradient of
+  ``sum(weights * loss)``. One HBM read of the logits and one write of the gradient.
+  """
+  x_ref, y_ref, w_ref, loss_ref, dx_ref, *dy = refs
+  dy_ref = dy[0] if dy else None
+  rows = x_ref.shape[0]
+  y_row = y_ref[...] if sparse else None
+
+  def y_tile(start, size):
+    return y_row if sparse else y_ref[:, pl.ds(start, size)]
+
+  def stats_body(start, size, stats):
+    col = _cols(start, (rows, size))
+    return _update_stats(stats, x_ref[:, pl.ds(start, size)], y_tile(start, size), col,
+                         sparse=sparse, opts=opts, c=c)
+
+  stats = _walk(c, chunk, stats_body, _init_stats(rows))
+  loss, lse = _finish_stats(stats, y_row, sparse=sparse, opts=opts, c=c)
+  w = w_ref[...]
+  loss_ref[...] = jnp.where(w == 0, 0.0, loss * w)
+  g = _row_weight(y_row, w, sparse=sparse, opts=opts)
+  sum_t = None
+  if not sparse and not opts.tf_grad:
+    sum_t = (1.0 - opts.label_smoothing) * stats[2] + opts.label_smoothing
+
+  def grad_body(start, size, carry):
+    col = _cols(start, (rows, size))
+    dx, dyv = _grad_tile(x_ref[:, pl.ds(start, size)], y_tile(start, size), col, lse, g, sum_t,
+                         sparse=sparse, opts=opts, c=c)
+    dx_ref[:, pl.ds(start, size)] = dx.astype(dx_ref.dtype)
+    if dy_ref is not None:
+      dy_ref[:, pl.ds(start, size)] = dyv.astype(dy_ref.dtype)
+    return carry
+
+  _walk(c, chunk, grad_body, 0)
 
 
 @dataclasses.dataclass(frozen=True)
 class PallasMosaicTpuKernel:
-  """Pallas-on-Mosaic kernels (TPU; ``interpret=True`` runs them anywhere, for tests)."""
+  """Pallas-on-Mosaic kernels (TPU; ``interpret=True`` runs them anywhere, for tests).
+
+  Attributes:
+    interpret: run the kernels in Pallas interpret mode (any backend).
+    block_r, block_c: the tile of the forward and backward grids (rows x classes).
+    fused_vmem_bytes: VMEM budget of the fused kernel's whole-row blocks (double-buffered logits,
+      gradient and dense labels); it sets how many rows one program holds. Rows too long for even
+      8 rows in this budget use the forward and backward kernels instead (same results, one more
+      read of the logits).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jxent
+    >>> kernel = jxent.PallasMosaicTpuKernel(interpret=True)
+    >>> x, y = jnp.array([[1., 2., 3.], [3., 2., 1.]]), jnp.array([2, 0])
+    >>> dx = jax.grad(lambda x: jxent.softmax_cross_entropy_with_integer_labels(
+    ...     x, y, reduction="sum", implementation=kernel))(x)
+    >>> dx[0].round(4)
+    Array([ 0.09  ,  0.2447, -0.3348], dtype=float32)
+  """
 
   name: ClassVar[str] = "pallas_mosaic_tpu"
   platforms: ClassVar[tuple[str, ...]] = ("tpu",)
   interpret: bool = False
   block_r: int = 256
   block_c: int = 2048
+  fused_vmem_bytes: int = 24 << 20
 
   def _grid(self, rows, c):
     br = min(self.block_r, max(8, rows))
     bc = min(self.block_c, pl.cdiv(c, 128) * 128)
     return br, bc, (pl.cdiv(rows, br), pl.cdiv(c, bc))
 
-  def _params(self, semantics):
+  def _params(self, semantics, vmem_limit_bytes=None):
     if self.interpret:
       return None
-    return _pltpu().CompilerParams(dimension_semantics=semantics)
+    return _pltpu().CompilerParams(dimension_semantics=semantics,
+                                   vmem_limit_bytes=vmem_limit_bytes)
+
+  def fused_rows(self, c, dtypes) -> int:
+    """Rows per program of the fused kernel for rows of ``c`` classes (0: they do not fit)."""
+    per_row = 2 * c * sum(jnp.dtype(d).itemsize for d in dtypes)  # double-buffered
+    return min(self.block_r, self.fused_vmem_bytes // per_row) // 8 * 8
+
+  def fused(self, logits, labels, weights, *, sparse, opts, want_dlabels=True):
+    """Weighted per-row loss and the gradient of ``sum(loss * weights)`` in one kernel."""
+    _check(opts)
+    rows, c = logits.shape
+    want_dy = not sparse and want_dlabels
+    blocks = [logits.dtype, logits.dtype] + ([] if sparse else [labels.dtype])
+    blocks += [labels.dtype] if want_dy else []
+    br = self.fused_rows(c, blocks)
+    if br == 0:
+      loss, lse = self.forward(logits, labels, sparse=sparse, opts=opts)
+      dx, dy = self.backward(logits, labels, lse, weights, sparse=sparse, opts=opts,
+                             want_dlabels=want_dlabels)
+      return jnp.where(weights == 0, 0.0, loss * weights), dx, dy
+    br = min(br, pl.cdiv(rows, 8) * 8)
+    row_spec = pl.BlockSpec((br, 1), lambda i: (i, 0))
+    full_spec = pl.BlockSpec((br, c), lambda i: (i, 0))
+    out_shape = [jax.ShapeDtypeStruct((rows, 1), jnp.float32),
+                 jax.ShapeDtypeStruct((rows, c), logits.dtype)]
+    if want_dy:
+      out_shape.append(jax.ShapeDtypeStruct((rows, c), labels.dtype))
+    vmem = 2 * br * c * sum(jnp.dtype(d).itemsize for d in blocks) + (4 << 20)
+    res = pl.pallas_call(
+        functools.partial(_fused_kernel, sparse=sparse, opts=opts,
+                          chunk=min(self.block_c, pl.cdiv(c, 128) * 128), c=c),
+        grid=(pl.cdiv(rows, br),),
+        in_specs=[full_spec, row_spec if sparse else full_spec, row_spec],
+        out_specs=[row_spec] + [full_spec] * (len(out_shape) - 1), out_shape=tuple(out_shape),
+        compiler_params=self._params(("parallel",), vmem), interpret=self.interpret,
+        name="jxent_xent_fused")(logits, labels[:, None] if sparse else labels,
+                                 weights.astype(jnp.float32)[:, None])
+    return res[0][:, 0], res[1], (res[2] if want_dy else None)
 
   def forward(self, logits, labels, *, sparse, opts):
     _check(opts)
@@ -132,7 +277,7 @@ class PallasMosaicTpuKernel:
     row_spec = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
     y_spec = row_spec if sparse else pl.BlockSpec((br, bc), lambda i, j: (i, j))
     y = labels[:, None] if sparse else labels
-    vmem = _pltpu().VMEM((br, 1), jnp.float32)
+    vmem = _pltpu().VMEM((br, 1), jnp.float32)  # the five online statistics
     out_shape = (jax.ShapeDtypeStruct((rows, 1), jnp.float32),) * 2
     loss, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, sparse=sparse, opts=opts, block_c=bc, c=c),
