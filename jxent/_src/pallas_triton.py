@@ -87,7 +87,10 @@ def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c):
     m, z, a, b, sx = carry
     idx = i * block_c + lanes
     mask = idx < c
-    x = jnp.where(mask, xla.prep_logits(x_ref.load(idx, mask, 0.0), opts), -jnp.inf)
+    if opts.logit_softcap is None:  # masked lanes load as -inf: no select per element
+      x = xla.prep_logits(x_ref.load(idx, mask, -jnp.inf), opts)
+    else:  # the soft-cap would map -inf to -c
+      x = jnp.where(mask, xla.prep_logits(x_ref.load(idx, mask, 0.0), opts), -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(x))
     z = z * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new))
     if opts.label_smoothing:
