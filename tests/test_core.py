@@ -345,6 +345,8 @@ class TestCore:
       (dict(block_c=0), "block_c must be a positive int, got 0"),
       (dict(num_warps=-4), "num_warps must be a positive int, got -4"),
       (dict(programs=0), "programs must be None or a positive int, got 0"),
+      (dict(row_groups=3), "row_groups must be a power of two, got 3"),
+      (dict(block_c=16, row_groups=32), r"row_groups \(32\) must not exceed block_c \(16\)"),
   ])
   def test_bad_triton_kernel_parameters(self, bad, match):
     with pytest.raises(ValueError, match=match):

@@ -34,6 +34,7 @@ def _kernels():
       pytest.param(pallas_triton.PallasTritonKernel(), id="pallas_triton"),
       pytest.param(pallas_triton.PallasTritonKernel(programs=264, block_c=4096, num_warps=8),
                    id="pallas_triton_persistent"),
+      pytest.param(pallas_triton.PallasTritonKernel(row_groups=128), id="pallas_triton_groups"),
       pytest.param(pallas_mosaic_tpu.PallasMosaicTpuKernel(), id="pallas_mosaic_tpu"),
   ]
 

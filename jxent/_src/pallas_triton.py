@@ -73,15 +73,26 @@ class _Row:
       self.ref[self.r] = val
 
 
-def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c):
-  """One walk over a row with scalar online statistics (one exp per element).
+def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c, groups=1):
+  """One walk over a row with online statistics (one exp per element).
+
+  With ``groups == 1`` every step reduces its block to scalars. With ``groups = G > 1`` a step's
+  block is viewed as ``[G, block_c // G]`` (G contiguous segments) and reduced along the segments
+  only, keeping G independent online statistics that are combined once after the walk: the loop
+  then has no reduction across the whole block (``1 + G / block_c`` exps per element).
 
   Returns ``(m, log_z, a, b, sum_s)``: dense ``a = sum(y)``, ``b = sum(y * (x - m))``; sparse
   ``b`` = the label's logit minus ``m``, read with one scalar load after the walk (no per-block
   reduction); ``sum_s = sum(x - m)`` (label smoothing only).
   """
   c = x_ref.size
-  lanes = jnp.arange(block_c)
+  if groups == 1:
+    lanes, shape, expand = jnp.arange(block_c), (), lambda v: v
+  else:
+    k = block_c // groups
+    lanes = jnp.arange(groups)[:, None] * k + jnp.arange(k)[None, :]
+    shape, expand = (groups,), lambda v: v[:, None]
+  red = functools.partial(jnp.sum, axis=-1)
 
   def body(i, carry):
     m, z, a, b, sx = carry
@@ -91,19 +102,23 @@ def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c):
       x = xla.prep_logits(x_ref.load(idx, mask, -jnp.inf), opts)
     else:  # the soft-cap would map -inf to -c
       x = jnp.where(mask, xla.prep_logits(x_ref.load(idx, mask, 0.0), opts), -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(x))
-    z = z * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new))
+    m_new = jnp.maximum(m, jnp.max(x, axis=-1))
+    z = z * jnp.exp(m - m_new) + red(jnp.exp(x - expand(m_new)))
     if opts.label_smoothing:
-      sx = sx + jnp.sum(jnp.where(mask, x, 0.0))
+      sx = sx + red(jnp.where(mask, x, 0.0))
     if not sparse:
       y = y_ref.load(idx, mask, 0.0).astype(jnp.float32)
-      b = b + (m - m_new) * a + jnp.sum(jnp.where(y == 0, 0.0, y * (x - m_new)))
-      a = a + jnp.sum(y)
+      b = b + (m - m_new) * a + red(jnp.where(y == 0, 0.0, y * (x - expand(m_new))))
+      a = a + red(y)
     return m_new, z, a, b, sx
 
-  zero = jnp.zeros((), jnp.float32)
-  init = (jnp.full((), _NEG, jnp.float32), zero, zero, zero, zero)
+  zero = jnp.zeros(shape, jnp.float32)
+  init = (jnp.full(shape, _NEG, jnp.float32), zero, zero, zero, zero)
   m, z, a, b, sx = jax.lax.fori_loop(0, pl.cdiv(c, block_c), body, init)
+  if groups > 1:  # combine the groups' statistics
+    mg = jnp.max(m)
+    z, b, a, sx, m = (jnp.sum(z * jnp.exp(m - mg)), jnp.sum(b + (m - mg) * a), jnp.sum(a),
+                      jnp.sum(sx), mg)
   sum_s = sx - c * m
   if sparse:
     # Out-of-range labels read a clipped (valid) address; finish_sparse makes their loss NaN.
@@ -168,11 +183,12 @@ def _row_weight(label, g, opts):
 # ------------------------------------------------------------------------------------------------
 # Kernels (one row each; vmapped over rows, which becomes the grid).
 # ------------------------------------------------------------------------------------------------
-def _fwd_kernel(*refs, sparse, opts, block_c):
+def _fwd_kernel(*refs, sparse, opts, block_c, groups):
   x_ref, y_ref, loss_ref, lse_ref = refs
   c = x_ref.size
   label = y_ref[()] if sparse else None
-  m, log_z, a, b, sum_s = _row_stats(x_ref, y_ref, label, sparse=sparse, opts=opts, block_c=block_c)
+  m, log_z, a, b, sum_s = _row_stats(x_ref, y_ref, label, sparse=sparse, opts=opts, block_c=block_c,
+                                     groups=groups)
   loss, lse = _loss_from_stats(m, log_z, a, b, sum_s, label, c, sparse=sparse, opts=opts)
   loss_ref[()] = loss
   lse_ref[()] = lse
@@ -194,12 +210,13 @@ def _bwd_kernel(*refs, sparse, opts, block_c):
              block_c=block_c)
 
 
-def _fused_kernel(*refs, sparse, opts, block_c):
+def _fused_kernel(*refs, sparse, opts, block_c, groups):
   x_ref, y_ref, w_ref, loss_ref, dx_ref, *dy = refs
   dy_ref = dy[0] if dy else None
   c = x_ref.size
   label = y_ref[()] if sparse else None
-  m, log_z, a, b, sum_s = _row_stats(x_ref, y_ref, label, sparse=sparse, opts=opts, block_c=block_c)
+  m, log_z, a, b, sum_s = _row_stats(x_ref, y_ref, label, sparse=sparse, opts=opts, block_c=block_c,
+                                     groups=groups)
   loss, lse = _loss_from_stats(m, log_z, a, b, sum_s, label, c, sparse=sparse, opts=opts)
   w = w_ref[()]
   loss_ref[()] = jnp.where(w == 0, 0.0, loss * w)
@@ -226,6 +243,10 @@ class PallasTritonKernel:
     interpret: run the kernels in Pallas interpret mode (any backend).
     block_c: classes per step of a row walk.
     num_warps, num_stages: Triton compiler parameters.
+    row_groups: statistics kept per row during the walk (a power of two). ``1`` reduces every
+      block to scalars; ``G`` keeps G partial max / sum-exp accumulators over contiguous
+      segments of each block and combines them once per row, so the loop has no block-wide
+      reduction (see ``_row_stats``).
     programs: ``None`` launches one program per row (the GPU schedules as many rows at once as
       fit). An integer launches that many programs, each walking rows ``pid, pid + programs,
       ...``: it bounds the rows in flight, so that the fused kernel's second walk over a row can
@@ -247,14 +268,20 @@ class PallasTritonKernel:
   num_warps: int = 4
   num_stages: int = 1
   programs: Optional[int] = None
+  row_groups: int = 1
 
   def __post_init__(self):
-    for field in ("block_c", "num_warps", "num_stages"):
+    for field in ("block_c", "num_warps", "num_stages", "row_groups"):
       value = getattr(self, field)
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"PallasTritonKernel: {field} must be a positive int, got {value!r}.")
-    if self.block_c & (self.block_c - 1):
-      raise ValueError(f"PallasTritonKernel: block_c must be a power of two, got {self.block_c}.")
+    for field in ("block_c", "row_groups"):
+      value = getattr(self, field)
+      if value & (value - 1):
+        raise ValueError(f"PallasTritonKernel: {field} must be a power of two, got {value}.")
+    if self.row_groups > self.block_c:
+      raise ValueError(f"PallasTritonKernel: row_groups ({self.row_groups}) must not exceed "
+                       f"block_c ({self.block_c}).")
     if self.programs is not None and (not isinstance(self.programs, int) or self.programs < 1):
       raise ValueError(f"PallasTritonKernel: programs must be None or a positive int, "
                        f"got {self.programs!r}.")
@@ -286,7 +313,9 @@ class PallasTritonKernel:
   def forward(self, logits, labels, *, sparse, opts):
     _check(opts)
     rows, c = logits.shape
-    kernel = functools.partial(_fwd_kernel, sparse=sparse, opts=opts, block_c=self._block(c))
+    block = self._block(c)
+    kernel = functools.partial(_fwd_kernel, sparse=sparse, opts=opts, block_c=block,
+                               groups=min(self.row_groups, block))
     out = (jax.ShapeDtypeStruct((), jnp.float32),) * 2
     loss, lse = self._call(kernel, out, rows)(logits, labels)
     return loss, lse
@@ -305,7 +334,9 @@ class PallasTritonKernel:
     """Weighted per-row loss and the gradient of ``sum(loss * weights)`` in one kernel."""
     _check(opts)
     rows, c = logits.shape
-    kernel = functools.partial(_fused_kernel, sparse=sparse, opts=opts, block_c=self._block(c))
+    block = self._block(c)
+    kernel = functools.partial(_fused_kernel, sparse=sparse, opts=opts, block_c=block,
+                               groups=min(self.row_groups, block))
     out = [jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((c,), logits.dtype)]
     if not sparse and want_dlabels:
       out.append(jax.ShapeDtypeStruct((c,), labels.dtype))
