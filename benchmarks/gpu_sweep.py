@@ -5,9 +5,11 @@
 2. the copy floor (bytes / measured copy bandwidth, as in ``jxent-bench``);
 3. integer-label forward and fused ``value_and_grad`` of the mean at 8192x128256, 4096x256000 and
    32768x32000 bf16, for the one-program-per-row launch and the persistent launch
-   (``programs`` x ``block_c`` x ``num_warps``). The persistent launch bounds the rows in flight
-   so that the fused kernel's second walk over a row finds it in L2: the target is 0.85x of the
-   three-pass floor (one read + one write of the logits = 0.67x).
+   (``programs`` x ``block_c`` x ``num_warps``), each with and without ``row_groups`` (partial
+   statistics per row, no block-wide reduction in the walk: aimed at the 1.05x forward target).
+   The persistent launch bounds the rows in flight so that the fused kernel's second walk over a
+   row finds it in L2: the target is 0.85x of the three-pass floor (one read + one write of the
+   logits = 0.67x).
 
 Timing as in jxent-bench (median of batched, synced samples, rotated inputs).
 
@@ -49,7 +51,7 @@ n, v = SHAPES[0]
 (x, y), = inputs(n, v, 1)
 yd = jax.nn.one_hot(jnp.maximum(y, 0), v, dtype=jnp.bfloat16)
 gr = jax.random.normal(key, (n,), jnp.float32).astype(jnp.bfloat16)
-for kern, o in itertools.product((K(), K(programs=264, block_c=4096, num_warps=8)), ({}, OPTS)):
+for kern, o in itertools.product((K(), K(programs=264, block_c=4096, num_warps=8, row_groups=64)), ({}, OPTS)):
   for lab, f, yy in (("int", jxent.softmax_cross_entropy_with_integer_labels, y), ("dense", jxent.softmax_cross_entropy, yd)):
     oo = dict(o, ignore_index=-100) if lab == "int" else {k: w for k, w in o.items() if k != "ignore_index"}
     def run(impl, x, yy):
@@ -74,12 +76,15 @@ for n, v in SHAPES:
   ref = jax.jit(jax.value_and_grad(lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(
       x, y, implementation="xla", reduction="mean")))
   emit(case="time", shape=[n, v], impl="xla", vg_ms=_median_ms(ref, xs, 10))
-  configs = [K(block_c=bc, num_warps=nw) for bc, nw in ((2048, 4), (4096, 4), (4096, 8))]
-  configs += [K(programs=p * 132, block_c=bc, num_warps=nw)
-              for p, bc, nw in itertools.product((1, 2, 4), (2048, 4096, 8192), (4, 8, 16))]
+  tiles = ((2048, 4), (4096, 4), (4096, 8), (8192, 8))
+  configs = [K()]
+  configs += [K(block_c=bc, num_warps=nw, row_groups=gr)
+              for gr, (bc, nw) in itertools.product((16, 64, 256), tiles)]
+  configs += [K(programs=p * 132, block_c=bc, num_warps=nw, row_groups=gr)
+              for p, (bc, nw), gr in itertools.product((1, 2, 4), ((2048, 4), (4096, 8), (8192, 16)), (1, 64))]
   configs = configs[:3] + configs[-2:] if DRY else configs
   for k in configs:
-    cfg = dict(programs=k.programs, block_c=k.block_c, num_warps=k.num_warps)
+    cfg = dict(programs=k.programs, block_c=k.block_c, num_warps=k.num_warps, row_groups=k.row_groups)
     try:
       fwd = jax.jit(lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(x, y, implementation=k))
       vg = jax.jit(jax.value_and_grad(lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(
