@@ -197,6 +197,16 @@ class TestMosaicFused:
       assert_close(dy, rdy)
 
 
+  def test_row_blocks_are_sublane_aligned(self):
+    from jxent._src.pallas_mosaic_tpu import PallasMosaicTpuKernel
+    k = PallasMosaicTpuKernel(block_r=8)
+    assert k._grid(3, 300, jnp.float32)[0] == 8
+    assert k._grid(3, 300, jnp.bfloat16)[0] == 16  # 16-bit rows pack two per sublane
+    # 24 MiB / (2 buffers x 128256 x (2 + 2) B) = 24 rows, aligned down to 16
+    assert PallasMosaicTpuKernel().fused_rows(128256, [jnp.bfloat16] * 2) == 16
+    assert PallasMosaicTpuKernel().fused_rows(32000, [jnp.bfloat16] * 2) == 96
+
+
 class TestAgainstOptax:
   """Native API with default options == optax (values and gradients)."""
 

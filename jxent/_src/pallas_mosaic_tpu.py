@@ -34,6 +34,11 @@ def _pltpu():
   return pltpu
 
 
+def _sublanes(dtype) -> int:
+  """Row-block alignment: 8 rows of 32-bit values, 16 of 16-bit (packed two per sublane)."""
+  return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
+
+
 def _cols(start, shape):
   return start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
 
@@ -202,8 +207,8 @@ class PallasMosaicTpuKernel:
     block_r, block_c: the tile of the forward and backward grids (rows x classes).
     fused_vmem_bytes: VMEM budget of the fused kernel's whole-row blocks (double-buffered logits,
       gradient and dense labels); it sets how many rows one program holds. Rows too long for even
-      8 rows in this budget use the forward and backward kernels instead (same results, one more
-      read of the logits).
+      one aligned row block (8 rows of float32, 16 of bfloat16/float16) in this budget use the
+      forward and backward kernels instead (same results, one more read of the logits).
 
   Example:
     >>> import jax, jax.numpy as jnp, jxent
@@ -222,8 +227,9 @@ class PallasMosaicTpuKernel:
   block_c: int = 2048
   fused_vmem_bytes: int = 24 << 20
 
-  def _grid(self, rows, c):
-    br = min(self.block_r, max(8, rows))
+  def _grid(self, rows, c, dtype):
+    align = _sublanes(dtype)
+    br = pl.cdiv(min(self.block_r, rows), align) * align
     bc = min(self.block_c, pl.cdiv(c, 128) * 128)
     return br, bc, (pl.cdiv(rows, br), pl.cdiv(c, bc))
 
@@ -236,7 +242,9 @@ class PallasMosaicTpuKernel:
   def fused_rows(self, c, dtypes) -> int:
     """Rows per program of the fused kernel for rows of ``c`` classes (0: they do not fit)."""
     per_row = 2 * c * sum(jnp.dtype(d).itemsize for d in dtypes)  # double-buffered
-    return min(self.block_r, self.fused_vmem_bytes // per_row) // 8 * 8
+    align = _sublanes(dtypes[0])
+    block_r = pl.cdiv(self.block_r, align) * align
+    return min(block_r, self.fused_vmem_bytes // per_row) // align * align
 
   def fused(self, logits, labels, weights, *, sparse, opts, want_dlabels=True):
     """Weighted per-row loss and the gradient of ``sum(loss * weights)`` in one kernel."""
@@ -251,7 +259,7 @@ class PallasMosaicTpuKernel:
       dx, dy = self.backward(logits, labels, lse, weights, sparse=sparse, opts=opts,
                              want_dlabels=want_dlabels)
       return jnp.where(weights == 0, 0.0, loss * weights), dx, dy
-    br = min(br, pl.cdiv(rows, 8) * 8)
+    br = min(br, pl.cdiv(rows, _sublanes(logits.dtype)) * _sublanes(logits.dtype))
     row_spec = pl.BlockSpec((br, 1), lambda i: (i, 0))
     full_spec = pl.BlockSpec((br, c), lambda i: (i, 0))
     out_shape = [jax.ShapeDtypeStruct((rows, 1), jnp.float32),
@@ -273,7 +281,7 @@ class PallasMosaicTpuKernel:
   def forward(self, logits, labels, *, sparse, opts):
     _check(opts)
     rows, c = logits.shape
-    br, bc, grid = self._grid(rows, c)
+    br, bc, grid = self._grid(rows, c, logits.dtype)
     row_spec = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
     y_spec = row_spec if sparse else pl.BlockSpec((br, bc), lambda i, j: (i, j))
     y = labels[:, None] if sparse else labels
@@ -290,7 +298,7 @@ class PallasMosaicTpuKernel:
   def backward(self, logits, labels, lse, g, *, sparse, opts, want_dlabels=True):
     _check(opts)
     rows, c = logits.shape
-    br, bc, grid = self._grid(rows, c)
+    br, bc, grid = self._grid(rows, c, logits.dtype)
     row_spec = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
     blk_spec = pl.BlockSpec((br, bc), lambda i, j: (i, j))
     args = [logits, labels[:, None] if sparse else labels, lse[:, None],
