@@ -87,21 +87,4 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
   state = fold_blocks(lambda start, size, st: _merge(st, stats(start, size)), c, block, state)
   m, z, a, b, sum_x = state
   m = jnp.where(jnp.isneginf(m), 0.0, m)
-  # Combine shards (vocab parallel): rescale to the global max.
-  if opts.axis_name is not None:
-    mg = xla.pmax(m, opts)
-    z = xla.psum(z * jnp.exp(m - mg), opts)
-    if not sparse:
-      a, b = xla.psum((a, b + (m - mg) * a), opts)
-    else:
-      b = xla.psum(b, opts)
-    sum_x = xla.psum(sum_x, opts)
-    m = mg
-  n_cls = xla.num_classes(c, opts)
-  sum_s = sum_x - n_cls * m if want_sum_x else None
-  if sparse:
-    loss, lse = xla.combine(m, jnp.log(z), None, None, sum_s, b - m, opts, n_cls)
-    loss = xla.finish_sparse(loss, glabels, n_cls, opts)
-  else:
-    loss, lse = xla.combine(m, jnp.log(z), a, b, sum_s, None, opts, n_cls)
-  return loss, lse
+  return xla.loss_from_stats(m, z, a, b, sum_x, glabels, sparse=sparse, opts=opts, local_c=c)

@@ -93,13 +93,7 @@ def _chunked_forward(x, w, labels, opts, block_v):
   init = (jnp.full((n,), -jnp.inf, _F32), jnp.zeros((n,), _F32), jnp.zeros((n,), _F32),
           jnp.zeros((n,), _F32))
   m, z, lab, sx = fold_blocks(stats, v, block_v, init)
-  if opts.axis_name is not None:
-    mg = xla.pmax(m, opts)
-    z, lab, sx = xla.psum((z * jnp.exp(m - mg), lab, sx), opts)
-    m = mg
-  v_total = xla.num_classes(v, opts)
-  loss, lse = xla.combine(m, jnp.log(z), None, None, sx - v_total * m, lab - m, opts, v_total)
-  return xla.finish_sparse(loss, glabels, v_total, opts), lse
+  return xla.loss_from_stats(m, z, None, lab, sx, glabels, sparse=True, opts=opts, local_c=v)
 
 
 def _chunked_backward(x, w, labels, lse, g, opts, block_v):

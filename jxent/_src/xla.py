@@ -113,6 +113,32 @@ def combine(m, log_z, sum_y, sum_ys, sum_s, label_s, opts: XentOptions, n_classe
   return loss, lse
 
 
+def loss_from_stats(m, z, a, b, sum_x, labels, *, sparse: bool, opts: XentOptions, local_c: int):
+  """Per-row ``(loss, lse)`` from a row's online statistics over this shard's classes.
+
+  ``m`` is the running max, ``z = sum(exp(x - m))``, ``sum_x = sum(x)`` (label smoothing only);
+  dense: ``a = sum(y)``, ``b = sum(y * (x - m))``; sparse: ``b`` is the label's logit (0 when the
+  label is not among this shard's classes). With ``axis_name`` the shards' statistics are merged
+  first (rescaled to the global max). Shared by the chunked and Pallas kernels.
+  """
+  if opts.axis_name is not None:
+    mg = pmax(m, opts)
+    z = psum(z * jnp.exp(m - mg), opts)
+    if sparse:
+      b = psum(b, opts)
+    else:
+      a, b = psum((a, b + (m - mg) * a), opts)
+    if opts.label_smoothing:
+      sum_x = psum(sum_x, opts)
+    m = mg
+  n_cls = num_classes(local_c, opts)
+  sum_s = sum_x - n_cls * m if opts.label_smoothing else None
+  if sparse:
+    loss, lse = combine(m, jnp.log(z), None, None, sum_s, b - m, opts, n_cls)
+    return finish_sparse(loss, labels, n_cls, opts), lse
+  return combine(m, jnp.log(z), a, b, sum_s, None, opts, n_cls)
+
+
 def local_label(logits: jax.Array, labels: jax.Array, opts: XentOptions):
   """``(cap(logits[r, local[r]]), local, in_shard)`` for global class ids ``labels``.
 
