@@ -18,14 +18,24 @@ def mesh(tp):
   return Mesh(devs, ("data", "model"))
 
 
-def smap(f, m, in_specs, out_specs):
-  return jax.shard_map(f, mesh=m, in_specs=in_specs, out_specs=out_specs)
+def smap(f, m, in_specs, out_specs, check_vma=True):
+  return jax.shard_map(f, mesh=m, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma)
+
+
+def _triton(**kw):
+  from jxent._src.pallas_triton import PallasTritonKernel
+  return PallasTritonKernel(interpret=True, block_c=16, **kw)
 
 
 @pytest.mark.parametrize("tp", [2, 4, 8])
 @pytest.mark.parametrize("options", OPTIONS)
-@pytest.mark.parametrize("impl", ["xla", "chunked_xla"])
+@pytest.mark.parametrize("impl", ["xla", "chunked_xla", "pallas_triton", "pallas_triton_groups"])
 def test_vocab_parallel_integer_labels(tp, options, impl):
+  # Pallas interpret mode (the HLO interpreter) cannot type-check manual axes yet (JAX asks for
+  # check_vma=False); tests/test_lowering.py lowers the compiled kernel with check_vma=True.
+  vma = not impl.startswith("pallas")
+  impl = {"pallas_triton": _triton(), "pallas_triton_groups": _triton(row_groups=4, programs=3)
+          }.get(impl, impl)
   rng = np.random.default_rng(tp)
   b, v = 16, 8 * 13
   x = rand_logits(rng, (b, v))
@@ -34,20 +44,28 @@ def test_vocab_parallel_integer_labels(tp, options, impl):
   kw = dict(ignore_index=-100, implementation=impl, **options)
   m = mesh(tp)
   sharded = smap(lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(
-      x, y, axis_name="model", **kw), m, (P("data", "model"), P("data")), P("data"))
+      x, y, axis_name="model", **kw), m, (P("data", "model"), P("data")), P("data"), vma)
   full = lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(x, y, **kw)
   out, vjp = jax.vjp(jax.jit(sharded), x, y)
   ref, rvjp = jax.vjp(full, x, y)
   assert_close(out, ref)
   assert_close(vjp(g)[0], rvjp(g)[0])
-  mean = smap(lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(
-      x, y, axis_name="model", **kw), m, (P("data", "model"), P("data")), P("data"))
-  assert_close(jax.jit(jax.grad(lambda x: mean(x, y).sum()))(x), jax.grad(lambda x: full(x, y).sum())(x))
+  # a scalar reduction per data shard (kernels with a fused path use forward + backward here)
+  total = smap(lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(
+      x, y, axis_name="model", reduction="sum", **kw)[None], m, (P("data", "model"), P("data")),
+      P("data"), vma)
+  v, dx = jax.jit(jax.value_and_grad(lambda x: total(x, y).sum()))(x)
+  rv, rdx = jax.value_and_grad(lambda x: full(x, y).sum())(x)
+  assert_close(v, rv)
+  assert_close(dx, rdx)
 
 
 @pytest.mark.parametrize("tp", [2, 4, 8])
 @pytest.mark.parametrize("options", OPTIONS)
-def test_vocab_parallel_dense_labels(tp, options):
+@pytest.mark.parametrize("impl", ["xla", "pallas_triton"])
+def test_vocab_parallel_dense_labels(tp, options, impl):
+  vma = impl == "xla"  # see test_vocab_parallel_integer_labels
+  options = dict(options, implementation=_triton() if impl == "pallas_triton" else impl)
   rng = np.random.default_rng(10 + tp)
   b, v = 8, 8 * 9
   x = rand_logits(rng, (b, v))
@@ -55,13 +73,67 @@ def test_vocab_parallel_dense_labels(tp, options):
   g = jnp.asarray(rng.normal(size=b), jnp.float32)
   m = mesh(tp)
   sharded = smap(lambda x, y: jxent.softmax_cross_entropy(x, y, axis_name="model", **options), m,
-                 (P("data", "model"), P("data", "model")), P("data"))
+                 (P("data", "model"), P("data", "model")), P("data"), vma)
   full = lambda x, y: jxent.softmax_cross_entropy(x, y, **options)
   out, vjp = jax.vjp(jax.jit(sharded), x, y)
   ref, rvjp = jax.vjp(full, x, y)
   assert_close(out, ref)
   for a, b_ in zip(vjp(g), rvjp(g)):
     assert_close(a, b_)
+
+
+def _plain_jax_vocab_parallel(x, y):
+  """Vocab-parallel cross-entropy written in plain JAX (autodiff through the collectives)."""
+  mx = jax.lax.pmax(jax.lax.stop_gradient(x.max(-1)), "model")
+  z = jax.lax.psum(jnp.exp(x - mx[:, None]).sum(-1), "model")
+  local = y - jax.lax.axis_index("model") * x.shape[1]
+  hit = (local >= 0) & (local < x.shape[1])
+  picked = jnp.take_along_axis(x, jnp.clip(local, 0, x.shape[1] - 1)[:, None], -1)[:, 0]
+  return jnp.log(z) + mx - jax.lax.psum(jnp.where(hit, picked, 0.0), "model")
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_vocab_parallel_gradients_match_plain_jax(check_vma):
+  """shard_map with check_vma=False splits a replicated output's cotangent among the shards; the
+  custom VJPs add the parts back, so gradients equal plain JAX (and the unsharded ones)."""
+  rng = np.random.default_rng(31)
+  x = rand_logits(rng, (8, 32))
+  y = jnp.asarray(rng.integers(0, 32, size=8))
+  m = mesh(2)
+  for impl in ("xla", "chunked_xla"):
+    f = smap(lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(
+        x, y, axis_name="model", implementation=impl), m, (P("data", "model"), P("data")),
+        P("data"), check_vma)
+    plain = smap(_plain_jax_vocab_parallel, m, (P("data", "model"), P("data")), P("data"),
+                 check_vma)
+    g = jax.jit(jax.grad(lambda x: f(x, y).sum()))(x)
+    assert_close(g, jax.grad(lambda x: plain(x, y).sum())(x))
+    assert_close(g, jax.grad(lambda x: jxent.softmax_cross_entropy_with_integer_labels(
+        x, y).sum())(x))
+  h = jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(6, 32)), jnp.float32)
+  impl = jxent.LinearChunked(block_v=4)
+  lin = smap(lambda h, w, y: jxent.linear_softmax_cross_entropy(
+      h, w, y, axis_name="model", reduction="none", implementation=impl), m,
+      (P("data"), P(None, "model"), P("data")), P("data"), check_vma)
+  grads = jax.jit(jax.grad(lambda h, w: lin(h, w, y).sum(), argnums=(0, 1)))(h, w)
+  ref = jax.grad(lambda h, w: jxent.linear_softmax_cross_entropy(
+      h, w, y, reduction="sum", implementation=impl), argnums=(0, 1))(h, w)
+  for a, b in zip(grads, ref):
+    assert_close(a, b)
+
+
+def test_vocab_parallel_under_pmap_matches_plain_jax():
+  """Under pmap a psum transposes to a psum (each device's gradient of a replicated loss is
+  summed over the devices); jxent follows plain JAX there too."""
+  rng = np.random.default_rng(32)
+  x = rand_logits(rng, (8, 32))
+  y = jnp.asarray(rng.integers(0, 32, size=8))
+  xs = x.reshape(8, 2, 16).transpose(1, 0, 2)
+  grad = lambda f: jax.pmap(jax.grad(lambda x, y: f(x, y).sum()), axis_name="model",
+                            in_axes=(0, None))(xs, y)
+  got = grad(lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(x, y, axis_name="model"))
+  assert_close(got, grad(_plain_jax_vocab_parallel))
 
 
 @pytest.mark.parametrize("tp", [2, 4, 8])

@@ -16,7 +16,7 @@ import numpy as np
 
 from jxent._src import dispatch
 from jxent._src.options import XentOptions
-from jxent._src.xla import match_vma
+from jxent._src.xla import match_vma, total_cotangent
 
 
 # --------------------------------------------------------------------------------------------
@@ -45,6 +45,7 @@ def _xent_2d_bwd(sparse, opts, kernel, res, g):
   logits, labels, lse, want = res
   if isinstance(g, jax.custom_derivatives.SymbolicZero):
     g = jnp.zeros(lse.shape, lse.dtype)
+  g = total_cotangent(g, logits, opts)
   dlogits, dlabels = kernel.backward(logits, labels, lse, g, sparse=sparse, opts=opts,
                                      want_dlabels=want is not None)
   return match_vma(dlogits, logits), (None if sparse else match_vma(dlabels, labels))
@@ -181,14 +182,15 @@ def loss(logits, labels, *, axis, sparse: bool, opts: XentOptions, implementatio
   """The native loss: per-example (``"none"``) or reduced (``"mean"``/``"sum"``), logits dtype.
 
   A scalar reduction with a kernel that can form the gradient in its forward pass (``fused``) uses
-  :func:`xent_2d_fused`; otherwise the per-row custom VJP followed by the reduction.
+  :func:`xent_2d_fused` (not with ``axis_name``: the gradient needs the global log-sum-exp);
+  otherwise the per-row custom VJP followed by the reduction.
   """
   logits = check_logits(logits)
   logits2d, labels2d, row_mask, batch_shape = canonicalize(logits, labels, axis=axis,
                                                            sparse=sparse, where=where)
   kernel = _kernel(implementation, sparse, logits2d)
   kept = _kept(labels2d, row_mask, sparse, opts)
-  if reduction in ("mean", "sum") and hasattr(kernel, "fused"):
+  if reduction in ("mean", "sum") and hasattr(kernel, "fused") and opts.axis_name is None:
     w = jnp.ones(logits2d.shape[:1], jnp.float32) if kept is None else kept.astype(jnp.float32)
     if reduction == "mean":
       count = jnp.sum(w)

@@ -113,7 +113,8 @@ def _chunked_backward(x, w, labels, lse, g, opts, block_v):
     return dx, dw
 
   dx, dw = fold_blocks(step, v, block_v, (jnp.zeros(x.shape, _F32), jnp.zeros(w.shape, w.dtype)))
-  return xla.psum(dx, opts).astype(x.dtype), dw
+  # dx is this shard's part; match_vma (check_vma=True) or shard_map's transpose sums the parts.
+  return dx.astype(x.dtype), dw
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("opts", "block_v"))
@@ -129,6 +130,7 @@ def _linear_xent_chunked_fwd(x, w, labels, opts, block_v):
 
 def _linear_xent_chunked_bwd(opts, block_v, res, g):
   x, w, labels, lse = res
+  g = xla.total_cotangent(g, w, opts)
   dx, dw = _chunked_backward(x, w, labels, lse, g, opts, block_v)
   return xla.match_vma(dx, x), xla.match_vma(dw, w), None
 

@@ -262,10 +262,10 @@ class PallasMosaicTpuKernel:
     br = min(br, pl.cdiv(rows, _sublanes(logits.dtype)) * _sublanes(logits.dtype))
     row_spec = pl.BlockSpec((br, 1), lambda i: (i, 0))
     full_spec = pl.BlockSpec((br, c), lambda i: (i, 0))
-    out_shape = [jax.ShapeDtypeStruct((rows, 1), jnp.float32),
-                 jax.ShapeDtypeStruct((rows, c), logits.dtype)]
+    out_shape = [xla.out_struct((rows, 1), jnp.float32, logits),
+                 xla.out_struct((rows, c), logits.dtype, logits)]
     if want_dy:
-      out_shape.append(jax.ShapeDtypeStruct((rows, c), labels.dtype))
+      out_shape.append(xla.out_struct((rows, c), labels.dtype, logits))
     vmem = 2 * br * c * sum(jnp.dtype(d).itemsize for d in blocks) + (4 << 20)
     res = pl.pallas_call(
         functools.partial(_fused_kernel, sparse=sparse, opts=opts,
@@ -286,7 +286,7 @@ class PallasMosaicTpuKernel:
     y_spec = row_spec if sparse else pl.BlockSpec((br, bc), lambda i, j: (i, j))
     y = labels[:, None] if sparse else labels
     vmem = _pltpu().VMEM((br, 1), jnp.float32)  # the five online statistics
-    out_shape = (jax.ShapeDtypeStruct((rows, 1), jnp.float32),) * 2
+    out_shape = (xla.out_struct((rows, 1), jnp.float32, logits),) * 2
     loss, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, sparse=sparse, opts=opts, block_c=bc, c=c),
         grid=grid, in_specs=[pl.BlockSpec((br, bc), lambda i, j: (i, j)), y_spec],
@@ -304,13 +304,13 @@ class PallasMosaicTpuKernel:
     args = [logits, labels[:, None] if sparse else labels, lse[:, None],
             g.astype(jnp.float32)[:, None]]
     in_specs = [blk_spec, row_spec if sparse else blk_spec, row_spec, row_spec]
-    out_shape = [jax.ShapeDtypeStruct((rows, c), logits.dtype)]
+    out_shape = [xla.out_struct((rows, c), logits.dtype, logits)]
     if not sparse:
       sum_t = jnp.sum(labels.astype(jnp.float32), axis=-1)
       args.append(((1.0 - opts.label_smoothing) * sum_t + opts.label_smoothing)[:, None])
       in_specs.append(row_spec)
       if want_dlabels:
-        out_shape.append(jax.ShapeDtypeStruct((rows, c), labels.dtype))
+        out_shape.append(xla.out_struct((rows, c), labels.dtype, logits))
     res = pl.pallas_call(
         functools.partial(_bwd_kernel, sparse=sparse, opts=opts, block_c=bc, c=c),
         grid=grid, in_specs=in_specs, out_specs=[blk_spec] * len(out_shape),

@@ -9,8 +9,10 @@
   that writes the gradient pre-scaled by the row's reduction weight; the backward only scales it by
   the cotangent.
 
-The label-smoothing, z-loss, soft-cap and ignore_index options are supported; ``axis_name``
-(vocab parallel) is not (use ``"xla"``).
+The label-smoothing, z-loss, soft-cap and ignore_index options are supported, and ``axis_name``
+(vocab parallel): the forward kernel then returns each shard's raw row statistics, merged over
+the shards in XLA (:func:`xla.loss_from_stats`), and the backward kernel takes the global
+log-sum-exp; the fused kernel needs whole rows, so scalar reductions use forward + backward.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jxent._src import dispatch, xla
-from jxent._src.options import XentOptions
 
 _NEG = float(jnp.finfo(jnp.float32).min)
 
@@ -81,9 +82,9 @@ def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c, groups=1):
   only, keeping G independent online statistics that are combined once after the walk: the loop
   then has no reduction across the whole block (``1 + G / block_c`` exps per element).
 
-  Returns ``(m, log_z, a, b, sum_s)``: dense ``a = sum(y)``, ``b = sum(y * (x - m))``; sparse
-  ``b`` = the label's logit minus ``m``, read with one scalar load after the walk (no per-block
-  reduction); ``sum_s = sum(x - m)`` (label smoothing only).
+  Returns the raw statistics ``(m, z, a, b, sum_x)`` of :func:`xla.loss_from_stats`: dense
+  ``a = sum(y)``, ``b = sum(y * (x - m))``; sparse ``b`` = the label's logit, read with one
+  scalar load after the walk (no per-block reduction); ``sum_x`` (label smoothing only).
   """
   c = x_ref.size
   if groups == 1:
@@ -119,23 +120,18 @@ def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c, groups=1):
     mg = jnp.max(m)
     z, b, a, sx, m = (jnp.sum(z * jnp.exp(m - mg)), jnp.sum(b + (m - mg) * a), jnp.sum(a),
                       jnp.sum(sx), mg)
-  sum_s = sx - c * m
   if sparse:
-    # Out-of-range labels read a clipped (valid) address; finish_sparse makes their loss NaN.
+    # The label's logit by one scalar load; labels outside this row's classes (out of range, or
+    # on another vocab shard) read a clipped, valid address and count 0.
     picked = xla.prep_logits(x_ref[jnp.clip(label, 0, c - 1)], opts)
-    return m, jnp.log(z), None, picked - m, sum_s
-  return m, jnp.log(z), a, b, sum_s
+    b = jnp.where((label >= 0) & (label < c), picked, 0.0)
+  return m, z, a, b, sx
 
 
-def _loss_from_stats(m, log_z, a, b, sum_s, label, c, *, sparse, opts):
-  loss, lse = xla.combine(m, log_z, a, None if sparse else b, sum_s, b if sparse else None, opts, c)
-  if sparse:
-    loss = xla.finish_sparse(loss, label, c, opts)
-  return loss, lse
+def _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, lse, g, sum_t, *, sparse, opts, block_c, n_cls):
+  """Writes ``dlogits`` (and ``dlabels``) for one row; ``g`` already includes masking/scaling.
 
-
-def _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, lse, g, sum_t, *, sparse, opts, block_c):
-  """Writes ``dlogits`` (and ``dlabels``) for one row; ``g`` already includes masking/scaling."""
+  ``label`` is this row's local class id; ``n_cls`` the global class count (vocab parallel)."""
   c = x_ref.size
   eps = opts.label_smoothing
   lanes = jnp.arange(block_c)
@@ -157,7 +153,7 @@ def _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, lse, g, sum_t, *, sparse, op
       if dy_ref is not None:
         dy_ref.store(idx, (g * (1.0 - eps) * (lse - x)).astype(dy_ref.dtype), mask)
     if eps:
-      target = target + eps / c
+      target = target + eps / n_cls
     dx = g * (coef * p - target) * xla.softcap_factor(x, opts)
     dx_ref.store(idx, dx.astype(dx_ref.dtype), mask)
 
@@ -184,30 +180,44 @@ def _row_weight(label, g, opts):
 # Kernels (one row each; vmapped over rows, which becomes the grid).
 # ------------------------------------------------------------------------------------------------
 def _fwd_kernel(*refs, sparse, opts, block_c, groups):
-  x_ref, y_ref, loss_ref, lse_ref = refs
-  c = x_ref.size
+  """Loss and lse of one row; with ``axis_name``, this shard's raw statistics instead (merged
+  over the shards by the caller)."""
+  x_ref, y_ref, *outs = refs
   label = y_ref[()] if sparse else None
-  m, log_z, a, b, sum_s = _row_stats(x_ref, y_ref, label, sparse=sparse, opts=opts, block_c=block_c,
-                                     groups=groups)
-  loss, lse = _loss_from_stats(m, log_z, a, b, sum_s, label, c, sparse=sparse, opts=opts)
-  loss_ref[()] = loss
-  lse_ref[()] = lse
+  stats = _row_stats(x_ref, y_ref, label, sparse=sparse, opts=opts, block_c=block_c,
+                     groups=groups)
+  if opts.axis_name is not None:
+    for ref, value in zip(outs, stats):
+      ref[()] = value
+    return
+  loss, lse = xla.loss_from_stats(*stats, label, sparse=sparse, opts=opts, local_c=x_ref.size)
+  outs[0][()] = loss
+  outs[1][()] = lse
 
 
-def _bwd_kernel(*refs, sparse, opts, block_c):
+def _bwd_kernel(*refs, sparse, opts, block_c, n_cls):
+  """With ``axis_name`` the caller passes local labels, pre-masked ``g`` and the global
+  ``sum(target)`` (dense), since they need the other shards."""
+  sharded = opts.axis_name is not None
+  st_ref = None
   if sparse:
     x_ref, y_ref, lse_ref, g_ref, dx_ref = refs
     dy_ref, label, sum_t = None, y_ref[()], None
   else:
-    x_ref, y_ref, lse_ref, g_ref, dx_ref, *dy = refs
+    if sharded and not opts.tf_grad:
+      x_ref, y_ref, lse_ref, g_ref, st_ref, dx_ref, *dy = refs
+    else:
+      x_ref, y_ref, lse_ref, g_ref, dx_ref, *dy = refs
     dy_ref = dy[0] if dy else None
     label = None
-    sum_t = None if opts.tf_grad else _sum_target(y_ref, opts=opts, block_c=block_c)
+    sum_t = None
+    if not opts.tf_grad:
+      sum_t = st_ref[()] if sharded else _sum_target(y_ref, opts=opts, block_c=block_c)
   g = g_ref[()].astype(jnp.float32)
-  if sparse:
+  if sparse and not sharded:
     g = _row_weight(label, g, opts)
   _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, lse_ref[()], g, sum_t, sparse=sparse, opts=opts,
-             block_c=block_c)
+             block_c=block_c, n_cls=n_cls)
 
 
 def _fused_kernel(*refs, sparse, opts, block_c, groups):
@@ -215,26 +225,21 @@ def _fused_kernel(*refs, sparse, opts, block_c, groups):
   dy_ref = dy[0] if dy else None
   c = x_ref.size
   label = y_ref[()] if sparse else None
-  m, log_z, a, b, sum_s = _row_stats(x_ref, y_ref, label, sparse=sparse, opts=opts, block_c=block_c,
-                                     groups=groups)
-  loss, lse = _loss_from_stats(m, log_z, a, b, sum_s, label, c, sparse=sparse, opts=opts)
+  stats = _row_stats(x_ref, y_ref, label, sparse=sparse, opts=opts, block_c=block_c,
+                     groups=groups)
+  loss, lse = xla.loss_from_stats(*stats, label, sparse=sparse, opts=opts, local_c=c)
   w = w_ref[()]
   loss_ref[()] = jnp.where(w == 0, 0.0, loss * w)
+  a = stats[2]
   sum_t = None if (sparse or opts.tf_grad) else (1.0 - opts.label_smoothing) * a + opts.label_smoothing
   g = _row_weight(label, w, opts) if sparse else w
   _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, lse, g, sum_t, sparse=sparse, opts=opts,
-             block_c=block_c)
+             block_c=block_c, n_cls=c)
 
 
 # ------------------------------------------------------------------------------------------------
 # The kernel object.
 # ------------------------------------------------------------------------------------------------
-def _check(opts: XentOptions):
-  if opts.axis_name is not None:
-    raise ValueError("implementation 'pallas_triton' does not support axis_name (vocab-parallel); "
-                     "use implementation='xla'.")
-
-
 @dataclasses.dataclass(frozen=True)
 class PallasTritonKernel:
   """Pallas-on-Triton kernels (GPU; ``interpret=True`` runs them anywhere, for tests).
@@ -303,7 +308,7 @@ class PallasTritonKernel:
       def _(r):
         kernel(*(_Row(ref, r) for ref in refs))
 
-    out_shape = tuple(jax.ShapeDtypeStruct((rows, *o.shape), o.dtype) for o in out_shape)
+    out_shape = tuple(o.update(shape=(rows, *o.shape)) for o in out_shape)
     return pl.pallas_call(persistent, out_shape=out_shape, grid=(programs,),
                           interpret=self.interpret, compiler_params=params, name=name)
 
@@ -311,35 +316,52 @@ class PallasTritonKernel:
     return min(self.block_c, pl.next_power_of_2(max(c, 16)))
 
   def forward(self, logits, labels, *, sparse, opts):
-    _check(opts)
     rows, c = logits.shape
     block = self._block(c)
     kernel = functools.partial(_fwd_kernel, sparse=sparse, opts=opts, block_c=block,
                                groups=min(self.row_groups, block))
-    out = (jax.ShapeDtypeStruct((), jnp.float32),) * 2
-    loss, lse = self._call(kernel, out, rows)(logits, labels)
-    return loss, lse
+    scalar = xla.out_struct((), jnp.float32, logits)
+    if opts.axis_name is None:
+      loss, lse = self._call(kernel, (scalar,) * 2, rows)(logits, labels)
+      return loss, lse
+    # Vocab parallel: this shard's statistics (labels as local ids), merged over the shards.
+    local = labels - xla.class_offset(c, opts) if sparse else labels
+    stats = self._call(kernel, (scalar,) * 5, rows)(logits, local)
+    return xla.loss_from_stats(*stats, labels, sparse=sparse, opts=opts, local_c=c)
 
   def backward(self, logits, labels, lse, g, *, sparse, opts, want_dlabels=True):
-    _check(opts)
     rows, c = logits.shape
-    kernel = functools.partial(_bwd_kernel, sparse=sparse, opts=opts, block_c=self._block(c))
-    out = [jax.ShapeDtypeStruct((c,), logits.dtype)]
+    kernel = functools.partial(_bwd_kernel, sparse=sparse, opts=opts, block_c=self._block(c),
+                               n_cls=xla.num_classes(c, opts))
+    args = [logits, labels, lse, g.astype(jnp.float32)]
+    if opts.axis_name is not None:  # what needs the other shards is done here
+      if sparse:
+        ignored = xla.ignored_rows(labels, opts)
+        if ignored is not None:
+          args[3] = jnp.where(ignored, 0.0, args[3])
+        args[1] = labels - xla.class_offset(c, opts)
+      elif not opts.tf_grad:
+        eps = opts.label_smoothing
+        sum_t = xla.psum(jnp.sum(labels.astype(jnp.float32), axis=-1), opts)
+        args.append((1.0 - eps) * sum_t + eps)
+    out = [xla.out_struct((c,), logits.dtype, logits)]
     if not sparse and want_dlabels:
-      out.append(jax.ShapeDtypeStruct((c,), labels.dtype))
-    res = self._call(kernel, tuple(out), rows)(logits, labels, lse, g.astype(jnp.float32))
+      out.append(xla.out_struct((c,), labels.dtype, logits))
+    res = self._call(kernel, tuple(out), rows)(*args)
     return res[0], (res[1] if len(res) > 1 else None)
 
   def fused(self, logits, labels, weights, *, sparse, opts, want_dlabels=True):
     """Weighted per-row loss and the gradient of ``sum(loss * weights)`` in one kernel."""
-    _check(opts)
+    if opts.axis_name is not None:
+      raise ValueError("the fused kernel needs whole rows; with axis_name the loss uses the "
+                       "forward and backward kernels.")
     rows, c = logits.shape
     block = self._block(c)
     kernel = functools.partial(_fused_kernel, sparse=sparse, opts=opts, block_c=block,
                                groups=min(self.row_groups, block))
-    out = [jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((c,), logits.dtype)]
+    out = [xla.out_struct((), jnp.float32, logits), xla.out_struct((c,), logits.dtype, logits)]
     if not sparse and want_dlabels:
-      out.append(jax.ShapeDtypeStruct((c,), labels.dtype))
+      out.append(xla.out_struct((c,), labels.dtype, logits))
     res = self._call(kernel, tuple(out), rows)(logits, labels, weights.astype(jnp.float32))
     return res[0], res[1], (res[2] if len(res) > 2 else None)
 

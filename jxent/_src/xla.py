@@ -73,6 +73,35 @@ def match_vma(ct, like):
   return ct
 
 
+def total_cotangent(g, like, opts: XentOptions):
+  """The cotangent of a loss replicated over the vocab axis, as the custom VJPs expect it.
+
+  With ``check_vma=True`` (the default) the cotangent of a replicated output arrives whole. With
+  ``shard_map(..., check_vma=False)`` JAX splits it among the replicas (each shard gets
+  ``g / n``) and relies on the transposes of the forward ``psum``s to add the parts back; the
+  custom VJPs have no such transposes, so they add the parts here. ``like`` is an input sharded
+  over ``axis_name``: without manual-axis types it does not vary over it.
+  """
+  if opts.axis_name is None or opts.axis_name in _varying(like):
+    return g
+  return lax.psum(g, opts.axis_name)
+
+
+def out_struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
+  """A kernel output's ``ShapeDtypeStruct`` with the ``shard_map`` manual-axis type of ``like``
+  (required for ``pallas_call`` outputs when ``check_vma`` is on); a plain one elsewhere."""
+  mat = getattr(jax.typeof(like), "manual_axis_type", None)
+  if mat is not None:
+    try:
+      return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+    except TypeError:  # a JAX without the keyword
+      pass
+  vma = getattr(jax.typeof(like), "vma", None)
+  if vma:
+    return jax.ShapeDtypeStruct(shape, dtype, vma=vma)
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
 def num_classes(local_c: int, opts: XentOptions):
   """Global number of classes (static when not sharded)."""
   if opts.axis_name is None:
