@@ -34,8 +34,27 @@ def test_linear_case():
   assert rc == 0
 
 
+def test_kernel_parameters_in_implementation_names(tmp_path):
+  """``NAME[key=value,...]`` times a kernel object with those parameters beside the defaults."""
+  out = tmp_path / "out.json"
+  rc = cli.main(["--shape", "32,700", "--shape", "32,16,300", "--implementations",
+                 "chunked_xla,chunked_xla[block=64],pallas_triton[programs=2,row_groups=4],"
+                 "linear_chunked[block_v=128],linear_fused_grad[block_n=8]", "--reps", "10",
+                 "--modes", "forward_and_vjp", "--no-progress", "--json", str(out)])
+  assert rc == 0
+  names = {r["implementation"] for r in json.loads(out.read_text())}
+  # pallas_triton runs only on a GPU: validated, then skipped here
+  assert names == {"chunked_xla", "chunked_xla[block=64]", "linear_chunked[block_v=128]",
+                   "linear_fused_grad[block_n=8]"}
+
+
 @pytest.mark.parametrize("argv", [
     ["--implementations", "nope"],
+    ["--implementations", "pallas_triton[block_c=1000]"],
+    ["--implementations", "pallas_triton[warps=4]"],
+    ["--implementations", "optax[block=4]"],
+    ["--implementations", "chunked_xla[block=x]"],
+    ["--implementations", "chunked_xla[block=4"],
     ["--preset", "huge"],
     ["--shape", "12"],
     ["--shape", "a,b"],

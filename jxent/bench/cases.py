@@ -54,6 +54,53 @@ def all_implementations() -> tuple[str, ...]:
   return JXENT_LOGITS + JXENT_LINEAR + PEERS
 
 
+def _kernel_classes() -> dict:
+  import jxent
+  return {"xla": jxent.XlaKernel, "chunked_xla": jxent.ChunkedXlaKernel,
+          "pallas_triton": jxent.PallasTritonKernel,
+          "pallas_mosaic_tpu": jxent.PallasMosaicTpuKernel,
+          "linear_chunked": jxent.LinearChunked, "linear_fused_grad": jxent.LinearFusedGrad}
+
+
+def parse_implementation(name: str) -> tuple[str, dict]:
+  """``"pallas_triton[programs=264,block_c=4096]"`` -> ``("pallas_triton", {...})``: a jxent
+  implementation with kernel-object parameters (ints, floats or None). Raises ValueError."""
+  base, _, rest = name.partition("[")
+  if not rest:
+    return name, {}
+  if not rest.endswith("]"):
+    raise ValueError(f"implementation {name!r}: expected NAME[key=value,...]")
+  kernel = _kernel_classes().get(base.removesuffix("_rows"))
+  if kernel is None:
+    raise ValueError(f"implementation {name!r}: only jxent kernels take parameters "
+                     f"({', '.join(sorted(_kernel_classes()))})")
+  params = {}
+  for item in filter(None, rest[:-1].split(",")):
+    key, eq, value = item.partition("=")
+    if not eq:
+      raise ValueError(f"implementation {name!r}: {item!r} is not key=value")
+    try:
+      params[key] = None if value == "None" else (float(value) if "." in value else int(value))
+    except ValueError:
+      raise ValueError(f"implementation {name!r}: {key}={value!r} is not a number") from None
+  fields = {f.name for f in dataclasses.fields(kernel)}
+  for key in params:
+    if key not in fields or key == "interpret":
+      raise ValueError(f"implementation {name!r}: {kernel.__name__} has no parameter {key!r} "
+                       f"(it has {', '.join(sorted(fields - {'interpret'}))})")
+  try:
+    kernel(**params)  # validates the values
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"implementation {name!r}: {e}") from None
+  return base, params
+
+
+def _kernel(base: str, params: dict):
+  if not params:
+    return {"linear_chunked": "chunked_xla", "linear_fused_grad": "fused_grad_xla"}.get(base, base)
+  return _kernel_classes()[base](**params)
+
+
 def _platform_ok(name: str) -> bool:
   plat = jax.default_backend()
   if name.startswith("pallas_triton"):
@@ -69,6 +116,7 @@ def _platform_ok(name: str) -> bool:
 
 def applies(name: str, case: Case) -> bool:
   """Whether implementation ``name`` runs ``case`` on this backend."""
+  name = parse_implementation(name)[0]
   if not _platform_ok(name):
     return False
   if case.kind == "linear":
@@ -96,17 +144,17 @@ def loss_fn(name: str, case: Case) -> Callable:
   (logits) or args 0 and 1 (x, w) for linear cases."""
   import jxent
   dense = case.labels == "dense"
+  name, params = parse_implementation(name)
   if case.kind == "linear":
-    if name == "linear_chunked":
-      return lambda x, w, y: jxent.linear_softmax_cross_entropy(x, w, y, implementation="chunked_xla")
-    if name == "linear_fused_grad":
-      return lambda x, w, y: jxent.linear_softmax_cross_entropy(x, w, y, implementation="fused_grad_xla")
+    if name in JXENT_LINEAR:
+      algo = _kernel(name, params)
+      return lambda x, w, y: jxent.linear_softmax_cross_entropy(x, w, y, implementation=algo)
     if name in ("unfused", "optax"):
       import optax
       return lambda x, w, y: optax.softmax_cross_entropy_with_integer_labels(
           (x @ w).astype(jnp.float32), y).mean()
   if name in JXENT_LOGITS:
-    impl = name.removesuffix("_rows")
+    impl = _kernel(name.removesuffix("_rows"), params)
     if name.endswith("_rows"):  # per-row custom VJP (separate forward and backward kernels)
       if dense:
         return lambda x, y: jxent.softmax_cross_entropy(x, y, implementation=impl).astype(jnp.float32).mean()

@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -53,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--labels", default="int", help="label kinds of custom logits cases: int,dense")
   p.add_argument("--implementations", default=None,
                  help="comma list; default: every one that runs here. Known: "
-                      + ", ".join(C.all_implementations()))
+                      + ", ".join(C.all_implementations())
+                      + ". A jxent kernel takes parameters as NAME[key=value,...], e.g. "
+                        "'pallas_triton[programs=264,block_c=4096]'")
   p.add_argument("--modes", default=None, help="comma list of " + ", ".join(C.MODES))
   p.add_argument("--reps", type=int, default=10, help="timed runs per row (median; >= 10)")
   p.add_argument("--json", metavar="PATH", help="write rows as a JSON list")
@@ -93,9 +96,13 @@ def resolve(args) -> tuple[list[C.Case], tuple[str, ...], tuple[str, ...]]:
       if m not in C.MODES:
         raise UsageError(f"unknown mode {m!r}: expected one of {', '.join(C.MODES)}")
   if args.implementations:
-    impls = tuple(i for i in args.implementations.split(",") if i)
+    impls = tuple(i for i in re.split(r",(?![^\[]*\])", args.implementations) if i)
     for i in impls:
-      if i not in C.all_implementations():
+      try:
+        base = C.parse_implementation(i)[0]
+      except ValueError as e:
+        raise UsageError(str(e)) from None
+      if base not in C.all_implementations():
         raise UsageError(f"unknown implementation {i!r}: expected one of "
                          f"{', '.join(C.all_implementations())}")
   else:
