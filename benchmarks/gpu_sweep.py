@@ -9,7 +9,8 @@
    statistics per row, no block-wide reduction in the walk: aimed at the 1.05x forward target).
    The persistent launch bounds the rows in flight so that the fused kernel's second walk over a
    row finds it in L2: the target is 0.85x of the three-pass floor (one read + one write of the
-   logits = 0.67x).
+   logits = 0.67x). For vocabularies up to 65536 it also tries one block per row
+   (``block_c >= C``), where the fused kernel loads the row once.
 
 Timing as in jxent-bench (median of batched, synced samples, rotated inputs).
 
@@ -82,6 +83,10 @@ for n, v in SHAPES:
               for gr, (bc, nw) in itertools.product((16, 64, 256), tiles)]
   configs += [K(programs=p * 132, block_c=bc, num_warps=nw, row_groups=gr)
               for p, (bc, nw), gr in itertools.product((1, 2, 4), ((2048, 4), (4096, 8), (8192, 16)), (1, 64))]
+  if v <= 65536:  # whole row in one block: the fused kernel loads it once (one read, one write)
+    whole = 1 << (v - 1).bit_length()
+    configs += [K(block_c=whole, num_warps=nw, row_groups=gr)
+                for nw, gr in itertools.product((8, 16, 32), (1, 64))]
   configs = configs[:3] + configs[-2:] if DRY else configs
   for k in configs:
     cfg = dict(programs=k.programs, block_c=k.block_c, num_warps=k.num_warps, row_groups=k.row_groups)

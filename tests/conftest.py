@@ -20,7 +20,8 @@ def kernels():
       pytest.param(jxent.XlaKernel(), id="xla"),
       pytest.param(jxent.ChunkedXlaKernel(block=16), id="chunked_xla"),
       pytest.param(pallas_triton.PallasTritonKernel(interpret=True, block_c=16), id="pallas_triton"),
-      pytest.param(pallas_triton.PallasTritonKernel(interpret=True, block_c=16, programs=3,
+      # block_c=64: rows up to 64 classes take the fused kernel's one-load path
+      pytest.param(pallas_triton.PallasTritonKernel(interpret=True, block_c=64, programs=3,
                                                     row_groups=4),
                    id="pallas_triton_persistent_groups"),
       pytest.param(pallas_mosaic_tpu.PallasMosaicTpuKernel(interpret=True, block_r=8, block_c=128),

@@ -74,48 +74,66 @@ class _Row:
       self.ref[self.r] = val
 
 
-def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c, groups=1):
+def _lanes(block_c, groups):
+  """Offsets of one block's elements, ``[block_c]`` or ``[groups, block_c // groups]``."""
+  if groups == 1:
+    return jnp.arange(block_c)
+  k = block_c // groups
+  return jnp.arange(groups)[:, None] * k + jnp.arange(k)[None, :]
+
+
+def _load_x(x_ref, idx, mask, opts):
+  """Upcast, soft-capped logits of one block; masked lanes are -inf."""
+  if opts.logit_softcap is None:  # masked lanes load as -inf: no select per element
+    return xla.prep_logits(x_ref.load(idx, mask, -jnp.inf), opts)
+  # the soft-cap would map -inf to -c
+  return jnp.where(mask, xla.prep_logits(x_ref.load(idx, mask, 0.0), opts), -jnp.inf)
+
+
+def _fold(carry, x, y, mask, *, sparse, opts):
+  """Folds one block into the online statistics (scalars, or one per group of a 2-D block)."""
+  m, z, a, b, sx = carry
+  red = functools.partial(jnp.sum, axis=-1)
+  expand = (lambda v: v) if x.ndim == 1 else (lambda v: v[:, None])
+  m_new = jnp.maximum(m, jnp.max(x, axis=-1))
+  z = z * jnp.exp(m - m_new) + red(jnp.exp(x - expand(m_new)))
+  if opts.label_smoothing:
+    sx = sx + red(jnp.where(mask, x, 0.0))
+  if not sparse:
+    b = b + (m - m_new) * a + red(jnp.where(y == 0, 0.0, y * (x - expand(m_new))))
+    a = a + red(y)
+  return m_new, z, a, b, sx
+
+
+def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c, groups=1, block=None):
   """One walk over a row with online statistics (one exp per element).
 
   With ``groups == 1`` every step reduces its block to scalars. With ``groups = G > 1`` a step's
   block is viewed as ``[G, block_c // G]`` (G contiguous segments) and reduced along the segments
   only, keeping G independent online statistics that are combined once after the walk: the loop
   then has no reduction across the whole block (``1 + G / block_c`` exps per element).
+  ``block = (x, y, mask)``: the whole row, already loaded (no walk).
 
   Returns the raw statistics ``(m, z, a, b, sum_x)`` of :func:`xla.loss_from_stats`: dense
   ``a = sum(y)``, ``b = sum(y * (x - m))``; sparse ``b`` = the label's logit, read with one
   scalar load after the walk (no per-block reduction); ``sum_x`` (label smoothing only).
   """
   c = x_ref.size
-  if groups == 1:
-    lanes, shape, expand = jnp.arange(block_c), (), lambda v: v
-  else:
-    k = block_c // groups
-    lanes = jnp.arange(groups)[:, None] * k + jnp.arange(k)[None, :]
-    shape, expand = (groups,), lambda v: v[:, None]
-  red = functools.partial(jnp.sum, axis=-1)
-
-  def body(i, carry):
-    m, z, a, b, sx = carry
-    idx = i * block_c + lanes
-    mask = idx < c
-    if opts.logit_softcap is None:  # masked lanes load as -inf: no select per element
-      x = xla.prep_logits(x_ref.load(idx, mask, -jnp.inf), opts)
-    else:  # the soft-cap would map -inf to -c
-      x = jnp.where(mask, xla.prep_logits(x_ref.load(idx, mask, 0.0), opts), -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(x, axis=-1))
-    z = z * jnp.exp(m - m_new) + red(jnp.exp(x - expand(m_new)))
-    if opts.label_smoothing:
-      sx = sx + red(jnp.where(mask, x, 0.0))
-    if not sparse:
-      y = y_ref.load(idx, mask, 0.0).astype(jnp.float32)
-      b = b + (m - m_new) * a + red(jnp.where(y == 0, 0.0, y * (x - expand(m_new))))
-      a = a + red(y)
-    return m_new, z, a, b, sx
-
+  lanes = _lanes(block_c, groups)
+  shape = () if groups == 1 else (groups,)
   zero = jnp.zeros(shape, jnp.float32)
   init = (jnp.full(shape, _NEG, jnp.float32), zero, zero, zero, zero)
-  m, z, a, b, sx = jax.lax.fori_loop(0, pl.cdiv(c, block_c), body, init)
+
+  def body(i, carry):
+    idx = i * block_c + lanes
+    mask = idx < c
+    y = None if sparse else y_ref.load(idx, mask, 0.0).astype(jnp.float32)
+    return _fold(carry, _load_x(x_ref, idx, mask, opts), y, mask, sparse=sparse, opts=opts)
+
+  if block is None:
+    m, z, a, b, sx = jax.lax.fori_loop(0, pl.cdiv(c, block_c), body, init)
+  else:
+    m, z, a, b, sx = _fold(init, *block, sparse=sparse, opts=opts)
   if groups > 1:  # combine the groups' statistics
     mg = jnp.max(m)
     z, b, a, sx, m = (jnp.sum(z * jnp.exp(m - mg)), jnp.sum(b + (m - mg) * a), jnp.sum(a),
@@ -128,34 +146,45 @@ def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c, groups=1):
   return m, z, a, b, sx
 
 
+def _grad_block(x, y, idx, mask, dx_ref, dy_ref, label, lse, g, coef, *, sparse, opts, n_cls):
+  """Writes one block of ``dlogits`` (and ``dlabels``) from its logits ``x`` (upcast, capped)."""
+  eps = opts.label_smoothing
+  p = jnp.exp(x - lse)
+  if sparse:
+    target = jnp.where(idx == label, 1.0 - eps, 0.0)
+  else:
+    target = (1.0 - eps) * y
+    if dy_ref is not None:
+      dy_ref.store(idx, (g * (1.0 - eps) * (lse - x)).astype(dy_ref.dtype), mask)
+  if eps:
+    target = target + eps / n_cls
+  dx = g * (coef * p - target) * xla.softcap_factor(x, opts)
+  dx_ref.store(idx, dx.astype(dx_ref.dtype), mask)
+
+
+def _grad_coef(lse, sum_t, *, sparse, opts):
+  coef = 1.0 + 2.0 * opts.z_loss * lse
+  if not sparse and not opts.tf_grad:
+    coef = coef + (sum_t - 1.0)
+  return coef
+
+
 def _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, lse, g, sum_t, *, sparse, opts, block_c, n_cls):
   """Writes ``dlogits`` (and ``dlabels``) for one row; ``g`` already includes masking/scaling.
 
   ``label`` is this row's local class id; ``n_cls`` the global class count (vocab parallel)."""
   c = x_ref.size
-  eps = opts.label_smoothing
   lanes = jnp.arange(block_c)
-  coef = 1.0 + 2.0 * opts.z_loss * lse
-  if not sparse and not opts.tf_grad:
-    coef = coef + (sum_t - 1.0)
+  coef = _grad_coef(lse, sum_t, sparse=sparse, opts=opts)
 
   @pl.loop(0, pl.cdiv(c, block_c))
   def _(i):
     idx = i * block_c + lanes
     mask = idx < c
     x = xla.prep_logits(x_ref.load(idx, mask, 0.0), opts)
-    p = jnp.exp(x - lse)
-    if sparse:
-      target = jnp.where(idx == label, 1.0 - eps, 0.0)
-    else:
-      y = y_ref.load(idx, mask, 0.0).astype(jnp.float32)
-      target = (1.0 - eps) * y
-      if dy_ref is not None:
-        dy_ref.store(idx, (g * (1.0 - eps) * (lse - x)).astype(dy_ref.dtype), mask)
-    if eps:
-      target = target + eps / n_cls
-    dx = g * (coef * p - target) * xla.softcap_factor(x, opts)
-    dx_ref.store(idx, dx.astype(dx_ref.dtype), mask)
+    y = None if sparse else y_ref.load(idx, mask, 0.0).astype(jnp.float32)
+    _grad_block(x, y, idx, mask, dx_ref, dy_ref, label, lse, g, coef, sparse=sparse, opts=opts,
+                n_cls=n_cls)
 
 
 def _sum_target(y_ref, *, opts, block_c):
@@ -221,20 +250,34 @@ def _bwd_kernel(*refs, sparse, opts, block_c, n_cls):
 
 
 def _fused_kernel(*refs, sparse, opts, block_c, groups):
+  """Loss and pre-scaled gradient of one row. A row that fits one block (``C <= block_c``) is
+  loaded once and both passes use it: one HBM read and one write. Longer rows are walked twice
+  (the second walk hits L2 when few enough rows are in flight)."""
   x_ref, y_ref, w_ref, loss_ref, dx_ref, *dy = refs
   dy_ref = dy[0] if dy else None
   c = x_ref.size
   label = y_ref[()] if sparse else None
+  block = None
+  if c <= block_c:
+    idx = _lanes(block_c, groups)
+    mask = idx < c
+    y = None if sparse else y_ref.load(idx, mask, 0.0).astype(jnp.float32)
+    block = (_load_x(x_ref, idx, mask, opts), y, mask)
   stats = _row_stats(x_ref, y_ref, label, sparse=sparse, opts=opts, block_c=block_c,
-                     groups=groups)
+                     groups=groups, block=block)
   loss, lse = xla.loss_from_stats(*stats, label, sparse=sparse, opts=opts, local_c=c)
   w = w_ref[()]
   loss_ref[()] = jnp.where(w == 0, 0.0, loss * w)
   a = stats[2]
   sum_t = None if (sparse or opts.tf_grad) else (1.0 - opts.label_smoothing) * a + opts.label_smoothing
   g = _row_weight(label, w, opts) if sparse else w
-  _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, lse, g, sum_t, sparse=sparse, opts=opts,
-             block_c=block_c, n_cls=c)
+  if block is None:
+    _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, lse, g, sum_t, sparse=sparse, opts=opts,
+               block_c=block_c, n_cls=c)
+  else:
+    coef = _grad_coef(lse, sum_t, sparse=sparse, opts=opts)
+    _grad_block(block[0], block[1], idx, mask, dx_ref, dy_ref, label, lse, g, coef,
+                sparse=sparse, opts=opts, n_cls=c)
 
 
 # ------------------------------------------------------------------------------------------------
