@@ -90,14 +90,17 @@ def test_interpret_kernels_do_not_lower_to_custom_calls(monkeypatch):
     assert "custom_call" not in text
 
 
+@pytest.mark.parametrize("kernel", [pallas_triton.PallasTritonKernel(),
+                                    pallas_mosaic_tpu.PallasMosaicTpuKernel()],
+                         ids=["pallas_triton", "pallas_mosaic_tpu"])
 @pytest.mark.parametrize("sparse", [True, False])
-def test_triton_vocab_parallel_lowers_under_shard_map(sparse, monkeypatch):
-  """The compiled Triton kernels inside shard_map with axis_name and check_vma=True (the
-  interpret-mode tests need check_vma=False): the outputs carry their manual-axis types."""
+def test_vocab_parallel_lowers_under_shard_map(kernel, sparse, monkeypatch):
+  """The compiled kernels inside shard_map with axis_name and check_vma=True (the interpret-mode
+  tests need check_vma=False): the outputs carry their manual-axis types."""
   import numpy as np
   from jax.sharding import Mesh, PartitionSpec as P
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
-  kernel = pallas_triton.PallasTritonKernel()
+  platform, call = TARGETS[kernel.name]
   opts = dict(axis_name="model", implementation=kernel, reduction="sum", label_smoothing=0.1)
 
   def body(x, y):
@@ -109,6 +112,6 @@ def test_triton_vocab_parallel_lowers_under_shard_map(sparse, monkeypatch):
                     in_specs=(P("data", "model"), P("data") if sparse else P("data", "model")))
   x = jax.ShapeDtypeStruct((64, 4096), jnp.bfloat16)
   y = jax.ShapeDtypeStruct((64,), jnp.int32) if sparse else x
-  text = _lower(lambda x, y: jax.value_and_grad(lambda x: f(x, y).sum())(x), (x, y), "cuda",
+  text = _lower(lambda x, y: jax.value_and_grad(lambda x: f(x, y).sum())(x), (x, y), platform,
                 monkeypatch)
-  assert text.count(TARGETS["pallas_triton"][1]) == 2  # forward and backward kernels
+  assert text.count(call) == 2  # forward and backward kernels

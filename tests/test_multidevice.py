@@ -27,15 +27,21 @@ def _triton(**kw):
   return PallasTritonKernel(interpret=True, block_c=16, **kw)
 
 
+def _mosaic():
+  from jxent._src.pallas_mosaic_tpu import PallasMosaicTpuKernel
+  return PallasMosaicTpuKernel(interpret=True, block_r=8, block_c=128)
+
+
 @pytest.mark.parametrize("tp", [2, 4, 8])
 @pytest.mark.parametrize("options", OPTIONS)
-@pytest.mark.parametrize("impl", ["xla", "chunked_xla", "pallas_triton", "pallas_triton_groups"])
+@pytest.mark.parametrize("impl", ["xla", "chunked_xla", "pallas_triton", "pallas_triton_groups",
+                                  "pallas_mosaic_tpu"])
 def test_vocab_parallel_integer_labels(tp, options, impl):
   # Pallas interpret mode (the HLO interpreter) cannot type-check manual axes yet (JAX asks for
   # check_vma=False); tests/test_lowering.py lowers the compiled kernel with check_vma=True.
   vma = not impl.startswith("pallas")
-  impl = {"pallas_triton": _triton(), "pallas_triton_groups": _triton(row_groups=4, programs=3)
-          }.get(impl, impl)
+  impl = {"pallas_triton": _triton(), "pallas_triton_groups": _triton(row_groups=4, programs=3),
+          "pallas_mosaic_tpu": _mosaic()}.get(impl, impl)
   rng = np.random.default_rng(tp)
   b, v = 16, 8 * 13
   x = rand_logits(rng, (b, v))
@@ -62,10 +68,11 @@ def test_vocab_parallel_integer_labels(tp, options, impl):
 
 @pytest.mark.parametrize("tp", [2, 4, 8])
 @pytest.mark.parametrize("options", OPTIONS)
-@pytest.mark.parametrize("impl", ["xla", "pallas_triton"])
+@pytest.mark.parametrize("impl", ["xla", "pallas_triton", "pallas_mosaic_tpu"])
 def test_vocab_parallel_dense_labels(tp, options, impl):
   vma = impl == "xla"  # see test_vocab_parallel_integer_labels
-  options = dict(options, implementation=_triton() if impl == "pallas_triton" else impl)
+  impl = {"pallas_triton": _triton(), "pallas_mosaic_tpu": _mosaic()}.get(impl, impl)
+  options = dict(options, implementation=impl)
   rng = np.random.default_rng(10 + tp)
   b, v = 8, 8 * 9
   x = rand_logits(rng, (b, v))

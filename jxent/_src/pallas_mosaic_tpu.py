@@ -10,7 +10,9 @@
   VMEM budget use the forward and backward kernels.
 
 Tested in interpret mode on CPU, and lowered to Mosaic for TPU from CPU (tests/test_lowering.py);
-not yet compiled or timed on a TPU. ``axis_name`` is not supported (use ``"xla"``).
+not yet compiled or timed on a TPU. With ``axis_name`` (vocab parallel) the forward kernel
+writes each shard's raw row statistics, merged over the shards in XLA, and scalar reductions use
+the forward and backward kernels.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jxent._src import dispatch, xla
-from jxent._src.options import XentOptions
 
 _NEG = float(jnp.finfo(jnp.float32).min)
 
@@ -62,7 +63,8 @@ def _update_stats(stats, x, y, col, *, sparse, opts, c):
   if opts.label_smoothing:
     sx = sx + jnp.sum(jnp.where(mask, x, 0.0), axis=1, keepdims=True)
   if sparse:
-    b = b + jnp.sum(jnp.where(col == y, x, 0.0), axis=1, keepdims=True)
+    # (a local label id may point past this shard's classes, into the masked lanes)
+    b = b + jnp.sum(jnp.where((col == y) & mask, x, 0.0), axis=1, keepdims=True)
   else:
     yv = jnp.where(mask, y.astype(jnp.float32), 0.0)
     b = (b + (m_old - m_new) * a
@@ -71,18 +73,9 @@ def _update_stats(stats, x, y, col, *, sparse, opts, c):
   return m_new, z, a, b, sx
 
 
-def _finish_stats(stats, y, *, sparse, opts, c):
-  """Per-row ``(loss, lse)`` from the statistics of the whole row."""
-  m, z, a, b, sx = stats
-  log_z, sum_s = jnp.log(z), sx - c * m
-  if sparse:
-    loss, lse = xla.combine(m, log_z, None, None, sum_s, b - m, opts, c)
-    return xla.finish_sparse(loss, y, c, opts), lse
-  return xla.combine(m, log_z, a, b, sum_s, None, opts, c)
-
-
-def _grad_tile(x, y, col, lse, g, sum_t, *, sparse, opts, c):
-  """``(dlogits, dlabels)`` of one tile; ``g`` already holds the row weights and masking."""
+def _grad_tile(x, y, col, lse, g, sum_t, *, sparse, opts, n_cls):
+  """``(dlogits, dlabels)`` of one tile; ``g`` already holds the row weights and masking;
+  ``n_cls`` is the global class count (vocab parallel)."""
   eps = opts.label_smoothing
   x = xla.prep_logits(x, opts).astype(jnp.float32)
   p = jnp.exp(x - lse)
@@ -96,7 +89,7 @@ def _grad_tile(x, y, col, lse, g, sum_t, *, sparse, opts, c):
       coef = coef + (sum_t - 1.0)
     dy = g * (1.0 - eps) * (lse - x)
   if eps:
-    target = target + eps / c
+    target = target + eps / n_cls
   return g * (coef * p - target) * xla.softcap_factor(x, opts), dy
 
 
@@ -109,8 +102,13 @@ def _row_weight(y, g, *, sparse, opts):
 # ------------------------------------------------------------------------------------------------
 # Kernels.
 # ------------------------------------------------------------------------------------------------
-def _fwd_kernel(x_ref, y_ref, loss_ref, lse_ref, *scratch, sparse, opts, block_c, c):
-  """Grid (row blocks, class blocks): online statistics in VMEM scratch across class blocks."""
+def _fwd_kernel(x_ref, y_ref, *refs, sparse, opts, block_c, c):
+  """Grid (row blocks, class blocks): online statistics in VMEM scratch across class blocks.
+
+  Writes loss and lse; with ``axis_name``, this shard's raw statistics instead (merged over the
+  shards by the caller)."""
+  n_out = 2 if opts.axis_name is None else 5
+  outs, scratch = refs[:n_out], refs[n_out:]
   j = pl.program_id(1)
 
   @pl.when(j == 0)
@@ -126,11 +124,18 @@ def _fwd_kernel(x_ref, y_ref, loss_ref, lse_ref, *scratch, sparse, opts, block_c
 
   @pl.when(j == pl.num_programs(1) - 1)
   def _finish():
-    loss_ref[...], lse_ref[...] = _finish_stats(stats, y_ref[...], sparse=sparse, opts=opts, c=c)
+    if opts.axis_name is not None:
+      for ref, val in zip(outs, stats):
+        ref[...] = val
+      return
+    outs[0][...], outs[1][...] = xla.loss_from_stats(*stats, y_ref[...], sparse=sparse, opts=opts,
+                                                     local_c=c)
 
 
-def _bwd_kernel(*refs, sparse, opts, block_c, c):
-  """Grid (row blocks, class blocks), all parallel: one tile of ``dlogits`` from the saved lse."""
+def _bwd_kernel(*refs, sparse, opts, block_c, n_cls):
+  """Grid (row blocks, class blocks), all parallel: one tile of ``dlogits`` from the saved lse.
+
+  With ``axis_name`` the caller passes local labels and ``g`` with ignored rows zeroed."""
   if sparse:
     x_ref, y_ref, lse_ref, g_ref, dx_ref = refs
     st_ref = dy_ref = None
@@ -139,9 +144,12 @@ def _bwd_kernel(*refs, sparse, opts, block_c, c):
     dy_ref = dy[0] if dy else None
   col = _cols(pl.program_id(1) * block_c, x_ref.shape)
   y = y_ref[...]
-  g = _row_weight(y, g_ref[...], sparse=sparse, opts=opts)
+  g = g_ref[...]
+  if opts.axis_name is None:
+    g = _row_weight(y, g, sparse=sparse, opts=opts)
   sum_t = None if (st_ref is None or opts.tf_grad) else st_ref[...]
-  dx, dy = _grad_tile(x_ref[...], y, col, lse_ref[...], g, sum_t, sparse=sparse, opts=opts, c=c)
+  dx, dy = _grad_tile(x_ref[...], y, col, lse_ref[...], g, sum_t, sparse=sparse, opts=opts,
+                      n_cls=n_cls)
   dx_ref[...] = dx.astype(dx_ref.dtype)
   if dy_ref is not None:
     dy_ref[...] = dy.astype(dy_ref.dtype)
@@ -178,7 +186,7 @@ def _fused_kernel(*refs, sparse, opts, chunk, c):
                          sparse=sparse, opts=opts, c=c)
 
   stats = _walk(c, chunk, stats_body, _init_stats(rows))
-  loss, lse = _finish_stats(stats, y_row, sparse=sparse, opts=opts, c=c)
+  loss, lse = xla.loss_from_stats(*stats, y_row, sparse=sparse, opts=opts, local_c=c)
   w = w_ref[...]
   loss_ref[...] = jnp.where(w == 0, 0.0, loss * w)
   g = _row_weight(y_row, w, sparse=sparse, opts=opts)
@@ -189,7 +197,7 @@ def _fused_kernel(*refs, sparse, opts, chunk, c):
   def grad_body(start, size, carry):
     col = _cols(start, (rows, size))
     dx, dyv = _grad_tile(x_ref[:, pl.ds(start, size)], y_tile(start, size), col, lse, g, sum_t,
-                         sparse=sparse, opts=opts, c=c)
+                         sparse=sparse, opts=opts, n_cls=c)
     dx_ref[:, pl.ds(start, size)] = dx.astype(dx_ref.dtype)
     if dy_ref is not None:
       dy_ref[:, pl.ds(start, size)] = dyv.astype(dy_ref.dtype)
@@ -248,7 +256,9 @@ class PallasMosaicTpuKernel:
 
   def fused(self, logits, labels, weights, *, sparse, opts, want_dlabels=True):
     """Weighted per-row loss and the gradient of ``sum(loss * weights)`` in one kernel."""
-    _check(opts)
+    if opts.axis_name is not None:
+      raise ValueError("the fused kernel needs whole rows; with axis_name the loss uses the "
+                       "forward and backward kernels.")
     rows, c = logits.shape
     want_dy = not sparse and want_dlabels
     blocks = [logits.dtype, logits.dtype] + ([] if sparse else [labels.dtype])
@@ -279,25 +289,35 @@ class PallasMosaicTpuKernel:
     return res[0][:, 0], res[1], (res[2] if want_dy else None)
 
   def forward(self, logits, labels, *, sparse, opts):
-    _check(opts)
     rows, c = logits.shape
+    glabels = labels
+    if sparse and opts.axis_name is not None:  # local ids; merged over the shards below
+      labels = labels - xla.class_offset(c, opts)
     br, bc, grid = self._grid(rows, c, logits.dtype)
     row_spec = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
     y_spec = row_spec if sparse else pl.BlockSpec((br, bc), lambda i, j: (i, j))
     y = labels[:, None] if sparse else labels
     vmem = _pltpu().VMEM((br, 1), jnp.float32)  # the five online statistics
-    out_shape = (xla.out_struct((rows, 1), jnp.float32, logits),) * 2
-    loss, lse = pl.pallas_call(
+    n_out = 2 if opts.axis_name is None else 5
+    out_shape = (xla.out_struct((rows, 1), jnp.float32, logits),) * n_out
+    res = pl.pallas_call(
         functools.partial(_fwd_kernel, sparse=sparse, opts=opts, block_c=bc, c=c),
         grid=grid, in_specs=[pl.BlockSpec((br, bc), lambda i, j: (i, j)), y_spec],
-        out_specs=(row_spec, row_spec), out_shape=out_shape, scratch_shapes=[vmem] * 5,
+        out_specs=(row_spec,) * n_out, out_shape=out_shape, scratch_shapes=[vmem] * 5,
         compiler_params=self._params(("parallel", "arbitrary")), interpret=self.interpret,
         name="jxent_xent_fwd")(logits, y)
-    return loss[:, 0], lse[:, 0]
+    res = [r[:, 0] for r in res]
+    if opts.axis_name is None:
+      return res[0], res[1]
+    return xla.loss_from_stats(*res, glabels, sparse=sparse, opts=opts, local_c=c)
 
   def backward(self, logits, labels, lse, g, *, sparse, opts, want_dlabels=True):
-    _check(opts)
     rows, c = logits.shape
+    if sparse and opts.axis_name is not None:  # what needs the other shards is done here
+      ignored = xla.ignored_rows(labels, opts)
+      if ignored is not None:
+        g = jnp.where(ignored, 0.0, g)
+      labels = labels - xla.class_offset(c, opts)
     br, bc, grid = self._grid(rows, c, logits.dtype)
     row_spec = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
     blk_spec = pl.BlockSpec((br, bc), lambda i, j: (i, j))
@@ -306,23 +326,18 @@ class PallasMosaicTpuKernel:
     in_specs = [blk_spec, row_spec if sparse else blk_spec, row_spec, row_spec]
     out_shape = [xla.out_struct((rows, c), logits.dtype, logits)]
     if not sparse:
-      sum_t = jnp.sum(labels.astype(jnp.float32), axis=-1)
+      sum_t = xla.psum(jnp.sum(labels.astype(jnp.float32), axis=-1), opts)
       args.append(((1.0 - opts.label_smoothing) * sum_t + opts.label_smoothing)[:, None])
       in_specs.append(row_spec)
       if want_dlabels:
         out_shape.append(xla.out_struct((rows, c), labels.dtype, logits))
     res = pl.pallas_call(
-        functools.partial(_bwd_kernel, sparse=sparse, opts=opts, block_c=bc, c=c),
+        functools.partial(_bwd_kernel, sparse=sparse, opts=opts, block_c=bc,
+                          n_cls=xla.num_classes(c, opts)),
         grid=grid, in_specs=in_specs, out_specs=[blk_spec] * len(out_shape),
         out_shape=tuple(out_shape), compiler_params=self._params(("parallel", "parallel")),
         interpret=self.interpret, name="jxent_xent_bwd")(*args)
     return res[0], (res[1] if len(res) > 1 else None)
-
-
-def _check(opts: XentOptions):
-  if opts.axis_name is not None:
-    raise ValueError("implementation 'pallas_mosaic_tpu' does not support axis_name "
-                     "(vocab-parallel); use implementation='xla'.")
 
 
 dispatch.register("pallas_mosaic_tpu", PallasMosaicTpuKernel)
