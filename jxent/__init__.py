@@ -47,3 +47,7 @@ def __getattr__(name: str):
     import importlib
     return getattr(importlib.import_module(_LAZY[name]), name)
   raise AttributeError(f"module 'jxent' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_LAZY))
