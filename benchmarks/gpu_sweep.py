@@ -16,6 +16,7 @@ Timing as in jxent-bench (median of batched, synced samples, rotated inputs).
 
   PYTHONPATH=. python benchmarks/gpu_sweep.py            # writes $OUT/gpu_sweep.jsonl
   PYTHONPATH=. python benchmarks/gpu_sweep.py --dry-run  # CPU: interpret mode, tiny shapes
+  PYTHONPATH=. python benchmarks/gpu_sweep.py 32768,32000   # one shape (split a long run in two)
 
 Earlier record (results/2026-11-22_h100_gpu_sweep_lane_sums.jsonl): a variant that kept the
 sum-exp and label sums as per-lane vectors was slower at every block size, so every block is
@@ -37,6 +38,8 @@ def rel(a, b):
 DRY = "--dry-run" in sys.argv
 K = functools.partial(jxent.PallasTritonKernel, interpret=True) if DRY else jxent.PallasTritonKernel
 SHAPES = ((64, 1000), (32, 3001)) if DRY else ((8192, 128256), (4096, 256000), (32768, 32000))
+_only = [tuple(int(d) for d in a.split(",")) for a in sys.argv[1:] if "," in a]
+SHAPES = tuple(_only) or SHAPES  # e.g. `gpu_sweep.py 32768,32000`: just that shape
 emit(case="device", kind=jax.devices()[0].device_kind, jax=jax.__version__)
 bw = copy_bandwidth(10)
 emit(case="copy_bandwidth", gbps=bw / 1e9)
@@ -47,26 +50,30 @@ def inputs(n, v, copies):
   return [((jax.random.normal(jax.random.fold_in(key, i), (n, v), jnp.float32) * 3).astype(jnp.bfloat16),
            jax.random.randint(jax.random.fold_in(key, 100 + i), (n,), 0, v).at[3].set(-100)) for i in range(copies)]
 
-# 1. correctness
-n, v = SHAPES[0]
-(x, y), = inputs(n, v, 1)
-yd = jax.nn.one_hot(jnp.maximum(y, 0), v, dtype=jnp.bfloat16)
-gr = jax.random.normal(key, (n,), jnp.float32).astype(jnp.bfloat16)
-for kern, o in itertools.product((K(), K(programs=264, block_c=4096, num_warps=8, row_groups=64)), ({}, OPTS)):
-  for lab, f, yy in (("int", jxent.softmax_cross_entropy_with_integer_labels, y), ("dense", jxent.softmax_cross_entropy, yd)):
-    oo = dict(o, ignore_index=-100) if lab == "int" else {k: w for k, w in o.items() if k != "ignore_index"}
-    def run(impl, x, yy):
-      fo = jax.jit(lambda x, y: f(x, y, implementation=impl, **oo))
-      fr = jax.jit(lambda x, y, g: jax.vjp(lambda x: f(x, y, implementation=impl, **oo), x)[1](g)[0])
-      fm = jax.jit(jax.value_and_grad(lambda x, y: 2.0 * f(x, y, implementation=impl, reduction="mean", **oo)))
-      return (fo(x, yy), fr(x, yy, gr)) + fm(x, yy)
-    try:
-      a, b = run(kern, x, yy), run("xla", x, yy)
-      emit(case="check", programs=kern.programs, labels=lab, opts=bool(o), loss_rel=rel(a[0], b[0]),
-           dlogits_rel=rel(a[1], b[1]), mean_rel=rel(a[2], b[2]), mean_grad_rel=rel(a[3], b[3]))
-    except Exception as e:
-      emit(case="check", programs=kern.programs, labels=lab, error=repr(e)[:1500])
-del x, y, yd
+# 1. correctness: each kernel configuration against XLA (row loss, row VJP, fused mean + grad)
+CHECKS = [(SHAPES[0], K()), (SHAPES[0], K(programs=264, block_c=4096, num_warps=8, row_groups=64)),
+          ((64, 1000) if DRY else (4096, 32000), K(block_c=1024 if DRY else 32768, num_warps=16))]
+for (n, v), kern in CHECKS:
+  (x, y), = inputs(n, v, 1)
+  yd = jax.nn.one_hot(jnp.maximum(y, 0), v, dtype=jnp.bfloat16)
+  gr = jax.random.normal(key, (n,), jnp.float32).astype(jnp.bfloat16)
+  cfg = dict(shape=[n, v], programs=kern.programs, block_c=kern.block_c, num_warps=kern.num_warps,
+             row_groups=kern.row_groups)
+  for o in ({}, OPTS):
+    for lab, f, yy in (("int", jxent.softmax_cross_entropy_with_integer_labels, y), ("dense", jxent.softmax_cross_entropy, yd)):
+      oo = dict(o, ignore_index=-100) if lab == "int" else {k: w for k, w in o.items() if k != "ignore_index"}
+      def run(impl, x, yy):
+        fo = jax.jit(lambda x, y: f(x, y, implementation=impl, **oo))
+        fr = jax.jit(lambda x, y, g: jax.vjp(lambda x: f(x, y, implementation=impl, **oo), x)[1](g)[0])
+        fm = jax.jit(jax.value_and_grad(lambda x, y: 2.0 * f(x, y, implementation=impl, reduction="mean", **oo)))
+        return (fo(x, yy), fr(x, yy, gr)) + fm(x, yy)
+      try:
+        a, b = run(kern, x, yy), run("xla", x, yy)
+        emit(case="check", **cfg, labels=lab, opts=bool(o), loss_rel=rel(a[0], b[0]),
+             dlogits_rel=rel(a[1], b[1]), mean_rel=rel(a[2], b[2]), mean_grad_rel=rel(a[3], b[3]))
+      except Exception as e:
+        emit(case="check", **cfg, labels=lab, error=repr(e)[:1500])
+  del x, y, yd
 
 # 2.-3. floors and sweep
 for n, v in SHAPES:
