@@ -14,6 +14,7 @@ from jxent._src import reference
 from helpers import assert_close
 
 ALGOS = [pytest.param(jxent.LinearChunked(block_v=16), id="chunked"),
+         pytest.param(jxent.LinearChunked(block_v=16, block_n=10), id="chunked_token_passes"),
          pytest.param(jxent.LinearFusedGrad(block_n=8), id="fused_grad")]
 COMBOS = list(itertools.product((0.0, 0.1), (0.0, 1e-3), (None, 5.0), (None, -100)))
 
@@ -64,7 +65,8 @@ def test_reduction_none_and_leading_dims():
 def test_finite_differences():
   x, w, y = data(2, n=6, d=4, v=7)
   y = jnp.maximum(y, 0)
-  for algo in (jxent.LinearChunked(block_v=3), jxent.LinearFusedGrad(block_n=4)):
+  for algo in (jxent.LinearChunked(block_v=3), jxent.LinearChunked(block_v=3, block_n=4),
+               jxent.LinearFusedGrad(block_n=4)):
     f = lambda x, w: jxent.linear_softmax_cross_entropy(x, w, y, implementation=algo, z_loss=0.1,
                                                         label_smoothing=0.1, logit_softcap=3.0)
     check_grads(f, (x, w), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
@@ -76,7 +78,7 @@ def test_bf16_rule():
   xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
   truth = reference.xent(np.asarray(xb, np.float64) @ np.asarray(wb, np.float64), y, sparse=True)[0].mean()
   naive = jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(xb @ wb), y[:, None], -1))
-  for algo in ("chunked_xla", "fused_grad_xla"):
+  for algo in ("chunked_xla", jxent.LinearChunked(block_v=64, block_n=16), "fused_grad_xla"):
     got = jxent.linear_softmax_cross_entropy(xb, wb, y, implementation=algo)
     assert got.dtype == jnp.bfloat16
     assert abs(float(got) - truth) <= abs(float(naive) - truth) + 1e-2 * abs(truth)
@@ -97,6 +99,21 @@ def test_memory_bound():
   assert temp <= 0.10 * n * v * 4, temp
 
 
+def test_token_passes_shrink_temporaries():
+  """LinearChunked(block_n=...) runs the tokens in passes (a loop: one set of temporaries)."""
+  n, d, v = 2048, 256, 32768
+  args = (jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32),
+          jax.ShapeDtypeStruct((n,), jnp.int32))
+
+  def temp(algo):
+    f = jax.jit(jax.value_and_grad(lambda x, w, y: jxent.linear_softmax_cross_entropy(
+        x, w, y, implementation=algo), argnums=(0, 1)))
+    return f.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+  full, passes = temp(jxent.LinearChunked()), temp(jxent.LinearChunked(block_n=256))
+  assert passes <= 0.5 * full, (passes, full)
+
+
 def test_bad_input():
   x, w, y = data(4)
   with pytest.raises(ValueError, match="hidden"):
@@ -107,3 +124,7 @@ def test_bad_input():
     jxent.linear_softmax_cross_entropy(x, w, y, implementation="nope")
   with pytest.raises(ValueError, match="label_smoothing"):
     jxent.linear_softmax_cross_entropy(x, w, y, label_smoothing=2.0)
+  with pytest.raises(ValueError, match="block_n must be None or a positive int, got 0"):
+    jxent.LinearChunked(block_n=0)
+  with pytest.raises(ValueError, match="block_v must be a positive int, got -1"):
+    jxent.LinearChunked(block_v=-1)

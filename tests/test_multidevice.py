@@ -145,14 +145,15 @@ def test_vocab_parallel_under_pmap_matches_plain_jax():
 
 @pytest.mark.parametrize("tp", [2, 4, 8])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_vocab_parallel_linear(tp, reduction):
+@pytest.mark.parametrize("block_n", [None, 3])
+def test_vocab_parallel_linear(tp, reduction, block_n):
   rng = np.random.default_rng(20 + tp)
   n, d, v = 16, 12, 8 * 11
   x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(d, v)) * 0.3, jnp.float32)
   y = jnp.asarray(rng.integers(0, v, size=n)).at[0].set(-1)
   kw = dict(ignore_index=-1, z_loss=1e-3, label_smoothing=0.1, reduction=reduction,
-            implementation=jxent.LinearChunked(block_v=4))
+            implementation=jxent.LinearChunked(block_v=4, block_n=block_n))
   m = mesh(tp)
   out_spec = P() if reduction == "mean" else P("data")
   # Mean over the local rows of each data shard, then the mean of those (equal sizes).

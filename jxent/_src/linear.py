@@ -32,9 +32,25 @@ _F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class LinearChunked:
-  """Vocab-blocked linear cross-entropy with recompute (lean)."""
+  """Vocab-blocked linear cross-entropy with recompute (lean).
+
+  Attributes:
+    block_v: vocabulary columns per step (the ``[rows, block_v]`` float32 logits block).
+    block_n: tokens per pass, or None for all. Smaller passes shrink both the logits block and
+      the float32 ``dx`` accumulator to ``block_n`` rows, for the same matmul work; ``dw`` is then
+      accumulated across the passes in the weights' dtype (one rounding per pass for bfloat16
+      weights).
+  """
   name = "chunked_xla"
   block_v: int = 2048
+  block_n: Optional[int] = None
+
+  def __post_init__(self):
+    if not isinstance(self.block_v, int) or self.block_v < 1:
+      raise ValueError(f"LinearChunked: block_v must be a positive int, got {self.block_v!r}.")
+    if self.block_n is not None and (not isinstance(self.block_n, int) or self.block_n < 1):
+      raise ValueError(f"LinearChunked: block_n must be None or a positive int, "
+                       f"got {self.block_n!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +112,17 @@ def _chunked_forward(x, w, labels, opts, block_v):
   return xla.loss_from_stats(m, z, None, lab, sx, glabels, sparse=True, opts=opts, local_c=v)
 
 
-def _chunked_backward(x, w, labels, lse, g, opts, block_v):
+def _pad_rows(n: int, block_n: int, *arrays):
+  """Pads the leading axis to a multiple of ``block_n`` (zeros) and splits it into passes."""
+  pad = (-n) % block_n
+  out = []
+  for a in arrays:
+    a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) if pad else a
+    out.append(a.reshape(-1, block_n, *a.shape[1:]))
+  return out
+
+
+def _chunked_backward(x, w, labels, lse, g, opts, block_v, block_n=None):
   v = w.shape[1]
   v_total = xla.num_classes(v, opts)
   if opts.ignore_index is not None:
@@ -104,34 +130,66 @@ def _chunked_backward(x, w, labels, lse, g, opts, block_v):
   g = g.astype(_F32)
   labels = labels - xla.class_offset(v, opts)
 
-  def step(start, size, carry):
-    dx, dw = carry
-    wb = lax.dynamic_slice_in_dim(w, start, size, axis=1)
-    dz = _dlogits_block(_dot(x, wb), labels, start, lse, g, opts, v_total).astype(x.dtype)
-    dx = dx + _dot(dz, wb.T)
-    dw = lax.dynamic_update_slice_in_dim(dw, _dot(x.T, dz).astype(dw.dtype), start, axis=1)
-    return dx, dw
+  def one_pass(xs, ys, ls, gs, dw, accumulate):
+    def step(start, size, carry):
+      dx, dw = carry
+      wb = lax.dynamic_slice_in_dim(w, start, size, axis=1)
+      dz = _dlogits_block(_dot(xs, wb), ys, start, ls, gs, opts, v_total).astype(x.dtype)
+      dx = dx + _dot(dz, wb.T)
+      dwb = _dot(xs.T, dz)
+      if accumulate:  # later token passes add to the columns written by the earlier ones
+        dwb = dwb + lax.dynamic_slice_in_dim(dw, start, size, axis=1).astype(_F32)
+      dw = lax.dynamic_update_slice_in_dim(dw, dwb.astype(dw.dtype), start, axis=1)
+      return dx, dw
 
-  dx, dw = fold_blocks(step, v, block_v, (jnp.zeros(x.shape, _F32), jnp.zeros(w.shape, w.dtype)))
+    dx, dw = fold_blocks(step, v, block_v, (jnp.zeros(xs.shape, _F32), dw))
+    return dx.astype(x.dtype), dw
+
+  n = x.shape[0]
+  dw = jnp.zeros(w.shape, w.dtype)
+  if block_n is None or block_n >= n:
+    dx, dw = one_pass(x, labels, lse, g, dw, accumulate=False)
+  else:
+    # Token passes in a loop (one set of temporaries); padded rows have g = 0.
+    xp, yp, lp, gp = _pad_rows(n, block_n, x, labels, lse, g)
+
+    def body(i, _, carry):  # the first pass (static i = 0) writes dw, the others add to it
+      dxp, dw = carry
+      dx_i, dw = one_pass(xp[i], yp[i], lp[i], gp[i], dw,
+                          accumulate=not (isinstance(i, int) and i == 0))
+      return dxp.at[i].set(dx_i), dw
+
+    dxp, dw = fold_blocks(body, xp.shape[0], 1, (jnp.zeros(xp.shape, x.dtype), dw))
+    dx = dxp.reshape(-1, x.shape[1])[:n]
   # dx is this shard's part; match_vma (check_vma=True) or shard_map's transpose sums the parts.
-  return dx.astype(x.dtype), dw
+  return dx, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnames=("opts", "block_v"))
-def linear_xent_chunked(x, w, labels, opts: XentOptions, block_v: int):
+def _chunked_forward_passes(x, w, labels, opts, block_v, block_n):
+  n = x.shape[0]
+  if block_n is None or block_n >= n:
+    return _chunked_forward(x, w, labels, opts, block_v)
+  xp, yp = _pad_rows(n, block_n, x, labels)
+  loss, lse = lax.map(lambda a: _chunked_forward(a[0], w, a[1], opts, block_v), (xp, yp))
+  return loss.reshape(-1)[:n], lse.reshape(-1)[:n]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnames=("opts", "block_v", "block_n"))
+def linear_xent_chunked(x, w, labels, opts: XentOptions, block_v: int,
+                        block_n: Optional[int] = None):
   """Per-row loss ``[N]`` (float32) of ``x [N, D] @ w [D, V]``; lean memory."""
-  return _chunked_forward(x, w, labels, opts, block_v)[0]
+  return _chunked_forward_passes(x, w, labels, opts, block_v, block_n)[0]
 
 
-def _linear_xent_chunked_fwd(x, w, labels, opts, block_v):
-  loss, lse = _chunked_forward(x, w, labels, opts, block_v)
+def _linear_xent_chunked_fwd(x, w, labels, opts, block_v, block_n):
+  loss, lse = _chunked_forward_passes(x, w, labels, opts, block_v, block_n)
   return loss, (x, w, labels, lse)
 
 
-def _linear_xent_chunked_bwd(opts, block_v, res, g):
+def _linear_xent_chunked_bwd(opts, block_v, block_n, res, g):
   x, w, labels, lse = res
   g = xla.total_cotangent(g, w, opts)
-  dx, dw = _chunked_backward(x, w, labels, lse, g, opts, block_v)
+  dx, dw = _chunked_backward(x, w, labels, lse, g, opts, block_v, block_n)
   return xla.match_vma(dx, x), xla.match_vma(dw, w), None
 
 
@@ -221,7 +279,8 @@ def linear_softmax_cross_entropy(
       labels are global ids. Uses the lean algorithm.
     implementation: None or ``"chunked_xla"`` (lean: vocab blocks, recompute, O(N x block)
       temporaries), ``"fused_grad_xla"`` (fast: 3 matmuls, gradient formed in the forward pass,
-      float32 dW accumulator; scalar reductions only), or a ``LinearChunked(block_v=...)`` /
+      float32 dW accumulator; scalar reductions only), or a ``LinearChunked(block_v=...,
+      block_n=...)`` /
       ``LinearFusedGrad(block_n=...)`` object.
 
   Returns:
@@ -274,6 +333,6 @@ def linear_softmax_cross_entropy(
       wts = jnp.where(count > 0, wts / jnp.maximum(count, 1.0), 0.0)
     total = linear_xent_fused(x2, w, y2, lax.stop_gradient(wts), opts, algo.block_n)
     return total.astype(x.dtype)
-  loss = linear_xent_chunked(x2, w, y2, opts, algo.block_v)
+  loss = linear_xent_chunked(x2, w, y2, opts, algo.block_v, algo.block_n)
   return core.reduce_native(loss.reshape(batch_shape), None if kept is None else
                             kept.reshape(batch_shape), reduction, x.dtype)
