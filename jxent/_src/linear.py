@@ -5,7 +5,8 @@ Two algorithms (``implementation=``):
 * ``"chunked_xla"`` (lean, the default): the forward walks the vocabulary in blocks of ``block_v``
   columns with an online log-sum-exp; the backward recomputes each block's logits and accumulates
   ``dx`` (float32) and writes ``dw`` block by block. 4 matmuls; temporaries O(N x block_v).
-  Residuals: the inputs and the per-row log-sum-exp.
+  Residuals: the inputs and the per-row log-sum-exp. With ``block_n`` the tokens go in passes of
+  ``block_n`` rows (temporaries O(block_n x block_v), ``dw`` accumulated across the passes).
 * ``"fused_grad_xla"`` (fast, scalar reductions only): walks the tokens in chunks of ``block_n``
   rows, forms each chunk's full-vocabulary logits, loss and gradient in the forward pass, and
   accumulates ``dw`` in float32. 3 matmuls; temporaries O(block_n x V) plus the float32 ``dw``
