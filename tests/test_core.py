@@ -149,6 +149,20 @@ class TestKernels:
     gv = jax.vmap(jax.grad(lambda x, y: f(x, y).sum()))(x, y)
     assert_close(gv, reference.xent(x, y, sparse=True)[1])
 
+  def test_empty_batch(self, kernel):
+    """Zero rows: empty losses, zero-size gradients, scalar reductions 0 (no empty Pallas grid)."""
+    x = jnp.zeros((0, 37))
+    y = jnp.zeros((0,), jnp.int32)
+    for reduction in ("none", "mean", "sum"):
+      f = lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(
+          x, y, reduction=reduction, implementation=kernel).sum()
+      v, dx = jax.jit(jax.value_and_grad(f))(x, y)
+      assert float(v) == 0.0 and dx.shape == (0, 37)
+      fd = lambda x, y: jxent.softmax_cross_entropy(x, y, reduction=reduction,
+                                                    implementation=kernel).sum()
+      v, (dx, dy) = jax.jit(jax.value_and_grad(fd, argnums=(0, 1)))(x, x)
+      assert float(v) == 0.0 and dx.shape == dy.shape == (0, 37)
+
   def test_out_of_range_labels_give_nan(self, kernel):
     """Per-row NaN for labels outside [0, C) (the Triton kernel reads the label's logit at a
     clipped address), in the row losses and in the fused scalar path; other rows stay exact."""

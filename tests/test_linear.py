@@ -99,6 +99,15 @@ def test_memory_bound():
   assert temp <= 0.10 * n * v * 4, temp
 
 
+@pytest.mark.parametrize("algo", ALGOS)
+def test_empty_batch(algo):
+  x, w, y = jnp.zeros((0, 16)), jnp.ones((16, 101)), jnp.zeros((0,), jnp.int32)
+  for reduction in ("mean", "sum"):
+    v, (dx, dw) = jax.value_and_grad(lambda x, w: jxent.linear_softmax_cross_entropy(
+        x, w, y, reduction=reduction, implementation=algo), argnums=(0, 1))(x, w)
+    assert float(v) == 0.0 and dx.shape == (0, 16) and float(jnp.abs(dw).max()) == 0.0
+
+
 def test_token_passes_shrink_temporaries():
   """LinearChunked(block_n=...) runs the tokens in passes (a loop: one set of temporaries)."""
   n, d, v = 2048, 256, 32768

@@ -202,6 +202,8 @@ linear_xent_chunked.defvjp(_linear_xent_chunked_fwd, _linear_xent_chunked_bwd)
 # ------------------------------------------------------------------------------------------------
 def _fused_all(x, w, labels, weights, opts, block_n):
   n, v = x.shape[0], w.shape[1]
+  if n == 0:
+    return jnp.zeros((), _F32), jnp.zeros(x.shape, x.dtype), jnp.zeros(w.shape, w.dtype)
   pad = (-n) % block_n
   if pad:  # padded rows get weight 0 (and label 0): they add nothing
     x = jnp.pad(x, ((0, pad), (0, 0)))

@@ -260,6 +260,8 @@ class PallasMosaicTpuKernel:
       raise ValueError("the fused kernel needs whole rows; with axis_name the loss uses the "
                        "forward and backward kernels.")
     rows, c = logits.shape
+    if rows == 0:
+      return xla.empty_rows(logits, labels, sparse=sparse, want_dlabels=want_dlabels, fused=True)
     want_dy = not sparse and want_dlabels
     blocks = [logits.dtype, logits.dtype] + ([] if sparse else [labels.dtype])
     blocks += [labels.dtype] if want_dy else []
@@ -290,6 +292,8 @@ class PallasMosaicTpuKernel:
 
   def forward(self, logits, labels, *, sparse, opts):
     rows, c = logits.shape
+    if rows == 0:
+      return xla.empty_rows(logits, labels, sparse=sparse, want_dlabels=False)
     glabels = labels
     if sparse and opts.axis_name is not None:  # local ids; merged over the shards below
       labels = labels - xla.class_offset(c, opts)
@@ -313,6 +317,9 @@ class PallasMosaicTpuKernel:
 
   def backward(self, logits, labels, lse, g, *, sparse, opts, want_dlabels=True):
     rows, c = logits.shape
+    if rows == 0:
+      return xla.empty_rows(logits, labels, sparse=sparse, want_dlabels=want_dlabels,
+                            fused=True)[1:]
     if sparse and opts.axis_name is not None:  # what needs the other shards is done here
       ignored = xla.ignored_rows(labels, opts)
       if ignored is not None:

@@ -360,6 +360,8 @@ class PallasTritonKernel:
 
   def forward(self, logits, labels, *, sparse, opts):
     rows, c = logits.shape
+    if rows == 0:
+      return xla.empty_rows(logits, labels, sparse=sparse, want_dlabels=False)
     block = self._block(c)
     kernel = functools.partial(_fwd_kernel, sparse=sparse, opts=opts, block_c=block,
                                groups=min(self.row_groups, block))
@@ -374,6 +376,9 @@ class PallasTritonKernel:
 
   def backward(self, logits, labels, lse, g, *, sparse, opts, want_dlabels=True):
     rows, c = logits.shape
+    if rows == 0:
+      return xla.empty_rows(logits, labels, sparse=sparse, want_dlabels=want_dlabels,
+                            fused=True)[1:]
     kernel = functools.partial(_bwd_kernel, sparse=sparse, opts=opts, block_c=self._block(c),
                                n_cls=xla.num_classes(c, opts))
     args = [logits, labels, lse, g.astype(jnp.float32)]
@@ -399,6 +404,8 @@ class PallasTritonKernel:
       raise ValueError("the fused kernel needs whole rows; with axis_name the loss uses the "
                        "forward and backward kernels.")
     rows, c = logits.shape
+    if rows == 0:
+      return xla.empty_rows(logits, labels, sparse=sparse, want_dlabels=want_dlabels, fused=True)
     block = self._block(c)
     kernel = functools.partial(_fused_kernel, sparse=sparse, opts=opts, block_c=block,
                                groups=min(self.row_groups, block))

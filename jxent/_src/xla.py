@@ -87,6 +87,15 @@ def total_cotangent(g, like, opts: XentOptions):
   return lax.psum(g, opts.axis_name)
 
 
+def empty_rows(logits, labels, *, sparse: bool, want_dlabels: bool, fused: bool = False):
+  """The outputs of a kernel call on zero rows (Pallas grids cannot be empty): ``(loss, lse)``,
+  or ``(loss, dlogits, dlabels)`` when ``fused``; with ``want_dlabels`` also for dense labels."""
+  loss = jnp.zeros((0,), jnp.float32)
+  dlogits = jnp.zeros(logits.shape, logits.dtype)
+  dlabels = None if (sparse or not want_dlabels) else jnp.zeros(labels.shape, labels.dtype)
+  return (loss, dlogits, dlabels) if fused else (loss, loss)
+
+
 def out_struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
   """A kernel output's ``ShapeDtypeStruct`` with the ``shard_map`` manual-axis type of ``like``
   (required for ``pallas_call`` outputs when ``check_vma`` is on); a plain one elsewhere."""
