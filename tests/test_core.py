@@ -376,6 +376,15 @@ class TestCore:
     with pytest.raises(ValueError, match=match):
       jxent.PallasTritonKernel(**bad)
 
+  @pytest.mark.parametrize("kernel, bad, match", [
+      ("PallasMosaicTpuKernel", dict(block_c=100), "multiple of 128"),
+      ("PallasMosaicTpuKernel", dict(block_r=0), "block_r must be a positive int, got 0"),
+      ("ChunkedXlaKernel", dict(block=-2), "block must be a positive int, got -2"),
+  ])
+  def test_bad_kernel_parameters(self, kernel, bad, match):
+    with pytest.raises(ValueError, match=match):
+      getattr(jxent, kernel)(**bad)
+
   def test_dense_shape_mismatch(self):
     with pytest.raises(ValueError, match=r"\(2, 3\).*\(2, 2\)"):
       jxent.softmax_cross_entropy(jnp.ones((2, 2)), jnp.ones((2, 3)))

@@ -15,7 +15,9 @@ from helpers import assert_close
 
 ALGOS = [pytest.param(jxent.LinearChunked(block_v=16), id="chunked"),
          pytest.param(jxent.LinearChunked(block_v=16, block_n=10), id="chunked_token_passes"),
-         pytest.param(jxent.LinearFusedGrad(block_n=8), id="fused_grad")]
+         pytest.param(jxent.LinearFusedGrad(block_n=8), id="fused_grad"),
+         pytest.param(jxent.LinearFusedGrad(block_n=8, dw_accumulation="weights"),
+                      id="fused_grad_dw_in_weights_dtype")]
 COMBOS = list(itertools.product((0.0, 0.1), (0.0, 1e-3), (None, 5.0), (None, -100)))
 
 
@@ -78,13 +80,19 @@ def test_bf16_rule():
   xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
   truth = reference.xent(np.asarray(xb, np.float64) @ np.asarray(wb, np.float64), y, sparse=True)[0].mean()
   naive = jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(xb @ wb), y[:, None], -1))
-  for algo in ("chunked_xla", jxent.LinearChunked(block_v=64, block_n=16), "fused_grad_xla"):
+  for algo in ("chunked_xla", jxent.LinearChunked(block_v=64, block_n=16), "fused_grad_xla",
+               jxent.LinearFusedGrad(block_n=16, dw_accumulation="weights")):
     got = jxent.linear_softmax_cross_entropy(xb, wb, y, implementation=algo)
     assert got.dtype == jnp.bfloat16
     assert abs(float(got) - truth) <= abs(float(naive) - truth) + 1e-2 * abs(truth)
     dx, dw = jax.grad(lambda a, b: jxent.linear_softmax_cross_entropy(a, b, y, implementation=algo),
                       argnums=(0, 1))(xb, wb)
     assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
+    # the weight gradient against float64 truth, within a few bf16 roundings of its scale
+    _, dl, _ = reference.xent(np.asarray(xb, np.float64) @ np.asarray(wb, np.float64), y,
+                              sparse=True, g=np.full(64, 1 / 64))
+    tdw = np.asarray(xb, np.float64).T @ dl
+    assert np.abs(np.asarray(dw, np.float64) - tdw).max() <= 3e-2 * np.abs(tdw).max()
 
 
 def test_memory_bound():
@@ -137,3 +145,5 @@ def test_bad_input():
     jxent.LinearChunked(block_n=0)
   with pytest.raises(ValueError, match="block_v must be a positive int, got -1"):
     jxent.LinearChunked(block_v=-1)
+  with pytest.raises(ValueError, match="dw_accumulation must be 'float32' or 'weights', got 'bf16'"):
+    jxent.LinearFusedGrad(dw_accumulation="bf16")

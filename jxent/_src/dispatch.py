@@ -51,6 +51,10 @@ class ChunkedXlaKernel(XlaKernel):
   name: ClassVar[str] = "chunked_xla"
   block: int = chunked.BLOCK
 
+  def __post_init__(self):
+    if not isinstance(self.block, int) or self.block < 1:
+      raise ValueError(f"ChunkedXlaKernel: block must be a positive int, got {self.block!r}.")
+
   def forward(self, logits, labels, *, sparse, opts):
     return chunked.forward(logits, labels, sparse=sparse, opts=opts, block=self.block)
 

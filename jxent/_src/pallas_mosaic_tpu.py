@@ -235,6 +235,15 @@ class PallasMosaicTpuKernel:
   block_c: int = 2048
   fused_vmem_bytes: int = 24 << 20
 
+  def __post_init__(self):
+    for field in ("block_r", "block_c", "fused_vmem_bytes"):
+      value = getattr(self, field)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"PallasMosaicTpuKernel: {field} must be a positive int, got {value!r}.")
+    if self.block_c % 128:
+      raise ValueError(f"PallasMosaicTpuKernel: block_c must be a multiple of 128 (TPU lanes), "
+                       f"got {self.block_c}.")
+
   def _grid(self, rows, c, dtype):
     align = _sublanes(dtype)
     br = pl.cdiv(min(self.block_r, rows), align) * align

@@ -64,7 +64,8 @@ def _kernel_classes() -> dict:
 
 def parse_implementation(name: str) -> tuple[str, dict]:
   """``"pallas_triton[programs=264,block_c=4096]"`` -> ``("pallas_triton", {...})``: a jxent
-  implementation with kernel-object parameters (ints, floats or None). Raises ValueError."""
+  implementation with kernel-object parameters (ints, floats, None or strings), validated by
+  the kernel object. Raises ValueError."""
   base, _, rest = name.partition("[")
   if not rest:
     return name, {}
@@ -82,7 +83,7 @@ def parse_implementation(name: str) -> tuple[str, dict]:
     try:
       params[key] = None if value == "None" else (float(value) if "." in value else int(value))
     except ValueError:
-      raise ValueError(f"implementation {name!r}: {key}={value!r} is not a number") from None
+      params[key] = value  # a string option, e.g. dw_accumulation=weights
   fields = {f.name for f in dataclasses.fields(kernel)}
   for key in params:
     if key not in fields or key == "interpret":
