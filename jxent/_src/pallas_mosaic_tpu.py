@@ -265,9 +265,7 @@ class PallasMosaicTpuKernel:
 
   def fused(self, logits, labels, weights, *, sparse, opts, want_dlabels=True):
     """Weighted per-row loss and the gradient of ``sum(loss * weights)`` in one kernel."""
-    if opts.axis_name is not None:
-      raise ValueError("the fused kernel needs whole rows; with axis_name the loss uses the "
-                       "forward and backward kernels.")
+    xla.check_whole_rows(opts)
     rows, c = logits.shape
     if rows == 0:
       return xla.empty_rows(logits, labels, sparse=sparse, want_dlabels=want_dlabels, fused=True)

@@ -87,6 +87,13 @@ def total_cotangent(g, like, opts: XentOptions):
   return lax.psum(g, opts.axis_name)
 
 
+def check_whole_rows(opts: XentOptions) -> None:
+  """The fused (gradient-in-forward) kernels need whole rows: not with ``axis_name``."""
+  if opts.axis_name is not None:
+    raise ValueError("the fused kernel needs whole rows; with axis_name the loss uses the "
+                     "forward and backward kernels.")
+
+
 def empty_rows(logits, labels, *, sparse: bool, want_dlabels: bool, fused: bool = False):
   """The outputs of a kernel call on zero rows (Pallas grids cannot be empty): ``(loss, lse)``,
   or ``(loss, dlogits, dlabels)`` when ``fused``; with ``want_dlabels`` also for dense labels."""
