@@ -7,7 +7,10 @@
   log-sum-exp. One read and one write.
 * fused (scalar reductions): the forward pass, then a second walk over the same row (still in L2)
   that writes the gradient pre-scaled by the row's reduction weight; the backward only scales it by
-  the cotangent.
+  the cotangent. A row that fits one block is loaded once for both.
+
+Launch options (see :class:`PallasTritonKernel`): one program per row, or ``programs``
+persistent programs; ``row_groups`` partial statistics per row.
 
 The label-smoothing, z-loss, soft-cap and ignore_index options are supported, and ``axis_name``
 (vocab parallel): the forward kernel then returns each shard's raw row statistics, merged over
