@@ -221,6 +221,52 @@ class TestMosaicFused:
     assert PallasMosaicTpuKernel().fused_rows(32000, [jnp.bfloat16] * 2) == 96
 
 
+_FUZZ_KERNELS = {
+    "pallas_triton_walk": lambda: jxent.PallasTritonKernel(interpret=True, block_c=16),
+    "pallas_triton_one_load": lambda: jxent.PallasTritonKernel(interpret=True, block_c=512,
+                                                               row_groups=8, programs=2),
+    "pallas_mosaic_tpu": lambda: jxent.PallasMosaicTpuKernel(interpret=True, block_r=8,
+                                                             block_c=128),
+}
+
+
+class TestPallasRandom:
+  """Random shapes (block boundaries included), options and reductions for the Pallas kernels in
+  interpret mode, against the float64 reference."""
+
+  @pytest.mark.parametrize("name", sorted(_FUZZ_KERNELS))
+  def test_random(self, name):
+    kernel = _FUZZ_KERNELS[name]()
+
+    @given(rows=st.integers(1, 11), classes=st.sampled_from([1, 2, 15, 16, 17, 127, 128, 129, 300]),
+           sparse=st.booleans(), reduction=st.sampled_from(["none", "mean", "sum"]),
+           eps=st.sampled_from([0.0, 0.1, 1.0]), z=st.sampled_from([0.0, 1e-2]),
+           cap=st.sampled_from([None, 3.0]), seed=st.integers(0, 2**16))
+    @settings(max_examples=6, deadline=None)
+    def check(rows, classes, sparse, reduction, eps, z, cap, seed):
+      rng = np.random.default_rng(seed)
+      x = rand_logits(rng, (rows, classes))
+      opts = dict(label_smoothing=eps, z_loss=z, logit_softcap=cap)
+      if sparse:
+        y = jnp.asarray(rng.integers(0, classes, size=rows)).at[0].set(-100)
+        fn = lambda x: jxent.softmax_cross_entropy_with_integer_labels(
+            x, y, ignore_index=-100, reduction=reduction, implementation=kernel, **opts)
+        loss, dl, _ = reference.xent(x, y, sparse=True, ignore_index=-100, **opts)
+        kept = np.asarray(y) != -100
+      else:
+        y = jnp.asarray(rand_probs(rng, (rows, classes)))
+        fn = lambda x: jxent.softmax_cross_entropy(x, y, reduction=reduction,
+                                                   implementation=kernel, **opts)
+        loss, dl, _ = reference.xent(x, y, **opts)
+        kept = np.ones(rows, bool)
+      scale = 1.0 / max(kept.sum(), 1) if reduction == "mean" else 1.0
+      v, dx = jax.value_and_grad(lambda x: fn(x).sum())(x)
+      assert_close(v, loss.sum() * scale, scale=5)
+      assert_close(dx, dl * scale, scale=5)
+
+    check()
+
+
 class TestAgainstOptax:
   """Native API with default options == optax (values and gradients)."""
 
