@@ -422,6 +422,16 @@ class TestCore:
     with pytest.raises(ValueError, match=match):
       jxent.PallasTritonKernel(**bad)
 
+  def test_gpu_default_thresholds(self, monkeypatch):
+    """implementation=None on a GPU: Triton from 1024 classes for 16/32-bit logits, else XLA."""
+    from jxent._src import dispatch
+    monkeypatch.setattr(dispatch, "platform", lambda: "cuda")
+    pick = lambda shape, dtype: dispatch.resolve(None, sparse=True, shape=shape, dtype=dtype).name
+    assert pick((8, 1024), jnp.bfloat16) == "pallas_triton"
+    assert pick((8, 128256), jnp.float32) == "pallas_triton"
+    assert pick((8, 1023), jnp.float32) == "xla"
+    assert pick((8, 4096), jnp.float64) == "xla"
+
   @pytest.mark.parametrize("kernel, bad, match", [
       ("PallasMosaicTpuKernel", dict(block_c=100), "multiple of 128"),
       ("PallasMosaicTpuKernel", dict(block_r=0), "block_r must be a positive int, got 0"),
