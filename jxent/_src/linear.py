@@ -219,30 +219,24 @@ def _fused_all(x, w, labels, weights, opts, block_n, dw_dtype=_F32):
   n, v = x.shape[0], w.shape[1]
   if n == 0:
     return jnp.zeros((), _F32), jnp.zeros(x.shape, x.dtype), jnp.zeros(w.shape, w.dtype)
-  pad = (-n) % block_n
-  if pad:  # padded rows get weight 0 (and label 0): they add nothing
-    x = jnp.pad(x, ((0, pad), (0, 0)))
-    labels = jnp.pad(labels, (0, pad))
-    weights = jnp.pad(weights, (0, pad))
-  nc = x.shape[0] // block_n
+  # padded rows get weight 0 (and label 0): they add nothing
+  xp, yp, wp = _pad_rows(n, block_n, x, labels, weights)
 
   def body(i, carry):
-    total, dx, dw = carry
-    xs = lax.dynamic_slice_in_dim(x, i * block_n, block_n)
-    ys = lax.dynamic_slice_in_dim(labels, i * block_n, block_n)
-    ws = lax.dynamic_slice_in_dim(weights, i * block_n, block_n)
+    total, dxp, dw = carry
+    xs, ys, ws = xp[i], yp[i], wp[i]
     zraw = _dot(xs, w)
     loss, lse = xla.forward(zraw, ys, sparse=True, opts=opts)
     total = total + jnp.sum(jnp.where(ws == 0, 0.0, loss * ws))
     g = jnp.where(xla.ignored_rows(ys, opts) if opts.ignore_index is not None else False, 0.0, ws)
     dz = _dlogits_block(zraw, ys, 0, lse, g, opts, v).astype(x.dtype)
-    dx = lax.dynamic_update_slice_in_dim(dx, _dot(dz, w.T).astype(x.dtype), i * block_n, axis=0)
+    dxp = dxp.at[i].set(_dot(dz, w.T).astype(x.dtype))
     dw = (dw + _dot(xs.T, dz)).astype(dw_dtype)
-    return total, dx, dw
+    return total, dxp, dw
 
-  init = (jnp.zeros((), _F32), jnp.zeros(x.shape, x.dtype), jnp.zeros(w.shape, dw_dtype))
-  total, dx, dw = lax.fori_loop(0, nc, body, init)
-  return total, dx[:n], dw.astype(w.dtype)
+  init = (jnp.zeros((), _F32), jnp.zeros(xp.shape, x.dtype), jnp.zeros(w.shape, dw_dtype))
+  total, dxp, dw = lax.fori_loop(0, xp.shape[0], body, init)
+  return total, dxp.reshape(-1, x.shape[1])[:n], dw.astype(w.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("opts", "block_n", "dw_dtype"))

@@ -303,7 +303,7 @@ class PallasMosaicTpuKernel:
       return xla.empty_rows(logits, labels, sparse=sparse, want_dlabels=False)
     glabels = labels
     if sparse and opts.axis_name is not None:  # local ids; merged over the shards below
-      labels = labels - xla.class_offset(c, opts)
+      labels = xla.local_rows(labels, None, opts, c)[0]
     br, bc, grid = self._grid(rows, c, logits.dtype)
     row_spec = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
     y_spec = row_spec if sparse else pl.BlockSpec((br, bc), lambda i, j: (i, j))
@@ -328,10 +328,7 @@ class PallasMosaicTpuKernel:
       return xla.empty_rows(logits, labels, sparse=sparse, want_dlabels=want_dlabels,
                             fused=True)[1:]
     if sparse and opts.axis_name is not None:  # what needs the other shards is done here
-      ignored = xla.ignored_rows(labels, opts)
-      if ignored is not None:
-        g = jnp.where(ignored, 0.0, g)
-      labels = labels - xla.class_offset(c, opts)
+      labels, g = xla.local_rows(labels, g, opts, c)
     br, bc, grid = self._grid(rows, c, logits.dtype)
     row_spec = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
     blk_spec = pl.BlockSpec((br, bc), lambda i, j: (i, j))
@@ -340,8 +337,7 @@ class PallasMosaicTpuKernel:
     in_specs = [blk_spec, row_spec if sparse else blk_spec, row_spec, row_spec]
     out_shape = [xla.out_struct((rows, c), logits.dtype, logits)]
     if not sparse:
-      sum_t = xla.psum(jnp.sum(labels.astype(jnp.float32), axis=-1), opts)
-      args.append(((1.0 - opts.label_smoothing) * sum_t + opts.label_smoothing)[:, None])
+      args.append(xla.sum_target(labels.astype(jnp.float32), opts)[:, None])
       in_specs.append(row_spec)
       if want_dlabels:
         out_shape.append(xla.out_struct((rows, c), labels.dtype, logits))

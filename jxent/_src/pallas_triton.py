@@ -373,7 +373,7 @@ class PallasTritonKernel:
       loss, lse = self._call(kernel, (scalar,) * 2, rows)(logits, labels)
       return loss, lse
     # Vocab parallel: this shard's statistics (labels as local ids), merged over the shards.
-    local = labels - xla.class_offset(c, opts) if sparse else labels
+    local = xla.local_rows(labels, None, opts, c)[0] if sparse else labels
     stats = self._call(kernel, (scalar,) * 5, rows)(logits, local)
     return xla.loss_from_stats(*stats, labels, sparse=sparse, opts=opts, local_c=c)
 
@@ -387,14 +387,9 @@ class PallasTritonKernel:
     args = [logits, labels, lse, g.astype(jnp.float32)]
     if opts.axis_name is not None:  # what needs the other shards is done here
       if sparse:
-        ignored = xla.ignored_rows(labels, opts)
-        if ignored is not None:
-          args[3] = jnp.where(ignored, 0.0, args[3])
-        args[1] = labels - xla.class_offset(c, opts)
+        args[1], args[3] = xla.local_rows(labels, args[3], opts, c)
       elif not opts.tf_grad:
-        eps = opts.label_smoothing
-        sum_t = xla.psum(jnp.sum(labels.astype(jnp.float32), axis=-1), opts)
-        args.append((1.0 - eps) * sum_t + eps)
+        args.append(xla.sum_target(labels.astype(jnp.float32), opts))
     out = [xla.out_struct((c,), logits.dtype, logits)]
     if not sparse and want_dlabels:
       out.append(xla.out_struct((c,), labels.dtype, logits))

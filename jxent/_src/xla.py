@@ -87,6 +87,21 @@ def total_cotangent(g, like, opts: XentOptions):
   return lax.psum(g, opts.axis_name)
 
 
+def local_rows(labels, g, opts: XentOptions, local_c: int):
+  """Vocab parallel, integer labels: ``(labels as this shard's class ids, g with the
+  ignore_index rows zeroed)``; ``ignore_index`` compares the global ids. ``g`` may be None."""
+  if g is not None and opts.ignore_index is not None:
+    g = jnp.where(labels == opts.ignore_index, 0.0, g)
+  return labels - class_offset(local_c, opts), g
+
+
+def sum_target(y, opts: XentOptions):
+  """Per-row sum of the (smoothed) target over all the classes: ``(1 - eps) * sum(y) + eps``."""
+  s = psum(jnp.sum(y, axis=-1), opts)
+  eps = opts.label_smoothing
+  return s if not eps else (1.0 - eps) * s + eps
+
+
 def check_whole_rows(opts: XentOptions) -> None:
   """The fused (gradient-in-forward) kernels need whole rows: not with ``axis_name``."""
   if opts.axis_name is not None:
@@ -309,9 +324,7 @@ def backward(logits, labels, lse, g, *, sparse: bool, opts: XentOptions, want_dl
   y = labels.astype(x.dtype)
   target = y if not eps else (1.0 - eps) * y + eps / n_cls
   if not opts.tf_grad:
-    sum_t = psum(jnp.sum(y, axis=-1), opts)
-    sum_t = sum_t if not eps else (1.0 - eps) * sum_t + eps
-    coef = coef + (sum_t - 1.0)
+    coef = coef + (sum_target(y, opts) - 1.0)
   dx = g[:, None] * (coef[:, None] * p - target)
   dlabels = None
   if want_dlabels:
