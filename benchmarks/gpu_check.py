@@ -4,20 +4,16 @@ then block-size sweeps for the Triton kernels and the linear cross-entropy.
 Run on a GPU machine from the repo root:  PYTHONPATH=. python benchmarks/gpu_check.py
 Writes $OUT/gpu_check.jsonl (one JSON object per line).
 """
-import itertools, json, os
+import itertools, os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-import jax, jax.numpy as jnp, numpy as np
+import jax, jax.numpy as jnp
 import jxent
 from jxent._src.pallas_triton import PallasTritonKernel
 from jxent.bench.cli import _median_ms
 
-log = open(os.path.join(os.environ.get("OUT", "."), "gpu_check.jsonl"), "w")
-def emit(**kw):
-  print(json.dumps(kw), flush=True); log.write(json.dumps(kw) + "\n"); log.flush()
+from gpu_util import jsonl_log, rel
 
-def rel(a, b):
-  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64); b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)) if np.all(np.isfinite(a)) else float("nan")
+emit = jsonl_log("gpu_check.jsonl")
 
 emit(case="device", kind=jax.devices()[0].device_kind, jax=jax.__version__)
 key = jax.random.key(0)

@@ -22,18 +22,15 @@ Earlier record (results/2026-11-22_h100_gpu_sweep_lane_sums.jsonl): a variant th
 sum-exp and label sums as per-lane vectors was slower at every block size, so every block is
 reduced.
 """
-import functools, itertools, json, os, sys
+import functools, itertools, os, sys
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-import jax, jax.numpy as jnp, numpy as np
+import jax, jax.numpy as jnp
 import jxent
 from jxent.bench.cli import _median_ms, copy_bandwidth
 
-log = open(os.path.join(os.environ.get("OUT", "."), "gpu_sweep.jsonl"), "w")
-def emit(**kw):
-  print(json.dumps(kw), flush=True); log.write(json.dumps(kw) + "\n"); log.flush()
-def rel(a, b):
-  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64); b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)) if np.all(np.isfinite(a)) else float("nan")
+from gpu_util import jsonl_log, rel
+
+emit = jsonl_log("gpu_sweep.jsonl")
 
 DRY = "--dry-run" in sys.argv
 K = functools.partial(jxent.PallasTritonKernel, interpret=True) if DRY else jxent.PallasTritonKernel
