@@ -10,6 +10,7 @@ from jxent._src.api import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
 )
 from jxent._src.dispatch import ChunkedXlaKernel as ChunkedXlaKernel
+from jxent._src.dispatch import XlaAutodiffKernel as XlaAutodiffKernel
 from jxent._src.dispatch import XlaKernel as XlaKernel
 from jxent._src.dispatch import names as implementations
 from jxent._src.linear import LinearChunked as LinearChunked
@@ -32,6 +33,7 @@ __all__ = [
     "ChunkedXlaKernel",
     "PallasMosaicTpuKernel",
     "PallasTritonKernel",
+    "XlaAutodiffKernel",
     "XlaKernel",
 ]
 

@@ -18,6 +18,7 @@ def kernels():
   from jxent._src import pallas_mosaic_tpu, pallas_triton
   return [
       pytest.param(jxent.XlaKernel(), id="xla"),
+      pytest.param(jxent.XlaAutodiffKernel(), id="xla_autodiff"),
       pytest.param(jxent.ChunkedXlaKernel(block=16), id="chunked_xla"),
       pytest.param(pallas_triton.PallasTritonKernel(interpret=True, block_c=16), id="pallas_triton"),
       # block_c=64: rows up to 64 classes take the fused kernel's one-load path

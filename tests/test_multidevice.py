@@ -34,8 +34,8 @@ def _mosaic():
 
 @pytest.mark.parametrize("tp", [2, 4, 8])
 @pytest.mark.parametrize("options", OPTIONS)
-@pytest.mark.parametrize("impl", ["xla", "chunked_xla", "pallas_triton", "pallas_triton_groups",
-                                  "pallas_mosaic_tpu"])
+@pytest.mark.parametrize("impl", ["xla", "xla_autodiff", "chunked_xla", "pallas_triton",
+                                  "pallas_triton_groups", "pallas_mosaic_tpu"])
 def test_vocab_parallel_integer_labels(tp, options, impl):
   # Pallas interpret mode (the HLO interpreter) cannot type-check manual axes yet (JAX asks for
   # check_vma=False); tests/test_lowering.py lowers the compiled kernel with check_vma=True.
@@ -68,9 +68,9 @@ def test_vocab_parallel_integer_labels(tp, options, impl):
 
 @pytest.mark.parametrize("tp", [2, 4, 8])
 @pytest.mark.parametrize("options", OPTIONS)
-@pytest.mark.parametrize("impl", ["xla", "pallas_triton", "pallas_mosaic_tpu"])
+@pytest.mark.parametrize("impl", ["xla", "xla_autodiff", "pallas_triton", "pallas_mosaic_tpu"])
 def test_vocab_parallel_dense_labels(tp, options, impl):
-  vma = impl == "xla"  # see test_vocab_parallel_integer_labels
+  vma = impl.startswith("xla")  # see test_vocab_parallel_integer_labels
   impl = {"pallas_triton": _triton(), "pallas_mosaic_tpu": _mosaic()}.get(impl, impl)
   options = dict(options, implementation=impl)
   rng = np.random.default_rng(10 + tp)
@@ -107,7 +107,7 @@ def test_vocab_parallel_gradients_match_plain_jax(check_vma):
   x = rand_logits(rng, (8, 32))
   y = jnp.asarray(rng.integers(0, 32, size=8))
   m = mesh(2)
-  for impl in ("xla", "chunked_xla"):
+  for impl in ("xla", "xla_autodiff", "chunked_xla"):
     f = smap(lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(
         x, y, axis_name="model", implementation=impl), m, (P("data", "model"), P("data")),
         P("data"), check_vma)

@@ -221,6 +221,8 @@ def _kept(labels2d, row_mask, sparse, opts):
 def _per_row(logits2d, labels2d, row_mask, sparse, opts, kernel):
   if kernel is None:  # zero classes: TF 2.21 returns zeros
     loss = jnp.zeros(logits2d.shape[:1], jnp.promote_types(logits2d.dtype, jnp.float32))
+  elif getattr(kernel, "autodiff", False):  # JAX differentiates the forward itself
+    loss = kernel.forward(logits2d, labels2d, sparse=sparse, opts=opts)[0]
   else:
     loss = xent_2d(logits2d, labels2d, sparse, opts, kernel)
   if row_mask is not None:

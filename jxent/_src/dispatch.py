@@ -38,6 +38,36 @@ class XlaKernel:
 
 
 @dataclasses.dataclass(frozen=True)
+class XlaAutodiffKernel(XlaKernel):
+  """The fused XLA forward of :class:`XlaKernel`, differentiated by JAX's own autodiff.
+
+  No custom VJP: forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) and derivatives of
+  every order work, as with optax. The cost is what JAX's autodiff keeps between the passes
+  (``[rows, classes]`` residuals, like optax) instead of one log-sum-exp per row. The gradients
+  are the true derivatives of the native API; TF's kernel gradient (``jxent.nn``) cannot be
+  expressed this way and raises. At a ``-inf`` (masked) logit the labels gradient is finite here
+  (``g * (lse - max(logits))``) where the custom VJP gives TF's ``+inf``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jxent
+    >>> f = lambda x: jxent.softmax_cross_entropy_with_integer_labels(
+    ...     x, jnp.array([2]), reduction="sum", implementation="xla_autodiff")
+    >>> _, tangent = jax.jvp(f, (jnp.array([[1., 2., 3.]]),), (jnp.array([[0., 0., 1.]]),))
+    >>> round(float(tangent), 4)  # softmax(x)[2] - 1
+    -0.3348
+  """
+
+  name: ClassVar[str] = "xla_autodiff"
+  autodiff: ClassVar[bool] = True
+
+  def forward(self, logits, labels, *, sparse, opts):
+    if opts.tf_grad:
+      raise ValueError("implementation 'xla_autodiff' differentiates the loss itself and cannot "
+                       "give TF's kernel gradient (tf_grad); use 'xla'.")
+    return xla.forward(logits, labels, sparse=sparse, opts=opts, autodiff=True)
+
+
+@dataclasses.dataclass(frozen=True)
 class ChunkedXlaKernel(XlaKernel):
   """Online log-sum-exp over class blocks of ``block`` classes (every backend).
 
@@ -61,6 +91,7 @@ class ChunkedXlaKernel(XlaKernel):
 
 _REGISTRY: dict[str, Callable[[], Any]] = {
     "xla": XlaKernel,
+    "xla_autodiff": XlaAutodiffKernel,
     "chunked_xla": ChunkedXlaKernel,
 }
 
@@ -75,7 +106,7 @@ def names() -> tuple[str, ...]:
   Example:
     >>> import jxent
     >>> jxent.implementations()
-    ('chunked_xla', 'pallas_mosaic_tpu', 'pallas_triton', 'xla')
+    ('chunked_xla', 'pallas_mosaic_tpu', 'pallas_triton', 'xla', 'xla_autodiff')
   """
   _load_pallas()
   return tuple(sorted(_REGISTRY))

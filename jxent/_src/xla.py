@@ -245,8 +245,17 @@ def segments(c: int) -> int:
   return 1
 
 
-def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOptions):
+def label_dot(opts: XentOptions) -> bool:
+  """Whether the dense label term is a row dot product (XLA:CPU; see :func:`forward`)."""
+  return jax.default_backend() == "cpu" and opts.axis_name is None
+
+
+def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOptions,
+            autodiff: bool = False):
   """Per-row loss and log-sum-exp, float32 accumulation (see module docstring).
+
+  ``autodiff=True`` (``xla_autodiff``) keeps every derivative JAX takes of it finite at masked
+  logits.
 
   Each reduction recomputes ``x - m`` from the inputs rather than sharing an ``[R, C]`` array,
   so XLA fuses every one of them into a single read of the logits. Rows may be reduced in
@@ -256,7 +265,9 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
   rows, c = x.shape
   k = segments(c)
   xs = x.reshape(rows * k, c // k)
-  ms = jnp.max(xs, axis=-1)
+  # The maxima only shift the exponents: no derivative flows through them (the result does not
+  # depend on them), so JAX's own autodiff of this function is exact (``xla_autodiff``).
+  ms = lax.stop_gradient(jnp.max(xs, axis=-1))
   ms = jnp.where(jnp.isneginf(ms), 0.0, ms)
   zs = jnp.sum(jnp.exp(xs - ms[:, None]), axis=-1).reshape(rows, k)
   ms = ms.reshape(rows, k)
@@ -273,12 +284,31 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
     label_s = gather_label(logits, labels, opts) - m
     loss, lse = combine(m, jnp.log(z), None, None, sum_s, label_s, opts, n_cls)
     return finish_sparse(loss, labels, n_cls, opts), lse
-  ys = labels.astype(x.dtype).reshape(rows * k, c // k)
-  # A zero label contributes nothing, even where x = -inf (masked logit).
-  sum_ys_seg = jnp.sum(jnp.where(ys == 0, 0.0, ys * (xs - ms.reshape(-1)[:, None])), axis=-1)
+  y = labels.astype(x.dtype)
+  ys = y.reshape(rows * k, c // k)
   sum_y_seg = jnp.sum(ys, axis=-1).reshape(rows, k)
-  sum_ys = jnp.sum(sum_ys_seg.reshape(rows, k) + jnp.where(sum_y_seg == 0, 0.0, shift * sum_y_seg),
-                   axis=-1)
+
+  def exact_sum_ys():
+    # A zero label contributes nothing, even where x = -inf (masked logit). For autodiff both
+    # factors are masked, so that the labels' derivative there is 0 * finite, not 0 * inf.
+    zero = ys == 0
+    xm = xs - ms.reshape(-1)[:, None]
+    prod = (jnp.where(zero, 0.0, ys) * jnp.where(zero, 0.0, xm) if autodiff else
+            jnp.where(zero, 0.0, ys * xm))
+    sum_ys_seg = jnp.sum(prod, axis=-1).reshape(rows, k)
+    return jnp.sum(sum_ys_seg + jnp.where(sum_y_seg == 0, 0.0, shift * sum_y_seg), axis=-1)
+
+  if label_dot(opts) and not autodiff:  # (its derivative would meet 0 * inf at masked logits)
+    # sum(y * (x - m)) as sum(y * x) - m * sum(y), the first a row dot product: XLA:CPU reads x
+    # and y once for it, where an elementwise product feeding a reduction materialises [R, C]
+    # (2.6x faster at 2048x32000). A zero label on a -inf logit makes it NaN (0 * -inf): such
+    # batches (`where` masks) take the exact form. Under vmap both forms run (a select).
+    syx = jnp.einsum("rc,rc->r", ys, xs, preferred_element_type=x.dtype).reshape(rows, k)
+    syx = jnp.sum(syx, axis=-1)
+    sum_ys = lax.cond(jnp.any(jnp.isnan(syx)), exact_sum_ys,
+                      lambda: syx - m * jnp.sum(sum_y_seg, axis=-1))
+  else:
+    sum_ys = exact_sum_ys()
   z, sum_y, sum_ys = psum((z, jnp.sum(sum_y_seg, axis=-1), sum_ys), opts)
   return combine(m, jnp.log(z), sum_y, sum_ys, sum_s, None, opts, n_cls)
 

@@ -45,7 +45,7 @@ PRESETS = {
 
 MODES = ("forward", "forward_and_vjp")
 
-JXENT_LOGITS = ("xla", "chunked_xla", "pallas_triton", "pallas_triton_rows", "pallas_mosaic_tpu")
+JXENT_LOGITS = ("xla", "xla_autodiff", "chunked_xla", "pallas_triton", "pallas_triton_rows", "pallas_mosaic_tpu")
 JXENT_LINEAR = ("linear_chunked", "linear_fused_grad")
 PEERS = ("optax", "naive", "keras", "unfused")
 
@@ -56,7 +56,8 @@ def all_implementations() -> tuple[str, ...]:
 
 def _kernel_classes() -> dict:
   import jxent
-  return {"xla": jxent.XlaKernel, "chunked_xla": jxent.ChunkedXlaKernel,
+  return {"xla": jxent.XlaKernel, "xla_autodiff": jxent.XlaAutodiffKernel,
+          "chunked_xla": jxent.ChunkedXlaKernel,
           "pallas_triton": jxent.PallasTritonKernel,
           "pallas_mosaic_tpu": jxent.PallasMosaicTpuKernel,
           "linear_chunked": jxent.LinearChunked, "linear_fused_grad": jxent.LinearFusedGrad}
