@@ -1,6 +1,10 @@
 """jxent-bench: the CLI runs, writes the documented fields, and rejects bad input with exit 2."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -68,3 +72,18 @@ def test_bad_input_exit_2(argv, capsys):
   assert e.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err and "error" in err[-1]
+
+
+def test_linear_memory_script(tmp_path):
+  """benchmarks/linear_memory.py compiles (does not run) each linear algorithm and reports XLA's
+  temporary memory; token passes of the lean algorithm need less than one pass."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  out = subprocess.run([sys.executable, str(root / "benchmarks" / "linear_memory.py"), "--shape",
+                        "512,64,4099", "--implementations",
+                        "linear_chunked,linear_chunked[block_n=128],unfused"],
+                       capture_output=True, text=True, check=True, cwd=root,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+  rows = [json.loads(line) for line in out.stdout.splitlines()]
+  temp = {r["implementation"]: r["temp_MB"] for r in rows}
+  assert len(rows) == 3 and rows[0]["gradients_MB"] > 0
+  assert temp["linear_chunked[block_n=128]"] < temp["linear_chunked"] < temp["unfused"]

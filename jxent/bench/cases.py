@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 from typing import Callable, Optional
 
 import jax
@@ -61,6 +62,11 @@ def _kernel_classes() -> dict:
           "pallas_triton": jxent.PallasTritonKernel,
           "pallas_mosaic_tpu": jxent.PallasMosaicTpuKernel,
           "linear_chunked": jxent.LinearChunked, "linear_fused_grad": jxent.LinearFusedGrad}
+
+
+def split_implementations(names: str) -> tuple[str, ...]:
+  """``"xla,pallas_triton[programs=2,row_groups=4]"`` -> the names (commas inside brackets kept)."""
+  return tuple(i for i in re.split(r",(?![^\[]*\])", names) if i)
 
 
 def parse_implementation(name: str) -> tuple[str, dict]:

@@ -15,7 +15,6 @@ import dataclasses
 import datetime
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -96,7 +95,7 @@ def resolve(args) -> tuple[list[C.Case], tuple[str, ...], tuple[str, ...]]:
       if m not in C.MODES:
         raise UsageError(f"unknown mode {m!r}: expected one of {', '.join(C.MODES)}")
   if args.implementations:
-    impls = tuple(i for i in re.split(r",(?![^\[]*\])", args.implementations) if i)
+    impls = C.split_implementations(args.implementations)
     for i in impls:
       try:
         base = C.parse_implementation(i)[0]
