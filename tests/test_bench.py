@@ -74,7 +74,7 @@ def test_bad_input_exit_2(argv, capsys):
   assert err and "error" in err[-1]
 
 
-def test_linear_memory_script(tmp_path):
+def test_linear_memory_script():
   """benchmarks/linear_memory.py compiles (does not run) each linear algorithm and reports XLA's
   temporary memory; token passes of the lean algorithm need less than one pass."""
   root = pathlib.Path(__file__).resolve().parents[1]

@@ -284,9 +284,9 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
     label_s = gather_label(logits, labels, opts) - m
     loss, lse = combine(m, jnp.log(z), None, None, sum_s, label_s, opts, n_cls)
     return finish_sparse(loss, labels, n_cls, opts), lse
-  y = labels.astype(x.dtype)
-  ys = y.reshape(rows * k, c // k)
+  ys = labels.astype(x.dtype).reshape(rows * k, c // k)
   sum_y_seg = jnp.sum(ys, axis=-1).reshape(rows, k)
+  sum_y = jnp.sum(sum_y_seg, axis=-1)
 
   def exact_sum_ys():
     # A zero label contributes nothing, even where x = -inf (masked logit). For autodiff both
@@ -305,11 +305,10 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
     # batches (`where` masks) take the exact form. Under vmap both forms run (a select).
     syx = jnp.einsum("rc,rc->r", ys, xs, preferred_element_type=x.dtype).reshape(rows, k)
     syx = jnp.sum(syx, axis=-1)
-    sum_ys = lax.cond(jnp.any(jnp.isnan(syx)), exact_sum_ys,
-                      lambda: syx - m * jnp.sum(sum_y_seg, axis=-1))
+    sum_ys = lax.cond(jnp.any(jnp.isnan(syx)), exact_sum_ys, lambda: syx - m * sum_y)
   else:
     sum_ys = exact_sum_ys()
-  z, sum_y, sum_ys = psum((z, jnp.sum(sum_y_seg, axis=-1), sum_ys), opts)
+  z, sum_y, sum_ys = psum((z, sum_y, sum_ys), opts)
   return combine(m, jnp.log(z), sum_y, sum_ys, sum_s, None, opts, n_cls)
 
 
