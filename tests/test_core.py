@@ -360,6 +360,32 @@ class TestCore:
     np.testing.assert_allclose(loss, 1.3132616, rtol=1e-6)
     np.testing.assert_allclose(dx, [[-0.7310586, 0.0, 0.7310586]], rtol=1e-6)
 
+  @pytest.mark.parametrize("shape", [(7, 33), (420, 5000)])
+  def test_masked_logits_forward_only(self, shape):
+    """The loss without a gradient, at masked logits, row by row, as the gradient path gives it.
+
+    (On CPU a loss-only dense forward takes a fused form that is NaN at ``0 * inf``; such
+    batches fall back to the exact form, over 3 blocks of 140 rows at 420x5000.)"""
+    rng = np.random.default_rng(3)
+    x = rand_logits(rng, shape).at[::5, 3].set(-jnp.inf).at[1, 4].set(-jnp.inf)
+    x = x.at[2].set(-jnp.inf)  # a whole row masked
+    y = jnp.asarray(rand_probs(rng, shape)).at[::5, 3].set(0.0)  # zero labels where masked
+    f = lambda x, y: jxent.softmax_cross_entropy(x, y, implementation="xla")
+    loss = jax.jit(f)(x, y)
+    x64, y64 = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    m = np.where(np.isneginf(x64.max(-1)), 0.0, x64.max(-1))[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+      lse = m + np.log(np.sum(np.exp(x64 - m), axis=-1, keepdims=True))
+      want = np.sum(np.where(y64 == 0, 0.0, y64 * (lse - x64)), axis=-1)
+    assert np.isinf(loss[1]) and loss[1] > 0  # a positive label on a masked logit
+    assert np.isnan(loss[2]) and np.isnan(want[2])
+    keep = np.ones(shape[0], bool)
+    keep[[1, 2]] = False
+    assert_close(loss[keep], want[keep], scale=5)
+    # the same values where the lse is kept for a gradient, and under vmap
+    assert_close(jax.value_and_grad(lambda x: f(x, y)[keep].sum())(x)[0], want[keep].sum(), scale=50)
+    assert_close(jax.vmap(f)(x[:, None], y[:, None])[keep, 0], want[keep], scale=5)
+
   def test_out_of_range_labels_give_nan(self):
     x = jnp.zeros((3, 4))
     out = jax.jit(jxent.softmax_cross_entropy_with_integer_labels)(x, jnp.array([0, 4, -1]))

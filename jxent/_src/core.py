@@ -26,7 +26,7 @@ from jxent._src.xla import match_vma, total_cotangent
 def xent_2d(logits: jax.Array, labels: jax.Array, sparse: bool, opts: XentOptions,
             kernel: Any) -> jax.Array:
   """Per-row cross-entropy of ``logits [R, C]``; returns the float32 (or float64) loss ``[R]``."""
-  return kernel.forward(logits, labels, sparse=sparse, opts=opts)[0]
+  return kernel.forward(logits, labels, sparse=sparse, opts=opts, need_lse=False)[0]
 
 
 def _want_dlabels(labels, sparse):
@@ -62,7 +62,7 @@ def xent_2d_fused(logits: jax.Array, labels: jax.Array, weights: jax.Array, spar
   The residual is the pre-scaled gradient itself, which replaces the buffer the backward pass
   would have written; the backward only multiplies it by the cotangent (skipped when it is 1).
   """
-  loss = kernel.forward(logits, labels, sparse=sparse, opts=opts)[0]  # no gradient if not needed
+  loss = kernel.forward(logits, labels, sparse=sparse, opts=opts, need_lse=False)[0]  # no gradient
   return jnp.sum(jnp.where(weights == 0, 0.0, loss * weights))
 
 
@@ -222,7 +222,7 @@ def _per_row(logits2d, labels2d, row_mask, sparse, opts, kernel):
   if kernel is None:  # zero classes: TF 2.21 returns zeros
     loss = jnp.zeros(logits2d.shape[:1], jnp.promote_types(logits2d.dtype, jnp.float32))
   elif getattr(kernel, "autodiff", False):  # JAX differentiates the forward itself
-    loss = kernel.forward(logits2d, labels2d, sparse=sparse, opts=opts)[0]
+    loss = kernel.forward(logits2d, labels2d, sparse=sparse, opts=opts, need_lse=False)[0]
   else:
     loss = xent_2d(logits2d, labels2d, sparse, opts, kernel)
   if row_mask is not None:

@@ -30,8 +30,8 @@ class XlaKernel:
   platforms: ClassVar[tuple[str, ...]] = ("cpu", "gpu", "cuda", "rocm", "tpu")
   interpret: bool = False
 
-  def forward(self, logits, labels, *, sparse, opts):
-    return xla.forward(logits, labels, sparse=sparse, opts=opts)
+  def forward(self, logits, labels, *, sparse, opts, need_lse=True):
+    return xla.forward(logits, labels, sparse=sparse, opts=opts, need_lse=need_lse)
 
   def backward(self, logits, labels, lse, g, *, sparse, opts, want_dlabels=True):
     return xla.backward(logits, labels, lse, g, sparse=sparse, opts=opts, want_dlabels=want_dlabels)
@@ -60,11 +60,11 @@ class XlaAutodiffKernel(XlaKernel):
   name: ClassVar[str] = "xla_autodiff"
   autodiff: ClassVar[bool] = True
 
-  def forward(self, logits, labels, *, sparse, opts):
+  def forward(self, logits, labels, *, sparse, opts, need_lse=True):
     if opts.tf_grad:
       raise ValueError("implementation 'xla_autodiff' differentiates the loss itself and cannot "
                        "give TF's kernel gradient (tf_grad); use 'xla'.")
-    return xla.forward(logits, labels, sparse=sparse, opts=opts, autodiff=True)
+    return xla.forward(logits, labels, sparse=sparse, opts=opts, autodiff=True, need_lse=need_lse)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +85,8 @@ class ChunkedXlaKernel(XlaKernel):
     if not isinstance(self.block, int) or self.block < 1:
       raise ValueError(f"ChunkedXlaKernel: block must be a positive int, got {self.block!r}.")
 
-  def forward(self, logits, labels, *, sparse, opts):
+  def forward(self, logits, labels, *, sparse, opts, need_lse=True):
+    del need_lse  # (a hint: the lse comes at no extra cost here)
     return chunked.forward(logits, labels, sparse=sparse, opts=opts, block=self.block)
 
 
