@@ -38,6 +38,19 @@ def test_linear_case():
   assert rc == 0
 
 
+def test_dtype_list():
+  """``--dtype`` takes a comma list, for custom shapes and presets alike."""
+  args = cli.build_parser().parse_args(["--shape", "8,16", "--shape", "8,4,16", "--labels", "int,dense",
+                                  "--dtype", "float32,bfloat16"])
+  cases = cli.resolve(args)[0]
+  assert sorted((c.kind, c.dtype, c.labels) for c in cases) == sorted(
+      [("logits", d, lab) for d in ("float32", "bfloat16") for lab in ("int", "dense")]
+      + [("linear", d, cases[-1].labels) for d in ("float32", "bfloat16")])
+  quick = cli.resolve(cli.build_parser().parse_args([]))[0]
+  both = cli.resolve(cli.build_parser().parse_args(["--dtype", "float16,bfloat16"]))[0]
+  assert len(both) == 2 * len(quick) and {c.dtype for c in both} == {"float16", "bfloat16"}
+
+
 def test_kernel_parameters_in_implementation_names(tmp_path):
   """``NAME[key=value,...]`` times a kernel object with those parameters beside the defaults."""
   out = tmp_path / "out.json"
@@ -65,6 +78,8 @@ def test_kernel_parameters_in_implementation_names(tmp_path):
     ["--shape", "0,10"],
     ["--modes", "backward"],
     ["--shape", "8,8", "--dtype", "float77"],
+    ["--shape", "8,8", "--dtype", "float32,int32"],
+    ["--dtype", "bfloat16,float32x"],
 ])
 def test_bad_input_exit_2(argv, capsys):
   with pytest.raises(SystemExit) as e:

@@ -360,6 +360,32 @@ class TestCore:
     np.testing.assert_allclose(loss, 1.3132616, rtol=1e-6)
     np.testing.assert_allclose(dx, [[-0.7310586, 0.0, 0.7310586]], rtol=1e-6)
 
+  @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+  @pytest.mark.parametrize("sparse", [True, False])
+  @pytest.mark.parametrize("classes", [257, 5000])
+  def test_half_precision_forms(self, dtype, sparse, classes):
+    """16-bit logits through every XLA form (on CPU: whole or segmented rows, loss-only or
+    beside the lse, bfloat16's barriers and select): float32-accurate on the rounded inputs,
+    with options."""
+    rng = np.random.default_rng(21)
+    x = rand_logits(rng, (9, classes)).astype(dtype)
+    y = (jnp.asarray(rng.integers(0, classes, size=9)) if sparse
+         else jnp.asarray(rand_probs(rng, (9, classes))).astype(dtype))
+    kw = dict(label_smoothing=0.1, z_loss=1e-3)
+    f = jxent.softmax_cross_entropy_with_integer_labels if sparse else jxent.softmax_cross_entropy
+    g = np.asarray(jnp.asarray(rng.normal(size=9), dtype), np.float64)
+    loss, tdx, tdy = reference.xent(np.asarray(x, np.float32), y if sparse else
+                                    np.asarray(y, np.float32), sparse=sparse, g=g, **kw)
+    out = jax.jit(lambda x, y: f(x, y, implementation="xla", **kw))(x, y)
+    assert out.dtype == dtype
+    assert_close(out, loss, dtype=dtype, scale=0.5, what="loss only")
+    out, vjp = jax.vjp(lambda x, y: f(x, y, implementation="xla", **kw), x, y)
+    assert_close(out, loss, dtype=dtype, scale=0.5, what="loss beside the lse")
+    dx, dy = vjp(jnp.asarray(g, dtype))
+    assert_close(dx, tdx, dtype=dtype, scale=2, what="dlogits")
+    if not sparse:
+      assert_close(dy, tdy, dtype=dtype, scale=2, what="dlabels")
+
   @pytest.mark.parametrize("shape", [(7, 33), (420, 5000)])
   def test_masked_logits_forward_only(self, shape):
     """The loss without a gradient, at masked logits, row by row, as the gradient path gives it.

@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--preset", choices=sorted(C.PRESETS), help="a named preset")
   p.add_argument("--shape", action="append", default=[],
                  help="custom case N,V (logits) or N,D,V (linear); repeatable")
-  p.add_argument("--dtype", default=None, help="dtype of custom cases (float32, bfloat16, float16)")
+  p.add_argument("--dtype", default=None,
+                 help="comma list of logits dtypes (float32, bfloat16, float16); default float32, "
+                      "or a preset's own")
   p.add_argument("--labels", default="int", help="label kinds of custom logits cases: int,dense")
   p.add_argument("--implementations", default=None,
                  help="comma list; default: every one that runs here. Known: "
@@ -65,13 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def resolve(args) -> tuple[list[C.Case], tuple[str, ...], tuple[str, ...]]:
-  if args.shape:
-    dtype = args.dtype or "float32"
+def _parse_dtypes(text) -> tuple[str, ...]:
+  """``--dtype``: a comma list of floating dtype names (empty when not given)."""
+  dtypes = tuple(d for d in (text or "").split(",") if d)
+  for d in dtypes:
     try:
-      jnp.dtype(dtype)
+      ok = jnp.issubdtype(jnp.dtype(d), jnp.floating)
     except TypeError:
-      raise UsageError(f"unknown --dtype {dtype!r}") from None
+      ok = False
+    if not ok:
+      raise UsageError(f"unknown --dtype {d!r}: expected a float dtype such as float32, "
+                       "bfloat16 or float16")
+  return dtypes
+
+
+def resolve(args) -> tuple[list[C.Case], tuple[str, ...], tuple[str, ...]]:
+  dtypes = _parse_dtypes(args.dtype)
+  if args.shape:
     labels = [s for s in args.labels.split(",") if s]
     for lab in labels:
       if lab not in ("int", "dense"):
@@ -79,16 +91,18 @@ def resolve(args) -> tuple[list[C.Case], tuple[str, ...], tuple[str, ...]]:
     cases = []
     for text in args.shape:
       dims = _parse_shape(text)
-      if len(dims) == 3:
-        cases.append(C.Case("linear", dims[0], dims[2], d=dims[1], dtype=dtype))
-      else:
-        cases.extend(C.Case("logits", dims[0], dims[1], dtype=dtype, labels=lab) for lab in labels)
+      for dtype in dtypes or ("float32",):
+        if len(dims) == 3:
+          cases.append(C.Case("linear", dims[0], dims[2], d=dims[1], dtype=dtype))
+        else:
+          cases.extend(C.Case("logits", dims[0], dims[1], dtype=dtype, labels=lab)
+                       for lab in labels)
     modes = C.MODES
   else:
     preset = "llm" if args.llm else (args.preset or "quick")
     cases, modes = C.PRESETS[preset]
-    if args.dtype:
-      cases = [dataclasses.replace(c, dtype=args.dtype) for c in cases]
+    if dtypes:
+      cases = [dataclasses.replace(c, dtype=d) for c in cases for d in dtypes]
   if args.modes:
     modes = tuple(m for m in args.modes.split(",") if m)
     for m in modes:
