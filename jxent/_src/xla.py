@@ -316,9 +316,12 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
     syx = jnp.sum(jnp.einsum("rc,rc->r", ys, xs, preferred_element_type=cdt).reshape(rows, k),
                   axis=-1)
     sum_y = jnp.sum(jnp.sum(ys, axis=-1).reshape(rows, k), axis=-1)
-    xent = lax.cond(jnp.any(jnp.isnan(syx)),
-                    lambda: _exact_xent(xs, ys, ms, shift, log_z, opts, autodiff=False),
-                    lambda: log_z * sum_y - (syx - m * sum_y))
+    def exact():  # (from the inputs themselves: an upcast that a branch reads is materialised)
+      xe, ye = cpu_fusible(seg(logits), seg(labels))
+      return _exact_xent(prep_logits(xe, opts), ye.astype(cdt), ms, shift, log_z, opts,
+                         autodiff=False)
+
+    xent = lax.cond(jnp.any(jnp.isnan(syx)), exact, lambda: log_z * sum_y - (syx - m * sum_y))
   else:
     # Only the loss is wanted: sum(y * (log_z - (x - m))) once log_z is known. XLA:CPU fuses it,
     # the max and the sum of exponentials into one read of x and y with no [R, C] temporary
