@@ -305,17 +305,18 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
     loss, lse = combine(m, log_z, log_z - label_s, sum_s, opts, n_cls)
     return finish_sparse(loss, labels, n_cls, opts), lse
   ys = labels_seg.astype(cdt)
-  xs = prep_logits(raw_lab, opts)  # (its own handle; the same values)
+  xd = prep_logits(raw_lab, opts)  # xs again, from its own handle for the label terms
   if not label_dot(opts) or autodiff:  # (autodiff would meet 0 * inf at masked logits)
-    xent = _exact_xent(xs, ys, ms, shift, log_z, opts, autodiff=autodiff)
+    xent = _exact_xent(xd, ys, ms, shift, log_z, opts, autodiff=autodiff)
   elif not loss_only:
     # sum(y * (x - m)) as sum(y * x) - m * sum(y), the first a row dot product: XLA:CPU reads x
     # and y once for it, where an elementwise product feeding a reduction beside the lse's
     # materialises [R, C] (2.6x faster at 2048x32000). A zero label on a -inf logit makes it
     # NaN (0 * -inf): such batches (`where` masks) take the exact form. Under vmap both run.
-    syx = jnp.sum(jnp.einsum("rc,rc->r", ys, xs, preferred_element_type=cdt).reshape(rows, k),
+    syx = jnp.sum(jnp.einsum("rc,rc->r", ys, xd, preferred_element_type=cdt).reshape(rows, k),
                   axis=-1)
     sum_y = jnp.sum(jnp.sum(ys, axis=-1).reshape(rows, k), axis=-1)
+
     def exact():  # (from the inputs themselves: an upcast that a branch reads is materialised)
       xe, ye = cpu_fusible(seg(logits), seg(labels))
       return _exact_xent(prep_logits(xe, opts), ye.astype(cdt), ms, shift, log_z, opts,
@@ -329,7 +330,7 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
     # -inf logit makes it NaN (0 * inf): such batches take the exact form, which recomputes
     # its statistics (sharing no intermediate with this path) over blocks of rows.
     log_z_seg, m_seg = (jnp.repeat(v, k)[:, None] for v in (log_z, m))
-    fast = jnp.sum(jnp.sum(ys * (log_z_seg - (xs - m_seg)), axis=-1).reshape(rows, k), axis=-1)
+    fast = jnp.sum(jnp.sum(ys * (log_z_seg - (xd - m_seg)), axis=-1).reshape(rows, k), axis=-1)
 
     block = _divisor_at_most(rows, (1 << 20) // c)
 
