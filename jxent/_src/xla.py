@@ -292,7 +292,7 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
                                                     seg(labels))
   xs = prep_logits(raw, opts)
   cdt = xs.dtype
-  loss_only = not need_lse and label_dot(opts) and not autodiff and not sparse and rows > 0
+  loss_only = not need_lse and label_dot(opts) and not autodiff and not sparse
   ms, m, shift, z = _row_stats(xs, raw, rows, k, opts, fusible_max=loss_only)
   n_cls = num_classes(c, opts)
   sum_s = None
@@ -306,48 +306,41 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
     return finish_sparse(loss, labels, n_cls, opts), lse
   ys = labels_seg.astype(cdt)
   xd = prep_logits(raw_lab, opts)  # xs again, from its own handle for the label terms
-  if not label_dot(opts) or autodiff:  # (autodiff would meet 0 * inf at masked logits)
-    xent = _exact_xent(xd, ys, ms, shift, log_z, opts, autodiff=autodiff)
-  elif not loss_only:
+  if not label_dot(opts) or autodiff or not rows:  # (autodiff: see _exact_xent)
+    return combine(m, log_z, _exact_xent(xd, ys, ms, shift, log_z, opts, autodiff=autodiff),
+                   sum_s, opts, n_cls)
+  if loss_only:
+    # Only the loss is wanted: sum(y * (log_z - (x - m))) once log_z is known. XLA:CPU fuses it,
+    # the max and the sum of exponentials into one read of x and y with no [R, C] temporary
+    # (1.6x faster at 16384x1000, 262 -> 8 MB of temporaries at 2048x32000).
+    log_z_seg, m_seg = (jnp.repeat(v, k)[:, None] for v in (log_z, m))
+    xent = jnp.sum(jnp.sum(ys * (log_z_seg - (xd - m_seg)), axis=-1).reshape(rows, k), axis=-1)
+  else:
     # sum(y * (x - m)) as sum(y * x) - m * sum(y), the first a row dot product: XLA:CPU reads x
     # and y once for it, where an elementwise product feeding a reduction beside the lse's
-    # materialises [R, C] (2.6x faster at 2048x32000). A zero label on a -inf logit makes it
-    # NaN (0 * -inf): such batches (`where` masks) take the exact form. Under vmap both run.
+    # materialises [R, C] (2.6x faster at 2048x32000).
     syx = jnp.sum(jnp.einsum("rc,rc->r", ys, xd, preferred_element_type=cdt).reshape(rows, k),
                   axis=-1)
     sum_y = jnp.sum(jnp.sum(ys, axis=-1).reshape(rows, k), axis=-1)
+    xent = log_z * sum_y - (syx - m * sum_y)
+  # A zero label on a -inf logit makes either form NaN (0 * inf): such batches (`where` masks)
+  # take the exact form instead (both run under vmap). It works over blocks of rows from the
+  # inputs themselves, recomputing its statistics: an intermediate, an upcast or a barrier's
+  # result that a branch reads would be materialised whole.
+  block = _divisor_at_most(rows, (1 << 20) // c)
 
-    def exact():  # (from the inputs themselves: an upcast that a branch reads is materialised)
-      xe, ye = cpu_fusible(seg(logits), seg(labels))
-      return _exact_xent(prep_logits(xe, opts), ye.astype(cdt), ms, shift, log_z, opts,
-                         autodiff=False)
+  def exact_block(i, out):
+    rb, rb2, yb = cpu_fusible(*(lax.dynamic_slice_in_dim(v, i * block * k, block * k)
+                                for v in (seg(logits), seg(logits), seg(labels))))
+    xb = prep_logits(rb2, opts)
+    ms, _, shift, z = _row_stats(xb, rb, block, k, opts, fusible_max=True)
+    xent = _exact_xent(xb, yb.astype(cdt), ms, shift, jnp.log(z), opts, autodiff=False)
+    return lax.dynamic_update_slice_in_dim(out, xent, i * block, 0)
 
-    xent = lax.cond(jnp.any(jnp.isnan(syx)), exact, lambda: log_z * sum_y - (syx - m * sum_y))
-  else:
-    # Only the loss is wanted: sum(y * (log_z - (x - m))) once log_z is known. XLA:CPU fuses it,
-    # the max and the sum of exponentials into one read of x and y with no [R, C] temporary
-    # (1.6x faster at 16384x1000, 262 -> 8 MB of temporaries at 2048x32000). A zero label on a
-    # -inf logit makes it NaN (0 * inf): such batches take the exact form, which recomputes
-    # its statistics (sharing no intermediate with this path) over blocks of rows.
-    log_z_seg, m_seg = (jnp.repeat(v, k)[:, None] for v in (log_z, m))
-    fast = jnp.sum(jnp.sum(ys * (log_z_seg - (xd - m_seg)), axis=-1).reshape(rows, k), axis=-1)
+  def exact():
+    return lax.fori_loop(0, rows // block, exact_block, jnp.zeros((rows,), cdt))
 
-    block = _divisor_at_most(rows, (1 << 20) // c)
-
-    def exact_block(i, out):  # a block of rows: bounded temporaries
-      # (sliced from the inputs themselves: an upcast or a barrier's result that a branch
-      # reads is materialised)
-      rb, rb2, yb = cpu_fusible(*(lax.dynamic_slice_in_dim(v, i * block * k, block * k)
-                                  for v in (seg(logits), seg(logits), seg(labels))))
-      xb = prep_logits(rb2, opts)
-      ms, _, shift, z = _row_stats(xb, rb, block, k, opts, fusible_max=True)
-      xent = _exact_xent(xb, yb.astype(cdt), ms, shift, jnp.log(z), opts, autodiff=False)
-      return lax.dynamic_update_slice_in_dim(out, xent, i * block, 0)
-
-    def exact():
-      return lax.fori_loop(0, rows // block, exact_block, jnp.zeros((rows,), cdt))
-
-    xent = lax.cond(jnp.any(jnp.isnan(fast)), exact, lambda: fast)
+  xent = lax.cond(jnp.any(jnp.isnan(xent)), exact, lambda: xent)
   return combine(m, log_z, xent, sum_s, opts, n_cls)
 
 
@@ -411,7 +404,7 @@ def _exact_xent(xs, ys, ms, shift, log_z, opts: XentOptions, *, autodiff: bool):
 
 def backward(logits, labels, lse, g, *, sparse: bool, opts: XentOptions, want_dlabels: bool = True):
   """``dlogits`` (logits dtype) and, for dense labels, ``dlabels`` (labels dtype)."""
-  logits_max, logits_lab, logits = cpu_fusible(logits, logits, logits)  # see cpu_fusible
+  logits_lab, logits = cpu_fusible(logits, logits)  # see cpu_fusible
   x = prep_logits(logits, opts)
   local_c = x.shape[-1]
   n_cls = num_classes(local_c, opts)
@@ -424,7 +417,7 @@ def backward(logits, labels, lse, g, *, sparse: bool, opts: XentOptions, want_dl
     # XLA:CPU is bound by exp: written as the forward's exp(x - max(x)) times a per-row factor,
     # the exp is shared with the forward pass when both are in one jit program (CSE). (Not for
     # bfloat16, whose forward reads its own upcasts: value_and_grad 41 -> 21 ms at 16384x1000.)
-    m = safe_max(prep_logits(logits_max, opts), opts)
+    m = safe_max(x, opts)
     p = jnp.exp(x - m[:, None]) * jnp.exp(m - lse_safe)[:, None]
   else:
     p = jnp.exp(x - lse_safe[:, None])
