@@ -6,7 +6,9 @@
 3. integer-label forward and fused ``value_and_grad`` of the mean at 8192x128256, 4096x256000 and
    32768x32000 bf16, for the one-program-per-row launch and the persistent launch
    (``programs`` x ``block_c`` x ``num_warps``), each with and without ``row_groups`` (partial
-   statistics per row, no block-wide reduction in the walk: aimed at the 1.05x forward target).
+   statistics per row, no block-wide reduction in the walk: aimed at the 1.05x forward target),
+   and with ``num_stages`` 2 and 3 (Triton's software pipelining: the next block's load is in
+   flight while this block is reduced; every earlier measurement used 1).
    The persistent launch bounds the rows in flight so that the fused kernel's second walk over a
    row finds it in L2: the target is 0.85x of the three-pass floor (one read + one write of the
    logits = 0.67x). For vocabularies up to 65536 it also tries one block per row
@@ -85,6 +87,9 @@ for n, v in SHAPES:
   configs = [K()]
   configs += [K(block_c=bc, num_warps=nw, row_groups=gr)
               for gr, (bc, nw) in itertools.product((16, 64, 256), tiles)]
+  # software pipelining of the row walk (the next block's load issued before this block's math)
+  configs += [K(block_c=bc, num_warps=nw, num_stages=st, row_groups=gr)
+              for st, (bc, nw), gr in itertools.product((2, 3), tiles[:3], (1, 64))]
   configs += [K(programs=p * 132, block_c=bc, num_warps=nw, row_groups=gr)
               for p, (bc, nw), gr in itertools.product((1, 2, 4), ((2048, 4), (4096, 8), (8192, 16)), (1, 64))]
   if v <= 65536:  # whole row in one block: the fused kernel loads it once (one read, one write)
@@ -93,7 +98,8 @@ for n, v in SHAPES:
                 for nw, gr in itertools.product((8, 16, 32), (1, 64))]
   configs = configs[:3] + configs[-2:] if DRY else configs
   for k in configs:
-    cfg = dict(programs=k.programs, block_c=k.block_c, num_warps=k.num_warps, row_groups=k.row_groups)
+    cfg = dict(programs=k.programs, block_c=k.block_c, num_warps=k.num_warps,
+               num_stages=k.num_stages, row_groups=k.row_groups)
     try:
       fwd = jax.jit(lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(x, y, implementation=k))
       vg = jax.jit(jax.value_and_grad(lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(
