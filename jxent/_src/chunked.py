@@ -19,14 +19,17 @@ BLOCK = 4096
 backward = xla.backward
 
 
-def fold_blocks(step, size: int, block: int, state):
+def fold_blocks(step, size: int, block: int, state, *, peel: bool = True):
   """``state = step(start, block_size, state)`` over ``[0, size)`` in blocks of ``block``.
 
-  The first block is peeled off the loop so that the carry takes the sharding type (under
-  ``shard_map``) of what the blocks produce; the last, shorter block is a static step.
+  With ``peel`` the first block is peeled off the loop so that the carry takes the sharding type
+  (under ``shard_map``) of what the blocks produce; a single block is always a straight step, and
+  the last, shorter block is a static step.
   """
   nb, tail = divmod(size, block)
-  if nb:
+  if nb > 1 and not peel:
+    state = lax.fori_loop(0, nb, lambda i, st: step(i * block, block, st), state)
+  elif nb:
     state = step(0, block, state)
     if nb > 1:
       state = lax.fori_loop(1, nb, lambda i, st: step(i * block, block, st), state)

@@ -79,6 +79,15 @@ class LinearFusedGrad:
 _LINEAR = {"chunked_xla": LinearChunked, "fused_grad_xla": LinearFusedGrad}
 
 
+def _in_shard_map(*arrays) -> bool:
+  """Whether the block loops must peel their first block (see :func:`fold_blocks`): only when
+  an input varies over manual mesh axes. Elsewhere the loops start at block 0, so two blocks
+  still make a loop: a peeled block and a one-trip loop are inlined, and XLA then merges
+  (CSE) the backward's recomputed logits with the forward's and keeps them alive in between
+  (at 512 x 64 -> 4099, f32: 13.1 -> 5.0 MB of temporaries; 6147: 8.9 -> 5.0)."""
+  return any(xla.varying(a) for a in arrays)
+
+
 def _dot(a, b):
   return jnp.dot(a, b, preferred_element_type=_F32)
 
@@ -124,7 +133,7 @@ def _chunked_forward(x, w, labels, opts, block_v):
 
   init = (jnp.full((n,), -jnp.inf, _F32), jnp.zeros((n,), _F32), jnp.zeros((n,), _F32),
           jnp.zeros((n,), _F32))
-  m, z, lab, sx = fold_blocks(stats, v, block_v, init)
+  m, z, lab, sx = fold_blocks(stats, v, block_v, init, peel=_in_shard_map(x, w, labels))
   return xla.loss_from_stats(m, z, None, lab, sx, glabels, sparse=True, opts=opts, local_c=v)
 
 
@@ -158,7 +167,8 @@ def _chunked_backward(x, w, labels, lse, g, opts, block_v, block_n=None):
       dw = lax.dynamic_update_slice_in_dim(dw, dwb.astype(dw.dtype), start, axis=1)
       return dx, dw
 
-    dx, dw = fold_blocks(step, v, block_v, (jnp.zeros(xs.shape, _F32), dw))
+    dx, dw = fold_blocks(step, v, block_v, (jnp.zeros(xs.shape, _F32), dw),
+                         peel=_in_shard_map(xs, ys, ls, gs, w))
     return dx.astype(x.dtype), dw
 
   n = x.shape[0]

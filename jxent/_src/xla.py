@@ -50,7 +50,7 @@ def pmax(x, opts: XentOptions):
   return x if opts.axis_name is None else lax.pmax(x, opts.axis_name)
 
 
-def _varying(x) -> set:
+def varying(x) -> set:
   """The manual mesh axes ``x`` varies over (``{V:...}`` in its type); empty outside shard_map."""
   aval = jax.typeof(x)
   mat = getattr(aval, "mat", None)  # jax >= 0.10
@@ -65,7 +65,7 @@ def match_vma(ct, like):
   marks as varying the axes the primal varies over. Outside ``shard_map`` it returns ``ct``."""
   if ct is None:
     return None
-  have, want = _varying(ct), _varying(like)
+  have, want = varying(ct), varying(like)
   extra, missing = tuple(sorted(have - want)), tuple(sorted(want - have))
   if extra:
     ct = lax.psum(ct, extra)
@@ -83,7 +83,7 @@ def total_cotangent(g, like, opts: XentOptions):
   custom VJPs have no such transposes, so they add the parts here. ``like`` is an input sharded
   over ``axis_name``: without manual-axis types it does not vary over it.
   """
-  if opts.axis_name is None or opts.axis_name in _varying(like):
+  if opts.axis_name is None or opts.axis_name in varying(like):
     return g
   return lax.psum(g, opts.axis_name)
 
