@@ -51,6 +51,30 @@ def test_options_against_reference(algo, ls, z, cap, ign):
       assert float(jnp.abs(dx[3]).max()) == 0.0 and float(jnp.abs(dx[10]).max()) == 0.0
 
 
+@pytest.mark.parametrize("algo", ALGOS)
+def test_vmap(algo):
+  """vmap over a batch of token sets, with w shared or per batch, under jit and grad."""
+  rng = np.random.default_rng(5)
+  b, n, d, v = 3, 13, 8, 37  # 3 blocks of 16 classes with a tail; n not a multiple of 8 or 10
+  x = jnp.asarray(rng.normal(size=(b, n, d)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(b, d, v)) * 0.5, jnp.float32)
+  y = jnp.asarray(rng.integers(0, v, size=(b, n))).at[1, 2].set(-100)
+  kw = dict(label_smoothing=0.1, z_loss=1e-3, ignore_index=-100)
+  f = lambda x, w, y: jxent.linear_softmax_cross_entropy(x, w, y, implementation=algo, **kw)
+  for w_axis in (None, 0):
+    ww = w if w_axis == 0 else w[0]
+    vals, (dx, dw) = jax.jit(jax.vmap(jax.value_and_grad(f, argnums=(0, 1)),
+                                      in_axes=(0, w_axis, 0)))(x, ww, y)
+    for i in range(b):
+      wi = np.asarray(w[i] if w_axis == 0 else w[0], np.float64)
+      xi, yi = np.asarray(x[i], np.float64), np.asarray(y[i])
+      kept = (yi != -100).astype(np.float64)
+      loss, dl, _ = reference.xent(xi @ wi, yi, sparse=True, g=kept / kept.sum(), **kw)
+      assert_close(vals[i], loss.sum() / kept.sum(), scale=5)
+      assert_close(dx[i], dl @ wi.T, scale=5)
+      assert_close(dw[i], xi.T @ dl, scale=5)
+
+
 def test_reduction_none_and_leading_dims():
   x, w, y = data(1)
   x3 = x[:36].reshape(4, 9, 16)
