@@ -27,12 +27,11 @@ def fold_blocks(step, size: int, block: int, state, *, peel: bool = True):
   the last, shorter block is a static step.
   """
   nb, tail = divmod(size, block)
-  if nb > 1 and not peel:
-    state = lax.fori_loop(0, nb, lambda i, st: step(i * block, block, st), state)
-  elif nb:
+  first = 1 if nb and (peel or nb == 1) else 0  # blocks before the loop
+  if first:
     state = step(0, block, state)
-    if nb > 1:
-      state = lax.fori_loop(1, nb, lambda i, st: step(i * block, block, st), state)
+  if nb > first:
+    state = lax.fori_loop(first, nb, lambda i, st: step(i * block, block, st), state)
   if tail:
     state = step(nb * block, tail, state)
   return state
