@@ -55,7 +55,7 @@ def test_options_against_reference(algo, ls, z, cap, ign):
 def test_vmap(algo):
   """vmap over a batch of token sets, with w shared or per batch, under jit and grad."""
   rng = np.random.default_rng(5)
-  b, n, d, v = 3, 13, 8, 37  # 3 blocks of 16 classes with a tail; n not a multiple of 8 or 10
+  b, n, d, v = 3, 13, 8, 37  # 2 blocks of 16 classes and a tail of 5; n not a multiple of 8 or 10
   x = jnp.asarray(rng.normal(size=(b, n, d)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(b, d, v)) * 0.5, jnp.float32)
   y = jnp.asarray(rng.integers(0, v, size=(b, n))).at[1, 2].set(-100)
