@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import jax
 from jax.typing import ArrayLike
@@ -13,9 +13,9 @@ from jxent._src.options import make_options
 def softmax_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
-    *,
-    axis: int = -1,
+    axis: Union[int, tuple[int, ...], None] = -1,
     where: Optional[ArrayLike] = None,
+    *,
     reduction: Optional[str] = "none",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
@@ -35,7 +35,9 @@ def softmax_cross_entropy(
   Args:
     logits: ``[..., num_classes, ...]`` floating logits; the class axis is ``axis``.
     labels: the shape of ``logits`` (or broadcastable to it, e.g. ``[num_classes]``).
-    axis: the class axis (negative values count from the end).
+    axis: the class axis (negative values count from the end); a tuple of axes (their slice,
+      flattened, holds the classes) or None (every axis), as in optax. ``axis`` and ``where``
+      may be passed by position, as in optax; the other options are keyword-only.
     where: optional boolean mask. With the rank of ``logits``: a per-element mask (masked classes
       are left out of the softmax, as in optax); otherwise a per-example mask of shape ``[...]``.
       Rows with nothing kept give 0 loss and 0 gradient.
@@ -66,9 +68,9 @@ def softmax_cross_entropy(
 def softmax_cross_entropy_with_integer_labels(
     logits: ArrayLike,
     labels: ArrayLike,
-    *,
-    axis: int = -1,
+    axis: Union[int, tuple[int, ...], None] = -1,
     where: Optional[ArrayLike] = None,
+    *,
     ignore_index: Optional[int] = None,
     reduction: Optional[str] = "none",
     label_smoothing: float = 0.0,
@@ -88,7 +90,8 @@ def softmax_cross_entropy_with_integer_labels(
   Args:
     logits: ``[..., num_classes, ...]`` floating logits; the class axis is ``axis``.
     labels: ``[...]`` integer class ids (``logits.shape`` without ``axis``).
-    axis: the class axis.
+    axis: the class axis, or a tuple of axes: a label is then the flat (row-major) index into
+      the slice over those axes in the order given, as in optax.
     where: optional mask, as in :func:`softmax_cross_entropy`.
     ignore_index: examples whose label equals it give 0 loss and 0 gradient, and are left out of
       ``"mean"``.

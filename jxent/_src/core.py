@@ -16,7 +16,7 @@ import numpy as np
 
 from jxent._src import dispatch
 from jxent._src.options import XentOptions
-from jxent._src.xla import match_vma, total_cotangent
+from jxent._src.xla import match_vma, nan_rows, total_cotangent
 
 
 # --------------------------------------------------------------------------------------------
@@ -45,7 +45,8 @@ def _xent_2d_bwd(sparse, opts, kernel, res, g):
   logits, labels, lse, want = res
   if isinstance(g, jax.custom_derivatives.SymbolicZero):
     g = jnp.zeros(lse.shape, lse.dtype)
-  g = total_cotangent(g, logits, opts)
+  g = nan_rows(total_cotangent(g, logits, opts), labels, lse, sparse=sparse, opts=opts,
+               local_c=logits.shape[1])
   dlogits, dlabels = kernel.backward(logits, labels, lse, g, sparse=sparse, opts=opts,
                                      want_dlabels=want is not None)
   return match_vma(dlogits, logits), (None if sparse else match_vma(dlabels, labels))
@@ -91,6 +92,21 @@ def _xent_2d_fused_bwd(sparse, opts, kernel, res, g):
 xent_2d_fused.defvjp(_xent_2d_fused_fwd, _xent_2d_fused_bwd, symbolic_zeros=True)
 
 
+def call_vjp(f, *args):
+  """Calls the custom VJP ``f``; in an eager ``shard_map`` its primal instead.
+
+  JAX cannot bind a custom VJP with symbolic zeros on an eager ``shard_map`` trace (it raises
+  ``NotImplementedError``). That trace is only current when nothing above it differentiates (a
+  ``grad`` inside the body would handle the call first), so the primal is all that is needed.
+  """
+  try:
+    return f(*args)
+  except NotImplementedError as err:
+    if "symbolic_zeros" not in str(err):
+      raise
+    return f.fun(*args)
+
+
 # --------------------------------------------------------------------------------------------
 # Validation and canonicalisation.
 # --------------------------------------------------------------------------------------------
@@ -105,7 +121,7 @@ def check_logits(logits, name: str = "logits") -> jax.Array:
 
 
 def check_axis(axis, ndim: int, what: str = "logits") -> int:
-  if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+  if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
     raise TypeError(f"`axis` must be an int, got {axis!r} of type {type(axis).__name__}.")
   if not -ndim <= axis < ndim:
     raise ValueError(f"`axis`={axis} is out of range for {what} of rank {ndim} "
@@ -113,9 +129,26 @@ def check_axis(axis, ndim: int, what: str = "logits") -> int:
   return int(axis) % ndim
 
 
-def _to_rows(x: jax.Array, axis: int) -> jax.Array:
-  x = jnp.moveaxis(x, axis, -1)
-  return x.reshape(num_rows(x.shape[:-1]), x.shape[-1])
+def check_axes(axis, ndim: int, what: str = "logits") -> tuple[int, ...]:
+  """The class axes as non-negative ints, in the order given: an int, a tuple or list of ints
+  (optax: the classes are the flattened slice over them), or None (every axis)."""
+  if axis is None:
+    return tuple(range(ndim))
+  if isinstance(axis, (tuple, list)):
+    if not axis:
+      raise ValueError(f"`axis` must name at least one class axis, got {axis!r}.")
+    axes = tuple(check_axis(a, ndim, what) for a in axis)
+    if len(set(axes)) != len(axes):
+      raise ValueError(f"`axis`={axis!r} repeats an axis of {what} of rank {ndim}.")
+    return axes
+  return (check_axis(axis, ndim, what),)
+
+
+def _to_rows(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """``x`` with the class ``axes`` moved last (in their order) and flattened: ``[rows, classes]``."""
+  x = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
+  batch = x.shape[:x.ndim - len(axes)]
+  return x.reshape(num_rows(batch), num_rows(x.shape[len(batch):]))
 
 
 def canonicalize(logits, labels, *, axis, sparse: bool, where=None):
@@ -125,12 +158,12 @@ def canonicalize(logits, labels, *, axis, sparse: bool, where=None):
   """
   logits = check_logits(logits)
   if logits.ndim == 0:
-    raise ValueError("`logits` must have rank >= 1 (a class axis), got a scalar.")
+    raise ValueError("`logits` cannot be a scalar: it must have rank >= 1 (a class axis).")
   if labels is None:
     raise ValueError("`labels` must not be None.")
   labels = jnp.asarray(labels)
-  ax = check_axis(axis, logits.ndim)
-  batch_shape = logits.shape[:ax] + logits.shape[ax + 1:]
+  ax = check_axes(axis, logits.ndim)
+  batch_shape = tuple(d for i, d in enumerate(logits.shape) if i not in ax)
   if sparse:
     if not jnp.issubdtype(labels.dtype, jnp.integer):
       raise TypeError(f"integer `labels` must have an integer dtype, got {labels.dtype} "
@@ -160,7 +193,8 @@ def canonicalize(logits, labels, *, axis, sparse: bool, where=None):
       try:
         elem = jnp.broadcast_to(where, logits.shape)
       except ValueError:
-        raise ValueError(f"`where` {where.shape} does not broadcast to logits {logits.shape}.") from None
+        raise ValueError(f"`where` {where.shape} does not broadcast to logits {logits.shape}."
+                         ) from None
       elem = _to_rows(elem, ax)
       row_mask = jnp.any(elem, axis=-1)
       # Masked classes become -inf; a row with no class left becomes finite zeros (then masked).
@@ -195,8 +229,11 @@ def loss(logits, labels, *, axis, sparse: bool, opts: XentOptions, implementatio
     if reduction == "mean":
       count = jnp.sum(w)
       w = jnp.where(count > 0, w / jnp.maximum(count, 1.0), 0.0)
+    if sparse:  # out-of-range labels: NaN loss and NaN gradient rows (TF on GPU)
+      c = logits2d.shape[1]
+      w = jnp.where(((labels2d < 0) | (labels2d >= c)) & (w != 0), jnp.nan, w)
     w = jax.lax.stop_gradient(w)
-    return xent_2d_fused(logits2d, labels2d, w, sparse, opts, kernel).astype(logits.dtype)
+    return call_vjp(xent_2d_fused, logits2d, labels2d, w, sparse, opts, kernel).astype(logits.dtype)
   per_row = _per_row(logits2d, labels2d, row_mask, sparse, opts, kernel)
   kept = None if kept is None else kept.reshape(batch_shape)
   return reduce_native(per_row.reshape(batch_shape), kept, reduction, logits.dtype)
@@ -224,7 +261,7 @@ def _per_row(logits2d, labels2d, row_mask, sparse, opts, kernel):
   elif getattr(kernel, "autodiff", False):  # JAX differentiates the forward itself
     loss = kernel.forward(logits2d, labels2d, sparse=sparse, opts=opts, need_lse=False)[0]
   else:
-    loss = xent_2d(logits2d, labels2d, sparse, opts, kernel)
+    loss = call_vjp(xent_2d, logits2d, labels2d, sparse, opts, kernel)
   if row_mask is not None:
     loss = jnp.where(row_mask, loss, 0.0)
   return loss

@@ -125,7 +125,7 @@ def platform() -> str:
 
 def _default(sparse: bool, shape, dtype) -> Any:
   plat = platform()
-  if plat in ("gpu", "cuda"):
+  if plat in ("gpu", "cuda") and jax.numpy.dtype(dtype).itemsize <= 4:
     _load_pallas()
     from jxent._src import pallas_triton
     if pallas_triton.preferred(shape, dtype, sparse):
@@ -148,6 +148,12 @@ def resolve(implementation, *, sparse: bool, shape, dtype) -> Any:
     kernel = implementation
   else:
     raise TypeError(f"`implementation` must be None, a name or a kernel object, got {implementation!r}.")
+  allowed = getattr(kernel, "dtypes", None)
+  if allowed is not None and jax.numpy.dtype(dtype) not in allowed:
+    raise ValueError(
+        f"implementation {kernel.name!r} does not take {jax.numpy.dtype(dtype)} logits (it takes "
+        f"{', '.join(str(d) for d in allowed)}); pass implementation=None or 'xla' (or "
+        f"'chunked_xla'), which compute float64 in float64.")
   plat = platform()
   if not kernel.interpret and plat not in kernel.platforms:
     raise ValueError(

@@ -8,19 +8,61 @@ no JAX equivalent: pass logits with ``from_logits=True``.
 
 from __future__ import annotations
 
+import enum
+import sys
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jxent._src import core, tf_nn
+from jxent._src.options import make_options
 from jxent._src.tf_losses import div_no_nan
 
 EPSILON = 1e-7
 
 REDUCTIONS = ("auto", "none", "sum", "sum_over_batch_size", "mean", "mean_with_sample_weight", None)
+
+
+class ScalarInputError(ValueError, IndexError):
+  """A 0-d ``y_pred``: a ``ValueError`` (Keras 3's checks) that is also the ``IndexError``
+  tf.keras raised for it, so that code catching either keeps working."""
+
+
+class Reduction(str, enum.Enum):
+  """``tf.keras.losses.Reduction`` (``ReductionV2``): the same names and string values.
+
+  Example:
+    >>> import jxent
+    >>> jxent.keras.CategoricalCrossentropy(reduction=jxent.keras.Reduction.SUM).reduction
+    'sum'
+  """
+
+  AUTO = "auto"
+  NONE = "none"
+  SUM = "sum"
+  SUM_OVER_BATCH_SIZE = "sum_over_batch_size"
+
+  def __str__(self):
+    return self.value
+
+  @classmethod
+  def all(cls) -> tuple:
+    return (cls.AUTO, cls.NONE, cls.SUM, cls.SUM_OVER_BATCH_SIZE)
+
+  @classmethod
+  def validate(cls, key) -> None:
+    if key not in REDUCTIONS:
+      raise ValueError(f"Invalid Reduction Key: {key}. Expected keys are "
+                       f"{tuple(r for r in REDUCTIONS if r is not None)} or None.")
+
+
+def _check_rank(y_pred):
+  if y_pred.ndim == 0:
+    raise ScalarInputError(f"`y_pred` cannot be a scalar: it must have rank >= 1 (a class axis). "
+                           f"Received: y_pred.shape={y_pred.shape}")
 
 
 def _check_axis_type(axis):
@@ -59,12 +101,13 @@ def categorical_crossentropy(y_true: ArrayLike, y_pred: ArrayLike, from_logits: 
   _check_axis_type(axis)
   y_pred = core.check_logits(jnp.asarray(y_pred), "y_pred")
   y_true = jnp.asarray(y_true).astype(y_pred.dtype)
-  if y_pred.ndim == 0:
-    raise IndexError("`y_pred` must have rank >= 1 (a class axis), got a scalar.")
-  if y_true.shape != y_pred.shape:
-    raise ValueError(f"Shapes {y_true.shape} and {y_pred.shape} are incompatible")
+  _check_rank(y_pred)
+  if y_true.shape != y_pred.shape:  # tf.keras's and Keras 3's messages both
+    raise ValueError(f"Arguments `target` and `output` must have the same shape. Received: "
+                     f"target.shape={y_true.shape}, output.shape={y_pred.shape} (Shapes "
+                     f"{y_true.shape} and {y_pred.shape} are incompatible)")
   ax = core.check_axis(axis, y_pred.ndim, "y_pred")
-  if y_pred.shape[-1] == 1:
+  if y_pred.shape[ax] == 1:  # the class axis, as current Keras checks it
     warnings.warn("In loss categorical_crossentropy, expected y_pred.shape to be (batch_size, "
                   "num_classes) with num_classes > 1. Received: y_pred.shape="
                   f"{y_pred.shape}. Consider using 'binary_crossentropy' if you only have 2 "
@@ -80,9 +123,14 @@ def categorical_crossentropy(y_true: ArrayLike, y_pred: ArrayLike, from_logits: 
 
 
 def sparse_categorical_crossentropy(y_true: ArrayLike, y_pred: ArrayLike, from_logits: bool = False,
-                                    axis: int = -1, ignore_class: Optional[int] = None) -> jax.Array:
-  """``tf.keras.losses.sparse_categorical_crossentropy``: integer targets ``[...]`` (or with a
-  trailing 1), ``y_pred`` ``[..., num_classes]``. Entries equal to ``ignore_class`` give 0.
+                                    axis: int = -1, ignore_class: Optional[int] = None,
+                                    label_smoothing: float = 0.0) -> jax.Array:
+  """``keras.losses.sparse_categorical_crossentropy``: integer targets ``[...]`` (or with a
+  size-1 dimension at ``axis``), ``y_pred`` ``[..., num_classes, ...]`` with the classes on
+  ``axis``. Entries equal to ``ignore_class`` give 0.
+
+  ``label_smoothing`` ε gives the loss of the smoothed one-hot ``(1 - ε)·onehot + ε / C``
+  without building it: ``(1 - ε)·nll + ε·(lse - mean(log p))``.
 
   Example:
     >>> import jxent
@@ -91,12 +139,11 @@ def sparse_categorical_crossentropy(y_true: ArrayLike, y_pred: ArrayLike, from_l
   """
   _check_axis_type(axis)
   y_pred = core.check_logits(jnp.asarray(y_pred), "y_pred")
-  if y_pred.ndim == 0:
-    raise IndexError("`y_pred` must have rank >= 1 (a class axis), got a scalar.")
+  _check_rank(y_pred)
   ax = core.check_axis(axis, y_pred.ndim, "y_pred")
   y_true = jnp.asarray(y_true)
-  if y_true.ndim == y_pred.ndim and y_true.shape[-1] == 1:
-    y_true = y_true[..., 0]
+  if y_true.ndim == y_pred.ndim and y_true.shape[ax] == 1:
+    y_true = jnp.squeeze(y_true, ax)
   if not jnp.issubdtype(y_true.dtype, jnp.integer):
     y_true = y_true.astype(jnp.int32)
   logits = y_pred
@@ -107,7 +154,10 @@ def sparse_categorical_crossentropy(y_true: ArrayLike, y_pred: ArrayLike, from_l
   if ignore_class is not None:
     valid = y_true != ignore_class
     labels = jnp.where(valid, y_true, 0)
-  loss, _ = core.rows_loss(logits, labels, axis=ax, sparse=True, opts=tf_nn.TF_OPTS)
+  opts = tf_nn.TF_OPTS
+  if label_smoothing:
+    opts = make_options(label_smoothing=label_smoothing, tf_grad=True)
+  loss, _ = core.rows_loss(logits, labels, axis=ax, sparse=True, opts=opts)
   loss = loss.astype(y_pred.dtype)
   if ignore_class is not None:
     loss = jnp.where(valid, loss, jnp.zeros((), loss.dtype))
@@ -155,9 +205,7 @@ def reduce_weighted(losses, sample_weight, reduction, mask=None):
 
 
 def _check_reduction(reduction):
-  if reduction not in REDUCTIONS:
-    raise ValueError(f"Invalid Reduction Key: {reduction}. Expected keys are "
-                     f"{tuple(r for r in REDUCTIONS if r is not None)} or None.")
+  Reduction.validate(reduction)
 
 
 def _squeeze_or_expand(y_pred, y_true):
@@ -169,19 +217,50 @@ def _squeeze_or_expand(y_pred, y_true):
   return y_pred, y_true
 
 
+def register_serializable() -> bool:
+  """Registers the loss classes with Keras 3's serialization (package ``"jxent"``), so that
+  ``keras.saving.deserialize_keras_object`` and ``keras.saving.load_model`` find them without
+  ``custom_objects``. Runs by itself when Keras is already imported as jxent is, and when a loss
+  object is made; jxent never imports Keras. Returns whether Keras was there to register with.
+  """
+  keras = sys.modules.get("keras")
+  saving = getattr(keras, "saving", None)
+  if saving is None or not hasattr(saving, "register_keras_serializable"):
+    return False
+  known = saving.get_custom_objects()
+  for cls in (CategoricalCrossentropy, SparseCategoricalCrossentropy):
+    if f"jxent>{cls.__name__}" not in known:
+      saving.register_keras_serializable(package="jxent")(cls)
+  return True
+
+
 class _LossBase:
   """A plain callable ``(y_true, y_pred, sample_weight=None)``: usable under ``jit``/``vmap``/
-  ``grad`` and as ``model.compile(loss=...)`` in Keras 3."""
+  ``grad`` and as ``model.compile(loss=...)`` in Keras 3, and serializable by Keras 3."""
 
   fn_name: str = ""
 
-  def __init__(self, reduction="auto", name=None):
+  def __init__(self, reduction="auto", name=None, dtype=None):
+    if isinstance(reduction, Reduction):
+      reduction = reduction.value
     _check_reduction(reduction)
+    if dtype is not None:
+      dtype = getattr(dtype, "name", dtype)  # a Keras DTypePolicy or a dtype
+      if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+        raise ValueError(f"`dtype` must be a floating dtype or None, got {dtype!r}.")
+      dtype = jnp.dtype(dtype).name
     self.reduction = reduction
     self.name = name
+    self.dtype = dtype
+    register_serializable()
+
+  def _cast(self, y_pred):
+    """Keras 3's ``dtype``: the loss is computed and returned in it (None: the input's dtype)."""
+    return y_pred if self.dtype is None else y_pred.astype(self.dtype)
 
   def get_config(self) -> dict:
-    return {"reduction": self.reduction, "name": self.name, "fn": self.fn_name}
+    return {"reduction": self.reduction, "name": self.name, "dtype": self.dtype,
+            "fn": self.fn_name}
 
   @classmethod
   def from_config(cls, config: dict):
@@ -195,11 +274,12 @@ class _LossBase:
 
 
 class CategoricalCrossentropy(_LossBase):
-  """``tf.keras.losses.CategoricalCrossentropy``.
+  """``tf.keras.losses.CategoricalCrossentropy`` (and Keras 3's).
 
   Reductions: "auto" (= "sum_over_batch_size"), "sum_over_batch_size", "sum", "none", and Keras 3's
-  "mean", "mean_with_sample_weight" and None. ``sample_weight`` follows tf.keras: a scalar,
-  ``[batch]``, ``[batch, 1]``, or per-sample weighting of ``[batch, T]`` losses.
+  "mean", "mean_with_sample_weight" and None (or a :class:`Reduction`). ``sample_weight`` follows
+  tf.keras: a scalar, ``[batch]``, ``[batch, 1]``, or per-sample weighting of ``[batch, T]``
+  losses. ``dtype`` (Keras 3): compute and return the loss in that floating dtype.
 
   Example:
     >>> import jxent
@@ -211,21 +291,23 @@ class CategoricalCrossentropy(_LossBase):
   fn_name = "categorical_crossentropy"
 
   def __init__(self, from_logits: bool = False, label_smoothing: float = 0.0, axis: int = -1,
-               reduction: Optional[str] = "auto", name: str = "categorical_crossentropy"):
-    super().__init__(reduction, name)
+               reduction: Optional[str] = "auto", name: str = "categorical_crossentropy",
+               dtype: Any = None):
+    super().__init__(reduction, name, dtype)
     _check_axis_type(axis)
     self.from_logits = from_logits
     self.label_smoothing = label_smoothing
     self.axis = axis
 
   def get_config(self) -> dict:
-    return {"reduction": self.reduction, "name": self.name, "from_logits": self.from_logits,
-            "label_smoothing": self.label_smoothing, "axis": self.axis, "fn": self.fn_name}
+    return {**super().get_config(), "from_logits": self.from_logits,
+            "label_smoothing": self.label_smoothing, "axis": self.axis}
 
   def __call__(self, y_true: ArrayLike, y_pred: ArrayLike,
                sample_weight: Optional[ArrayLike] = None) -> jax.Array:
-    y_pred = jnp.asarray(y_pred)
+    y_pred = self._cast(jnp.asarray(y_pred))
     y_true = jnp.asarray(y_true)
+    _check_rank(y_pred)
     y_pred, y_true = _squeeze_or_expand(y_pred, y_true)
     losses = categorical_crossentropy(y_true, y_pred, from_logits=self.from_logits,
                                       label_smoothing=self.label_smoothing, axis=self.axis)
@@ -233,8 +315,9 @@ class CategoricalCrossentropy(_LossBase):
 
 
 class SparseCategoricalCrossentropy(_LossBase):
-  """``tf.keras.losses.SparseCategoricalCrossentropy`` with ``ignore_class`` (entries equal to it
-  give 0 and are left out of the batch-size mean).
+  """``tf.keras.losses.SparseCategoricalCrossentropy`` (and Keras 3's) with ``ignore_class``
+  (entries equal to it give 0 and are left out of the batch-size mean), ``axis`` (the class axis
+  of ``y_pred``), ``label_smoothing`` (no one-hot is built) and ``dtype``.
 
   Example:
     >>> import jxent
@@ -246,23 +329,30 @@ class SparseCategoricalCrossentropy(_LossBase):
   fn_name = "sparse_categorical_crossentropy"
 
   def __init__(self, from_logits: bool = False, ignore_class: Optional[int] = None,
-               reduction: Optional[str] = "auto", name: str = "sparse_categorical_crossentropy"):
-    super().__init__(reduction, name)
+               reduction: Optional[str] = "auto", axis: int = -1,
+               name: str = "sparse_categorical_crossentropy", dtype: Any = None,
+               label_smoothing: float = 0.0):
+    super().__init__(reduction, name, dtype)
+    _check_axis_type(axis)
     self.from_logits = from_logits
     self.ignore_class = ignore_class
+    self.axis = axis
+    self.label_smoothing = label_smoothing
 
   def get_config(self) -> dict:
-    return {"reduction": self.reduction, "name": self.name, "from_logits": self.from_logits,
-            "ignore_class": self.ignore_class, "fn": self.fn_name}
+    return {**super().get_config(), "from_logits": self.from_logits,
+            "ignore_class": self.ignore_class, "axis": self.axis,
+            "label_smoothing": self.label_smoothing}
 
   def __call__(self, y_true: ArrayLike, y_pred: ArrayLike,
                sample_weight: Optional[ArrayLike] = None) -> jax.Array:
-    y_pred = jnp.asarray(y_pred)
+    y_pred = self._cast(jnp.asarray(y_pred))
     y_true = jnp.asarray(y_true)
     losses = sparse_categorical_crossentropy(y_true, y_pred, from_logits=self.from_logits,
-                                             ignore_class=self.ignore_class)
+                                             ignore_class=self.ignore_class, axis=self.axis,
+                                             label_smoothing=self.label_smoothing)
     mask = None
     if self.ignore_class is not None:
-      yt = y_true[..., 0] if (y_true.ndim == y_pred.ndim and y_true.shape[-1] == 1) else y_true
-      mask = yt != self.ignore_class
+      mask = (y_true.reshape(losses.shape) if y_true.size == losses.size else y_true
+              ) != self.ignore_class
     return reduce_weighted(losses, sample_weight, self.reduction, mask=mask)

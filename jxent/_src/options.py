@@ -6,6 +6,7 @@ import dataclasses
 from typing import Optional
 
 import jax
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,29 +49,43 @@ def make_options(
                       ("logit_softcap", logit_softcap)):
     if _is_traced(value):
       raise TypeError(f"`{name}` must be a Python number (static), got a traced value {value}.")
-  if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-    raise TypeError(f"`label_smoothing` must be a float, got {label_smoothing!r}.")
-  if not 0.0 <= float(label_smoothing) <= 1.0:
+  label_smoothing = _real("label_smoothing", label_smoothing, "a float")
+  if not 0.0 <= label_smoothing <= 1.0:
     raise ValueError(f"`label_smoothing` must be in [0, 1], got {label_smoothing}.")
-  if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)):
-    raise TypeError(f"`z_loss` must be a float, got {z_loss!r}.")
-  if float(z_loss) < 0.0:
+  z_loss = _real("z_loss", z_loss, "a float")
+  if z_loss < 0.0:
     raise ValueError(f"`z_loss` must be >= 0, got {z_loss}.")
   if logit_softcap is not None:
-    if isinstance(logit_softcap, bool) or not isinstance(logit_softcap, (int, float)):
-      raise TypeError(f"`logit_softcap` must be a positive float or None, got {logit_softcap!r}.")
-    if not float(logit_softcap) > 0.0:
+    logit_softcap = _real("logit_softcap", logit_softcap, "a positive float or None")
+    if not logit_softcap > 0.0:
       raise ValueError(f"`logit_softcap` must be > 0, got {logit_softcap}.")
-    logit_softcap = float(logit_softcap)
-  if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
-    raise TypeError(f"`ignore_index` must be a Python int or None, got {ignore_index!r}.")
+  if ignore_index is not None:
+    if _is_traced(ignore_index):
+      raise TypeError(f"`ignore_index` must be a Python int (static), got a traced value "
+                      f"{ignore_index}.")
+    if (isinstance(ignore_index, (bool, np.bool_))
+        or not isinstance(ignore_index, (int, np.integer))
+        and not (isinstance(ignore_index, np.ndarray) and ignore_index.ndim == 0
+                 and np.issubdtype(ignore_index.dtype, np.integer))):
+      raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}.")
+    ignore_index = int(ignore_index)
   if axis_name is not None and not isinstance(axis_name, (str, tuple)):
     raise TypeError(f"`axis_name` must be a mesh axis name (str) or None, got {axis_name!r}.")
   return XentOptions(
-      label_smoothing=float(label_smoothing),
-      z_loss=float(z_loss),
+      label_smoothing=label_smoothing,
+      z_loss=z_loss,
       logit_softcap=logit_softcap,
       ignore_index=ignore_index,
       axis_name=axis_name,
       tf_grad=bool(tf_grad),
   )
+
+
+def _real(name: str, value, what: str) -> float:
+  """A static real option as a Python float: Python and NumPy numbers (config files often hold
+  ``np.float32(0.1)``) and 0-d NumPy arrays; not bools, complex numbers or strings."""
+  if isinstance(value, np.ndarray) and value.ndim == 0:
+    value = value[()]
+  if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating))):
+    raise TypeError(f"`{name}` must be {what}, got {value!r} of type {type(value).__name__}.")
+  return float(value)

@@ -230,6 +230,8 @@ class PallasMosaicTpuKernel:
 
   name: ClassVar[str] = "pallas_mosaic_tpu"
   platforms: ClassVar[tuple[str, ...]] = ("tpu",)
+  # float32 accumulation: float64 logits are refused (use XLA)
+  dtypes: ClassVar[tuple] = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
   interpret: bool = False
   block_r: int = 256
   block_c: int = 2048

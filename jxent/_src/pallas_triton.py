@@ -314,6 +314,8 @@ class PallasTritonKernel:
 
   name: ClassVar[str] = "pallas_triton"
   platforms: ClassVar[tuple[str, ...]] = ("gpu", "cuda", "rocm")
+  # float32 accumulation: float64 logits are refused (use XLA)
+  dtypes: ClassVar[tuple] = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
   interpret: bool = False
   block_c: int = 2048  # tuned on an H100 (benchmarks/results/*gpu_check.jsonl)
   num_warps: int = 4

@@ -95,9 +95,11 @@ def sparse_softmax_cross_entropy_with_logits(labels: Optional[ArrayLike] = None,
   _missing("sparse_softmax_cross_entropy_with_logits", labels, logits)
   logits = core.check_logits(logits)
   labels = jnp.asarray(labels)
-  if logits.ndim == 0 or labels.ndim != logits.ndim - 1:
-    raise ValueError(f"Rank mismatch: Rank of labels (received {labels.ndim}) should equal rank of "
-                     f"logits minus 1 (received {logits.ndim}); labels {labels.shape}, logits "
-                     f"{logits.shape}.")
+  if logits.ndim == 0:  # TF 2.21's messages
+    raise ValueError(f"`logits` cannot be a scalar. Received logits={logits}")
+  if labels.ndim != logits.ndim - 1:
+    raise ValueError(f"`labels.shape.rank` must equal `logits.shape.rank - 1`. Received: "
+                     f"labels.shape={labels.shape} of rank {labels.ndim} and logits.shape="
+                     f"{logits.shape} of rank {logits.ndim} (Rank mismatch).")
   loss, _ = core.rows_loss(logits, labels, axis=-1, sparse=True, opts=TF_OPTS)
   return loss.astype(logits.dtype)

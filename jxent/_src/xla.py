@@ -168,6 +168,33 @@ def safe_max(x: jax.Array, opts: XentOptions) -> jax.Array:
   return jnp.where(jnp.isneginf(m), 0.0, m).astype(x.dtype)
 
 
+def tail_log_z(x: jax.Array, m: jax.Array, opts: XentOptions) -> jax.Array:
+  """``log(sum(exp(x - m)))`` for float64 without rounding the sum to 1 (TF's newer kernel).
+
+  The sum is ``1 + r`` with ``r`` the terms other than one maximum; ``1 + r`` rounds to 1 once
+  ``r < 1.1e-16`` (a logit margin above 37), losing the tail. ``log1p(r)`` keeps it. ``r`` is
+  summed with ``expm1`` at the maxima (0, with derivative 1, for ``xla_autodiff``) plus their
+  count less one; an all ``-inf`` row gives ``r = -1`` and ``-inf``.
+  """
+  s = x - m[:, None]
+  top = s == 0
+  rest, count = psum((jnp.sum(jnp.where(top, jnp.expm1(s), jnp.exp(s)), axis=-1),
+                      jnp.sum(top, axis=-1, dtype=x.dtype)), opts)
+  rest = rest + (count - 1.0)  # (count - 1 first: adding 1 to rest would round its tail away)
+  return jnp.log1p(rest)
+
+
+def tail_grad(x, m, log_z, coef, target):
+  """``coef * softmax(x) - target`` for float64 with the maxima's entries free of cancellation:
+  there ``softmax = exp(-log_z)`` and ``coef * (softmax - 1)`` is ``coef * expm1(-log_z)``, so a
+  confident one-hot row keeps its tiny ``-sum(tail)``; an exact 0 there is +0, as in TF."""
+  top = x == m[:, None]
+  p = jnp.exp(x - (m + log_z)[:, None])
+  at_top = coef * jnp.expm1(-log_z)[:, None] + (coef - target)
+  at_top = jnp.where(at_top == 0, 0.0, at_top)  # (not `+ 0.0`, which XLA folds away)
+  return jnp.where(top, at_top, coef * p - target)
+
+
 def combine(m, log_z, xent, sum_s, opts: XentOptions, n_classes):
   """Per-row loss and lse from the per-row statistics (shared by the XLA and chunked kernels).
 
@@ -238,11 +265,33 @@ def ignored_rows(labels: jax.Array, opts: XentOptions):
 
 
 def finish_sparse(loss, labels, n_classes, opts: XentOptions):
-  """NaN for labels outside ``[0, n_classes)``, then 0 for ``ignore_index`` rows."""
-  loss = jnp.where((labels >= 0) & (labels < n_classes), loss, jnp.nan)
+  """NaN for labels outside ``[0, n_classes)``, then 0 for ``ignore_index`` rows.
+
+  The NaN is a factor of the loss, not a select, so that JAX's own derivative of it
+  (``xla_autodiff``) is NaN on that row too, as the custom VJPs make it (:func:`nan_rows`)."""
+  ok = (labels >= 0) & (labels < n_classes)
+  if opts.ignore_index is not None:
+    ok = ok | (labels == opts.ignore_index)
+  loss = loss * jnp.where(ok, jnp.ones_like(loss), jnp.full_like(loss, jnp.nan))
   if opts.ignore_index is not None:
     loss = jnp.where(labels == opts.ignore_index, 0.0, loss)
   return loss
+
+
+def nan_rows(g, labels, lse, *, sparse: bool, opts: XentOptions, local_c: int):
+  """The cotangent with NaN on the rows whose loss is NaN by construction, where it is not 0.
+
+  Those rows are the ones with an integer label outside ``[0, C)`` (not ``ignore_index``; TF on
+  GPU) and the rows whose logits are all ``-inf`` (``lse = -inf``; TF and optax): their gradient
+  row is then NaN too, instead of a finite row that hides the fault. Rows with a zero cotangent
+  (masked by ``where``, ignored) keep a zero gradient.
+  """
+  bad = jnp.isneginf(lse)
+  if sparse:
+    bad = bad | (labels < 0) | (labels >= num_classes(local_c, opts))
+    if opts.ignore_index is not None:
+      bad = bad & (labels != opts.ignore_index)
+  return jnp.where(bad & (g != 0), jnp.nan, g)
 
 
 def segments(c: int) -> int:
@@ -299,7 +348,10 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
   if opts.label_smoothing:
     sum_x = jnp.sum(prep_logits(raw_sum, opts), axis=-1).reshape(rows, k)
     sum_s = psum(jnp.sum(sum_x, axis=-1), opts) - n_cls * m
-  log_z = jnp.log(psum(z, opts))
+  if cdt == jnp.float64:
+    log_z = tail_log_z(prep_logits(logits, opts), m, opts)
+  else:
+    log_z = jnp.log(psum(z, opts))
   if sparse:
     label_s = gather_label(logits_lab, labels, opts) - m
     loss, lse = combine(m, log_z, log_z - label_s, sum_s, opts, n_cls)
@@ -394,10 +446,16 @@ def _exact_xent(xs, ys, ms, shift, log_z, opts: XentOptions, *, autodiff: bool):
   sum_y_seg = jnp.sum(ys, axis=-1).reshape(rows, k)
   zero = ys == 0
   xm = xs - ms.reshape(-1)[:, None]
-  prod = (jnp.where(zero, 0.0, ys) * jnp.where(zero, 0.0, xm) if autodiff else
-          jnp.where(zero, 0.0, ys * xm))
+  if autodiff:
+    # Only a zero label on a -inf logit is masked, and only in the logit factor: the labels'
+    # derivative stays x - m elsewhere (a zero label included) and is finite at -inf.
+    prod = ys * jnp.where(zero & jnp.isneginf(xm), 0.0, xm)
+    shifted = shift * sum_y_seg  # (finite: no segment maximum is -inf here)
+  else:
+    prod = jnp.where(zero, 0.0, ys * xm)
+    shifted = jnp.where(sum_y_seg == 0, 0.0, shift * sum_y_seg)
   sum_ys_seg = jnp.sum(prod, axis=-1).reshape(rows, k)
-  sum_ys = jnp.sum(sum_ys_seg + jnp.where(sum_y_seg == 0, 0.0, shift * sum_y_seg), axis=-1)
+  sum_ys = jnp.sum(sum_ys_seg + shifted, axis=-1)
   sum_y, sum_ys = psum((jnp.sum(sum_y_seg, axis=-1), sum_ys), opts)
   return log_z * sum_y - sum_ys
 
@@ -412,7 +470,12 @@ def backward(logits, labels, lse, g, *, sparse: bool, opts: XentOptions, want_dl
   g = g.astype(x.dtype)
   lse = lse.astype(x.dtype)
   lse_safe = jnp.where(jnp.isneginf(lse), 0.0, lse)
-  if (segments(local_c) == 1 and jax.default_backend() == "cpu" and opts.axis_name is None
+  exact = x.dtype == jnp.float64  # the tails without cancellation (tail_grad)
+  if exact:
+    m = safe_max(x, opts)
+    log_z = tail_log_z(x, m, opts)
+    p = jnp.exp(x - (m + log_z)[:, None])
+  elif (segments(local_c) == 1 and jax.default_backend() == "cpu" and opts.axis_name is None
       and logits.dtype != jnp.bfloat16):
     # XLA:CPU is bound by exp: written as the forward's exp(x - max(x)) times a per-row factor,
     # the exp is shared with the forward pass when both are in one jit program (CSE). (Not for
@@ -435,11 +498,16 @@ def backward(logits, labels, lse, g, *, sparse: bool, opts: XentOptions, want_dl
     x_lab, local, in_shard = local_label(logits_lab, labels, opts)
     rows = jnp.arange(x.shape[0])
     idx = jnp.where(in_shard, local, local_c)  # out of bounds: dropped
-    if jnp.finfo(logits.dtype).bits >= 32:  # adding the one-hot term is exact enough
+    if logits.dtype == jnp.float32:  # adding the one-hot term is exact enough
       d_add = -g * (1.0 - eps) * softcap_factor(x_lab, opts)
       return dlogits.at[rows, idx].add(d_add.astype(logits.dtype), mode="drop"), None
     # Half precision: p - 1 would cancel in the output dtype; write the exact value instead.
-    d_lab = g * (coef * jnp.exp(x_lab - lse_safe) - (1.0 - eps) - (eps / n_cls if eps else 0.0))
+    # float64: p - 1 would cancel at the maximum; tail_grad's form instead.
+    t_lab = (1.0 - eps) + (eps / n_cls if eps else 0.0)
+    if exact:
+      d_lab = g * tail_grad(x_lab[:, None], m, log_z, coef[:, None], t_lab)[:, 0]
+    else:
+      d_lab = g * (coef * jnp.exp(x_lab - lse_safe) - t_lab)
     d_lab = d_lab * softcap_factor(x_lab, opts)
     if jax.default_backend() == "cpu" and logits.dtype == jnp.bfloat16:
       # XLA:CPU scatters bfloat16 through a float32 copy of the whole gradient (1.6x slower at
@@ -453,7 +521,10 @@ def backward(logits, labels, lse, g, *, sparse: bool, opts: XentOptions, want_dl
   target = y if not eps else (1.0 - eps) * y + eps / n_cls
   if not opts.tf_grad:
     coef = coef + (sum_target(labels_sum.astype(x.dtype), opts) - 1.0)
-  dx = g[:, None] * (coef[:, None] * p - target)
+  if exact:
+    dx = g[:, None] * tail_grad(x, m, log_z, coef[:, None], target)
+  else:
+    dx = g[:, None] * (coef[:, None] * p - target)
   dlabels = None
   if want_dlabels:
     dlabels = ((g * (1.0 - eps))[:, None] * (lse[:, None] - x)).astype(labels.dtype)
