@@ -16,12 +16,15 @@ from jxent._src.dispatch import names as implementations
 from jxent._src.linear import LinearChunked as LinearChunked
 from jxent._src.linear import LinearFusedGrad as LinearFusedGrad
 from jxent._src.linear import linear_softmax_cross_entropy as linear_softmax_cross_entropy
+from jxent._src.logprobs import linear_token_log_probs as linear_token_log_probs
+from jxent._src.logprobs import token_log_probs as token_log_probs
 from jxent._version import __version__ as __version__
 
 __all__ = [
     "check_integer_labels",
     "implementations",
     "linear_softmax_cross_entropy",
+    "linear_token_log_probs",
     "LinearChunked",
     "LinearFusedGrad",
     "contrib",
@@ -30,6 +33,7 @@ __all__ = [
     "nn",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
+    "token_log_probs",
     "ChunkedXlaKernel",
     "PallasMosaicTpuKernel",
     "PallasTritonKernel",

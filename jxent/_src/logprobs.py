@@ -1,0 +1,398 @@
+"""Per-token log-probabilities and entropies (RL fine-tuning), on logits and on hidden states.
+
+With ``z = cap(logits) / T`` per row: ``log_prob = z[label] - lse(z)`` and
+``entropy = lse(z) - sum(softmax(z) * z)``. One walk over the classes keeps three running
+statistics per row (max ``m``, ``s = sum(exp(z - m))``, ``t = sum(exp(z - m) * (z - m))``) and
+the label's ``z``; nothing of shape ``[rows, classes]`` outlives the walk. The custom VJPs keep the
+inputs and the per-row ``lse`` and entropy, and recompute ``softmax`` block by block:
+
+* ``d log_prob / dz = onehot(label) - p``
+* ``d entropy / dz = -p * (z - lse + entropy)``
+
+then ``dlogits = dz / T * cap'(logits)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike
+
+from jxent._src import core, xla
+from jxent._src.chunked import fold_blocks
+from jxent._src.options import XentOptions, make_options
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-row math shared by the logits and the linear forms.
+# ------------------------------------------------------------------------------------------------
+def _scaled(raw, inv_t, opts: XentOptions):
+  """``(z, capped)``: the capped, upcast logits of a block and the same divided by T."""
+  capped = xla.prep_logits(raw, opts)
+  return capped * inv_t[:, None].astype(capped.dtype), capped
+
+
+def _init(rows: int, dtype):
+  zero = jnp.zeros((rows,), dtype)
+  return jnp.full((rows,), -jnp.inf, dtype), zero, zero, zero
+
+
+def _fold(state, z, local):
+  """Folds a block ``z [R, B]`` (``local``: the labels relative to its first class) into
+  ``(m, s, t, lab)``; ``t`` is relative to ``m`` and is rebased with it."""
+  m0, s0, t0, lab0 = state
+  bm = jnp.max(z, axis=-1)
+  m = jnp.maximum(m0, bm)
+  m_safe = jnp.where(jnp.isneginf(m), 0.0, m)
+  d0 = jnp.where(jnp.isneginf(m0), 0.0, m0 - m_safe)  # rebase the running sums to m
+  e0 = jnp.exp(d0)
+  zs = z - m_safe[:, None]
+  e = jnp.exp(zs)
+  s = s0 * e0 + jnp.sum(e, axis=-1)
+  t = e0 * (t0 + d0 * s0) + jnp.sum(jnp.where(e == 0, 0.0, e * zs), axis=-1)
+  size = z.shape[-1]
+  hit = (local >= 0) & (local < size)
+  picked = jnp.take_along_axis(z, jnp.clip(local, 0, size - 1)[:, None], axis=-1)[:, 0]
+  return m, s, t, lab0 + jnp.where(hit, picked, 0.0)
+
+
+def _finish(state, labels, opts: XentOptions, local_c: int):
+  """``(log_prob, entropy, lse)`` per row from the statistics; with ``axis_name`` the shards'
+  statistics are merged first. Out-of-range labels give a NaN log-prob (as the loss does)."""
+  m, s, t, lab = state
+  m = jnp.where(jnp.isneginf(m), 0.0, m)
+  if opts.axis_name is not None:
+    mg = xla.pmax(m, opts)
+    e = jnp.exp(m - mg)
+    s, t, lab = xla.psum((s * e, e * (t + (m - mg) * s), lab), opts)
+    m = mg
+  log_s = jnp.log(s)
+  lse = m + log_s
+  entropy = log_s - t / s
+  log_prob = xla.finish_sparse(lab - lse, labels, xla.num_classes(local_c, opts),
+                               dataclasses.replace(opts, ignore_index=None))
+  return log_prob, entropy, lse
+
+
+def _dz(z, local, lse, ent, g_lp, g_ent):
+  """``d(g_lp * log_prob + g_ent * entropy) / dz`` for one block."""
+  p = jnp.exp(z - lse[:, None])
+  cols = lax.broadcasted_iota(local.dtype, z.shape, 1)
+  onehot = (cols == local[:, None]).astype(z.dtype)
+  dz = g_lp[:, None] * (onehot - p)
+  if g_ent is not None:
+    dz = dz - g_ent[:, None] * jnp.where(p == 0, 0.0, p * (z - (lse - ent)[:, None]))
+  return dz
+
+
+def _cotangents(g_lp, g_ent, labels, lse, opts: XentOptions, local_c: int, keep):
+  """Zero on dropped rows (``keep`` false); NaN log-prob cotangents on out-of-range labels."""
+  g_lp = xla.nan_rows(jnp.where(keep, g_lp, 0.0), labels, lse, sparse=True,
+                      opts=dataclasses.replace(opts, ignore_index=None), local_c=local_c)
+  if g_ent is not None:
+    g_ent = jnp.where(keep, g_ent, 0.0)
+  return g_lp, g_ent
+
+
+# ------------------------------------------------------------------------------------------------
+# Logits form: one custom VJP over canonical rows.
+# ------------------------------------------------------------------------------------------------
+def _logits_forward(logits, labels, inv_t, opts, block):
+  rows, c = logits.shape
+  local = labels - xla.class_offset(c, opts)
+
+  def step(start, size, state):
+    z, _ = _scaled(lax.dynamic_slice_in_dim(logits, start, size, axis=1), inv_t, opts)
+    return _fold(state, z, local - start)
+
+  state = fold_blocks(step, c, min(block, c), _init(rows, xla.compute_dtype(logits.dtype)),
+                      peel=bool(xla.varying(logits)))
+  return _finish(state, labels, opts, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnames=("opts", "block", "with_entropy"))
+def token_stats_2d(logits, labels, inv_t, keep, opts: XentOptions, block: int, with_entropy: bool):
+  """``(log_prob [R], entropy [R])`` of ``logits [R, C]`` (entropy None unless asked for)."""
+  lp, ent, _ = _logits_forward(logits, labels, inv_t, opts, block)
+  return jnp.where(keep, lp, 0.0), (jnp.where(keep, ent, 0.0) if with_entropy else None)
+
+
+def _token_stats_2d_fwd(logits, labels, inv_t, keep, opts, block, with_entropy):
+  lp, ent, lse = _logits_forward(logits, labels, inv_t, opts, block)
+  out = (jnp.where(keep, lp, 0.0), jnp.where(keep, ent, 0.0) if with_entropy else None)
+  return out, (logits, labels, inv_t, keep, lse, ent)
+
+
+def _token_stats_2d_bwd(opts, block, with_entropy, res, g):
+  logits, labels, inv_t, keep, lse, ent = res
+  c = logits.shape[1]
+  g_lp, g_ent = _cotangents(g[0], g[1] if with_entropy else None, labels, lse, opts, c, keep)
+  g_lp = xla.total_cotangent(g_lp, logits, opts)
+  if g_ent is not None:
+    g_ent = xla.total_cotangent(g_ent, logits, opts)
+  local = labels - xla.class_offset(c, opts)
+
+  def step(start, size, dlogits):
+    z, capped = _scaled(lax.dynamic_slice_in_dim(logits, start, size, axis=1), inv_t, opts)
+    dz = _dz(z, local - start, lse, ent, g_lp, g_ent)
+    dx = (dz * inv_t[:, None] * xla.softcap_factor(capped, opts)).astype(logits.dtype)
+    return lax.dynamic_update_slice_in_dim(dlogits, dx, start, axis=1)
+
+  dlogits = fold_blocks(step, c, min(block, c), jnp.zeros(logits.shape, logits.dtype),
+                        peel=bool(xla.varying(logits)))
+  return xla.match_vma(dlogits, logits), None, None, None
+
+
+token_stats_2d.defvjp(_token_stats_2d_fwd, _token_stats_2d_bwd)
+
+
+def _check_temperature(temperature, batch_shape):
+  """Per-row ``1 / T`` source: a positive Python float, or an array of the batch shape."""
+  if isinstance(temperature, (bool, str)) or temperature is None:
+    raise TypeError(f"`temperature` must be a positive float or an array of the batch shape "
+                    f"{batch_shape}, got {temperature!r}.")
+  if isinstance(temperature, (int, float)):
+    if not temperature > 0:
+      raise ValueError(f"`temperature` must be > 0, got {temperature}.")
+    return jnp.full(batch_shape, 1.0 / float(temperature), jnp.float32)
+  if not isinstance(temperature, jax.core.Tracer):  # a concrete array: check its values now
+    concrete = np.asarray(temperature)
+    if concrete.dtype.kind in "fiu" and concrete.size and not (concrete > 0).all():
+      raise ValueError(f"`temperature` must be > 0, got min {concrete.min()}.")
+  t = jnp.asarray(temperature)
+  if not jnp.issubdtype(t.dtype, jnp.floating) and not jnp.issubdtype(t.dtype, jnp.integer):
+    raise TypeError(f"`temperature` must be real, got dtype {t.dtype}.")
+  try:
+    t = jnp.broadcast_to(t, batch_shape)
+  except ValueError:
+    raise ValueError(f"`temperature` {t.shape} must be a scalar or broadcast to the batch shape "
+                     f"{batch_shape}.") from None
+  return lax.stop_gradient(1.0 / t.astype(jnp.promote_types(t.dtype, jnp.float32)))
+
+
+def _block_for(implementation, c: int) -> int:
+  """The class block of the walk: whole rows for ``"xla"``/None, ``ChunkedXlaKernel.block``."""
+  from jxent._src import dispatch
+  if implementation is None or implementation in ("xla", "xla_autodiff"):
+    return max(c, 1)
+  if implementation == "chunked_xla":
+    return dispatch.ChunkedXlaKernel().block
+  if isinstance(implementation, dispatch.ChunkedXlaKernel):
+    return implementation.block
+  if isinstance(implementation, dispatch.XlaKernel):
+    return max(c, 1)
+  name = getattr(implementation, "name", implementation)
+  raise ValueError(f"token_log_probs runs on implementation None, 'xla' or 'chunked_xla' (or a "
+                   f"ChunkedXlaKernel); got {name!r}. The Pallas kernels do not compute it yet.")
+
+
+def token_log_probs(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis: int = -1,
+    temperature: Union[float, ArrayLike] = 1.0,
+    where: Optional[ArrayLike] = None,
+    ignore_index: Optional[int] = None,
+    logit_softcap: Optional[float] = None,
+    return_entropy: bool = False,
+    axis_name: Optional[str] = None,
+    implementation: Any = None,
+):
+  r"""Per-token log-probabilities of ``labels`` (and the entropy) at a sampling temperature.
+
+  With ``z = cap(logits) / temperature`` (``cap(x) = c * tanh(x / c)`` for ``logit_softcap=c``):
+  ``log_probs = log_softmax(z)[label]`` and ``entropy = -sum(softmax(z) * log_softmax(z))``, in
+  one pass over the classes, differentiable (reverse mode) through one custom VJP that keeps
+  per-row statistics only. The outputs are float32 for every input dtype (float64 for float64
+  logits), so that ratios ``exp(log_probs - old_log_probs)`` are not rounded to bfloat16.
+
+  Args:
+    logits: ``[..., num_classes, ...]`` floating logits; the class axis is ``axis``.
+    labels: ``[...]`` integer token ids (``logits.shape`` without ``axis``); with ``axis_name``
+      global ids.
+    axis: the class axis.
+    temperature: a positive Python float, or an array of the batch shape ``[...]`` (one per
+      token; not differentiated).
+    where: optional mask: ``[...]`` per token, or the shape of ``logits`` (masked classes are
+      left out of the softmax).
+    ignore_index: tokens with this label give 0 for both outputs and 0 gradient (as do tokens
+      masked by ``where``).
+    logit_softcap: ``c > 0`` or None.
+    return_entropy: also return the entropy.
+    axis_name: mesh axis name when the class axis is sharded (vocab parallel).
+    implementation: None or ``"xla"`` (whole rows, fused by XLA), ``"chunked_xla"`` or a
+      :class:`jxent.ChunkedXlaKernel` (class blocks of ``block``).
+
+  Returns:
+    ``log_probs [...]``, or ``(log_probs [...], entropy [...])`` with ``return_entropy``.
+
+  Example:
+    >>> import jax.numpy as jnp, jxent
+    >>> lp, ent = jxent.token_log_probs(jnp.array([[1., 2., 3.]]), jnp.array([2]),
+    ...                                 temperature=2.0, return_entropy=True)
+    >>> [round(float(v), 4) for v in (lp[0], ent[0])]
+    [-0.7596, 1.0114]
+  """
+  logits = core.check_logits(logits)
+  opts = make_options(logit_softcap=logit_softcap, ignore_index=ignore_index, axis_name=axis_name)
+  logits2d, labels2d, row_mask, batch_shape = core.canonicalize(logits, labels, axis=axis,
+                                                                sparse=True, where=where)
+  inv_t = _check_temperature(temperature, batch_shape).reshape(-1)
+  keep = jnp.ones(labels2d.shape, bool) if row_mask is None else row_mask
+  if ignore_index is not None:
+    keep = keep & (labels2d != opts.ignore_index)
+  block = _block_for(implementation, logits2d.shape[1])
+  if logits2d.shape[1] == 0:
+    raise ValueError(f"`logits` {logits.shape} has no classes on axis {axis}.")
+  lp, ent = core.call_vjp(token_stats_2d, logits2d, labels2d, inv_t, keep, opts, block,
+                          bool(return_entropy))
+  lp = lp.reshape(batch_shape)
+  return (lp, ent.reshape(batch_shape)) if return_entropy else lp
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear form: x @ w in vocabulary blocks, never [N, V].
+# ------------------------------------------------------------------------------------------------
+# The default vocabulary block: the backward holds a block's logits and its gradient at once
+# (with the entropy term), so half the loss's 2048 keeps the same temporaries (N=2048, D=256,
+# V=32768, float32: 33.6 MB at 2048 columns, within 10% of the [N, V] logits at 1024).
+BLOCK_V = 1024
+
+def _dot(a, b):
+  return jnp.dot(a, b, preferred_element_type=xla.compute_dtype(jnp.promote_types(a.dtype, b.dtype)))
+
+
+def _linear_forward(x, w, labels, inv_t, opts, block_v):
+  v = w.shape[1]
+  local = labels - xla.class_offset(v, opts)
+
+  def step(start, size, state):
+    z, _ = _scaled(_dot(x, lax.dynamic_slice_in_dim(w, start, size, axis=1)), inv_t, opts)
+    return _fold(state, z, local - start)
+
+  state = fold_blocks(step, v, min(block_v, v), _init(x.shape[0], _dot(x[:0], w[:, :0]).dtype),
+                      peel=bool(xla.varying(x) or xla.varying(w)))
+  return _finish(state, labels, opts, v)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnames=("opts", "block_v", "with_entropy"))
+def linear_token_stats(x, w, labels, inv_t, keep, opts: XentOptions, block_v: int,
+                       with_entropy: bool):
+  """``(log_prob [N], entropy [N] | None)`` of ``x [N, D] @ w [D, V]``."""
+  lp, ent, _ = _linear_forward(x, w, labels, inv_t, opts, block_v)
+  return jnp.where(keep, lp, 0.0), (jnp.where(keep, ent, 0.0) if with_entropy else None)
+
+
+def _linear_token_stats_fwd(x, w, labels, inv_t, keep, opts, block_v, with_entropy):
+  lp, ent, lse = _linear_forward(x, w, labels, inv_t, opts, block_v)
+  out = (jnp.where(keep, lp, 0.0), jnp.where(keep, ent, 0.0) if with_entropy else None)
+  return out, (x, w, labels, inv_t, keep, lse, ent)
+
+
+def _linear_token_stats_bwd(opts, block_v, with_entropy, res, g):
+  x, w, labels, inv_t, keep, lse, ent = res
+  v = w.shape[1]
+  g_lp, g_ent = _cotangents(g[0], g[1] if with_entropy else None, labels, lse, opts, v, keep)
+  g_lp = xla.total_cotangent(g_lp, w, opts)
+  if g_ent is not None:
+    g_ent = xla.total_cotangent(g_ent, w, opts)
+  local = labels - xla.class_offset(v, opts)
+
+  def step(start, size, carry):
+    dx, dw = carry
+    wb = lax.dynamic_slice_in_dim(w, start, size, axis=1)
+    z, capped = _scaled(_dot(x, wb), inv_t, opts)
+    dz = _dz(z, local - start, lse, ent, g_lp, g_ent)
+    dz = (dz * inv_t[:, None] * xla.softcap_factor(capped, opts)).astype(x.dtype)
+    dx = dx + _dot(dz, wb.T)
+    dw = lax.dynamic_update_slice_in_dim(dw, _dot(x.T, dz).astype(w.dtype), start, axis=1)
+    return dx, dw
+
+  dx, dw = fold_blocks(step, v, min(block_v, v), (jnp.zeros(x.shape, xla.compute_dtype(x.dtype)),
+                                                  jnp.zeros(w.shape, w.dtype)),
+                       peel=bool(xla.varying(x) or xla.varying(w)))
+  return (xla.match_vma(dx.astype(x.dtype), x), xla.match_vma(dw, w), None, None, None)
+
+
+linear_token_stats.defvjp(_linear_token_stats_fwd, _linear_token_stats_bwd)
+
+
+def linear_token_log_probs(
+    x: ArrayLike,
+    w: ArrayLike,
+    labels: ArrayLike,
+    *,
+    temperature: Union[float, ArrayLike] = 1.0,
+    ignore_index: Optional[int] = None,
+    logit_softcap: Optional[float] = None,
+    return_entropy: bool = False,
+    axis_name: Optional[str] = None,
+    implementation: Any = None,
+):
+  """:func:`token_log_probs` of the logits ``x @ w``, never building ``[N, V]``.
+
+  The vocabulary is walked in blocks of ``block_v`` columns (online statistics); the backward
+  recomputes each block's logits and accumulates ``dx`` in float32 and writes ``dw`` block by
+  block: temporaries O(N x block_v).
+
+  Args:
+    x: ``[..., hidden]`` activations.
+    w: ``[hidden, num_classes]`` projection (pass ``emb.T`` for tied embeddings).
+    labels: ``[...]`` integer token ids (global ids with ``axis_name``).
+    temperature: a positive Python float, or an array ``[...]`` (one per token).
+    ignore_index: tokens with this label give 0 for both outputs and 0 gradient.
+    logit_softcap: ``c > 0`` or None.
+    return_entropy: also return the entropy.
+    axis_name: mesh axis over which the class dimension of ``w`` is sharded.
+    implementation: None or ``"chunked_xla"`` (``block_v=1024``), or a
+      ``jxent.LinearChunked(block_v=...)`` (``block_n`` is not supported here).
+
+  Returns:
+    float32 ``log_probs [...]``, or ``(log_probs, entropy)``.
+
+  Example:
+    >>> import jax.numpy as jnp, jxent
+    >>> x = jnp.ones((2, 4)); w = jnp.ones((4, 8)); y = jnp.array([0, 7])
+    >>> jxent.linear_token_log_probs(x, w, y)
+    Array([-2.0794415, -2.0794415], dtype=float32)
+  """
+  from jxent._src.linear import LinearChunked
+  x = core.check_logits(x, "x")
+  w = core.check_logits(w, "w")
+  labels = jnp.asarray(labels)
+  if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[0]:
+    raise ValueError(f"expected x [..., hidden] and w [hidden, num_classes]; got x {x.shape}, "
+                     f"w {w.shape}.")
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f"`labels` must be integers, got {labels.dtype}.")
+  if labels.shape != x.shape[:-1]:
+    raise ValueError(f"`labels` {labels.shape} must have the shape of x without its last axis "
+                     f"{x.shape[:-1]}.")
+  if w.shape[1] == 0:
+    raise ValueError(f"`w` {w.shape} has no classes.")
+  if implementation is None or implementation == "chunked_xla":
+    algo = LinearChunked(block_v=BLOCK_V)
+  elif isinstance(implementation, LinearChunked):
+    algo = implementation
+  else:
+    raise ValueError(f"linear_token_log_probs runs on implementation None or 'chunked_xla' (or a "
+                     f"LinearChunked); got {implementation!r}.")
+  if algo.block_n is not None:
+    raise ValueError("linear_token_log_probs does not take LinearChunked(block_n=...); pass "
+                     "block_v only.")
+  opts = make_options(logit_softcap=logit_softcap, ignore_index=ignore_index, axis_name=axis_name)
+  batch_shape = labels.shape
+  inv_t = _check_temperature(temperature, batch_shape).reshape(-1)
+  y2 = labels.reshape(-1)
+  keep = jnp.ones(y2.shape, bool) if ignore_index is None else y2 != opts.ignore_index
+  lp, ent = core.call_vjp(linear_token_stats, x.reshape(-1, x.shape[-1]), w, y2, inv_t, keep,
+                          opts, algo.block_v, bool(return_entropy))
+  lp = lp.reshape(batch_shape)
+  return (lp, ent.reshape(batch_shape)) if return_entropy else lp

@@ -1,0 +1,217 @@
+"""token_log_probs / linear_token_log_probs against a float64 NumPy reference written from the
+formulas: z = cap(x) / T, log_prob = log_softmax(z)[label], entropy = -sum(softmax(z) log_softmax(z))."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+
+import jxent
+from helpers import rand_logits
+
+IMPLS = [pytest.param(None, id="default"), pytest.param("xla", id="xla"),
+         pytest.param(jxent.ChunkedXlaKernel(block=16), id="chunked_xla")]
+
+
+def np_ref(x, y, inv_t, cap=None, keep=None, g_lp=None, g_ent=None):
+  """float64 values and, given cotangents, the gradient w.r.t. x (rows [R, C])."""
+  x = np.asarray(x, np.float64)
+  capped = x if cap is None else cap * np.tanh(x / cap)
+  z = capped * inv_t[:, None]
+  m = z.max(-1, keepdims=True)
+  lse = m[:, 0] + np.log(np.exp(z - m).sum(-1))
+  logp = z - lse[:, None]
+  p = np.exp(logp)
+  lp = logp[np.arange(len(y)), y]
+  ent = -(p * logp).sum(-1)
+  keep = np.ones(len(y), bool) if keep is None else keep
+  lp, ent = np.where(keep, lp, 0.0), np.where(keep, ent, 0.0)
+  if g_lp is None:
+    return lp, ent
+  g_lp, g_ent = np.where(keep, g_lp, 0.0), np.where(keep, g_ent, 0.0)
+  onehot = np.eye(x.shape[1])[y]
+  dz = g_lp[:, None] * (onehot - p) - g_ent[:, None] * p * (logp + ent[:, None])
+  dcap = 1.0 if cap is None else 1.0 - (capped / cap) ** 2
+  return lp, ent, dz * inv_t[:, None] * dcap
+
+
+def close(a, b, tol=2e-5):
+  np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("cap", [None, 6.0])
+@pytest.mark.parametrize("c", [33, 4099])
+def test_values_and_gradients(impl, per_token, cap, c):
+  rng = np.random.default_rng(c)
+  r = 7
+  x = rand_logits(rng, (r, c))
+  y = rng.integers(0, c, size=r)
+  y[2] = -100
+  t = rng.uniform(0.5, 2.0, size=r) if per_token else np.full(r, 0.7)
+  g_lp, g_ent = rng.normal(size=r), rng.normal(size=r)
+  f = jax.jit(lambda x: jxent.token_log_probs(
+      x, jnp.asarray(y), temperature=jnp.asarray(t, jnp.float32) if per_token else 0.7,
+      ignore_index=-100, logit_softcap=cap, return_entropy=True, implementation=impl))
+  (lp, ent), vjp = jax.vjp(f, x)
+  (dx,) = vjp((jnp.asarray(g_lp, jnp.float32), jnp.asarray(g_ent, jnp.float32)))
+  keep = y != -100
+  rlp, rent, rdx = np_ref(x, np.where(keep, y, 0), 1.0 / t, cap, keep, g_lp, g_ent)
+  assert lp.dtype == ent.dtype == jnp.float32
+  close(lp, rlp, 5e-5)
+  close(ent, rent, 5e-5)
+  close(dx, rdx, 5e-5)
+  assert not np.asarray(dx[2]).any()  # ignored token: 0 gradient
+
+
+def test_log_probs_only_and_batch_dims_moved_axis_where():
+  rng = np.random.default_rng(1)
+  x = rand_logits(rng, (2, 9, 3))  # classes on axis 1
+  y = jnp.asarray(rng.integers(0, 9, size=(2, 3)))
+  where = jnp.array([[True, False, True], [True, True, False]])
+  lp = jxent.token_log_probs(x, y, axis=1, where=where, temperature=1.3)
+  rows = np.moveaxis(np.asarray(x), 1, -1).reshape(-1, 9)
+  rlp, _ = np_ref(rows, np.asarray(y).reshape(-1), np.full(6, 1 / 1.3),
+                  keep=np.asarray(where).reshape(-1))
+  close(lp.reshape(-1), rlp)
+  g = jax.grad(lambda x: jnp.sum(jxent.token_log_probs(x, y, axis=1, where=where)))(x)
+  assert not np.asarray(g[0, :, 1]).any() and not np.asarray(g[1, :, 2]).any()
+  # a class mask (the rank of logits): masked classes leave the softmax
+  cls = jnp.ones((2, 9, 3), bool).at[:, 0].set(False)
+  y1 = jnp.maximum(y, 1)
+  a = jxent.token_log_probs(x, y1, axis=1, where=cls)
+  b = jxent.token_log_probs(x[:, 1:], y1 - 1, axis=1)
+  close(a, np.asarray(b))
+
+
+def test_vmap_and_bf16():
+  rng = np.random.default_rng(2)
+  x = rand_logits(rng, (4, 5, 130))
+  y = jnp.asarray(rng.integers(0, 130, size=(4, 5)))
+  out = jax.vmap(lambda x, y: jxent.token_log_probs(x, y, return_entropy=True))(x, y)
+  ref = jxent.token_log_probs(x, y, return_entropy=True)
+  close(out[0], np.asarray(ref[0]))
+  close(out[1], np.asarray(ref[1]))
+  xb = x.astype(jnp.bfloat16)
+  lp, ent = jxent.token_log_probs(xb, y, return_entropy=True)
+  assert lp.dtype == jnp.float32 and ent.dtype == jnp.float32
+  rlp, rent = np_ref(np.asarray(xb, np.float32).reshape(-1, 130), np.asarray(y).reshape(-1),
+                     np.ones(20))
+  close(lp.reshape(-1), rlp, 1e-5)  # computed in float32 from the bf16 values
+  close(ent.reshape(-1), rent, 1e-5)
+  g = jax.grad(lambda x: jnp.sum(jxent.token_log_probs(x, y)))(xb)
+  assert g.dtype == jnp.bfloat16
+
+
+def test_vocab_32003_chunked():
+  rng = np.random.default_rng(3)
+  x = rand_logits(rng, (3, 32003))
+  y = rng.integers(0, 32003, size=3)
+  lp, ent = jxent.token_log_probs(x, jnp.asarray(y), return_entropy=True,
+                                  implementation="chunked_xla")
+  rlp, rent = np_ref(x, y, np.ones(3))
+  close(lp, rlp, 1e-4)
+  close(ent, rent, 1e-4)
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked_xla"])
+def test_vocab_parallel_equals_unsharded(impl):
+  rng = np.random.default_rng(4)
+  x = rand_logits(rng, (6, 64))
+  y = jnp.asarray(rng.integers(0, 64, size=6)).at[1].set(-1)
+  t = jnp.asarray(rng.uniform(0.5, 2, size=6), jnp.float32)
+  g = (jnp.asarray(rng.normal(size=6), jnp.float32), jnp.asarray(rng.normal(size=6), jnp.float32))
+  kw = dict(temperature=t, ignore_index=-1, logit_softcap=5.0, return_entropy=True,
+            implementation=jxent.ChunkedXlaKernel(block=8) if impl == "chunked_xla" else impl)
+  mesh = Mesh(np.array(jax.devices()[:4]), ("model",))
+  sharded = jax.shard_map(lambda x: jxent.token_log_probs(x, y, axis_name="model", **kw),
+                          mesh=mesh, in_specs=P(None, "model"), out_specs=P())
+  out, vjp = jax.vjp(jax.jit(sharded), x)
+  ref, rvjp = jax.vjp(lambda x: jxent.token_log_probs(x, y, **kw), x)
+  close(out[0], np.asarray(ref[0]))
+  close(out[1], np.asarray(ref[1]))
+  close(vjp(g)[0], np.asarray(rvjp(g)[0]))
+
+
+def test_pallas_refused_clearly():
+  from jxent._src.pallas_triton import PallasTritonKernel
+  with pytest.raises(ValueError, match="Pallas kernels do not compute it yet"):
+    jxent.token_log_probs(jnp.ones((2, 3)), jnp.array([0, 1]),
+                          implementation=PallasTritonKernel(interpret=True))
+
+
+def test_errors():
+  x, y = jnp.ones((2, 3)), jnp.array([0, 1])
+  with pytest.raises(ValueError, match="temperature"):
+    jxent.token_log_probs(x, y, temperature=0.0)
+  with pytest.raises(ValueError, match="temperature"):
+    jxent.token_log_probs(x, y, temperature=jnp.array([1.0, -1.0]))
+  with pytest.raises(ValueError, match="temperature"):
+    jxent.token_log_probs(x, y, temperature=jnp.ones(3))
+  with pytest.raises(TypeError, match="integer"):
+    jxent.token_log_probs(x, jnp.array([0.0, 1.0]))
+  with pytest.raises(ValueError, match="shape"):
+    jxent.token_log_probs(x, jnp.array([0, 1, 2]))
+  with pytest.raises(ValueError, match="hidden"):
+    jxent.linear_token_log_probs(jnp.ones((2, 4)), jnp.ones((5, 3)), y)
+  with pytest.raises(TypeError, match="integers"):
+    jxent.linear_token_log_probs(jnp.ones((2, 4)), jnp.ones((4, 3)), jnp.array([0.0, 1.0]))
+  with pytest.raises(ValueError, match="temperature"):
+    jxent.linear_token_log_probs(jnp.ones((2, 4)), jnp.ones((4, 3)), y, temperature=-2.0)
+
+
+@pytest.mark.parametrize("block_v", [8, 2048])
+def test_linear_values_dx_dw(block_v):
+  rng = np.random.default_rng(5)
+  n, d, v = 9, 16, 67
+  h = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(d, v)) * 0.5, jnp.float32)
+  y = rng.integers(0, v, size=n)
+  y[4] = -100
+  t = rng.uniform(0.5, 2.0, size=n)
+  g_lp, g_ent = rng.normal(size=n), rng.normal(size=n)
+  f = jax.jit(lambda h, w: jxent.linear_token_log_probs(
+      h, w, jnp.asarray(y), temperature=jnp.asarray(t, jnp.float32), ignore_index=-100,
+      logit_softcap=4.0, return_entropy=True, implementation=jxent.LinearChunked(block_v=block_v)))
+  (lp, ent), vjp = jax.vjp(f, h, w)
+  dh, dw = vjp((jnp.asarray(g_lp, jnp.float32), jnp.asarray(g_ent, jnp.float32)))
+  keep = y != -100
+  logits = np.asarray(h, np.float64) @ np.asarray(w, np.float64)
+  rlp, rent, dz = np_ref(logits, np.where(keep, y, 0), 1.0 / t, 4.0, keep, g_lp, g_ent)
+  close(lp, rlp, 1e-4)
+  close(ent, rent, 1e-4)
+  close(dh, dz @ np.asarray(w, np.float64).T, 1e-4)
+  close(dw, np.asarray(h, np.float64).T @ dz, 1e-4)
+
+
+def test_linear_vocab_parallel():
+  rng = np.random.default_rng(6)
+  h = jnp.asarray(rng.normal(size=(5, 8)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(8, 32)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 32, size=5))
+  mesh = Mesh(np.array(jax.devices()[:4]), ("model",))
+  kw = dict(temperature=0.8, return_entropy=True, implementation=jxent.LinearChunked(block_v=4))
+  f = jax.shard_map(lambda h, w: jxent.linear_token_log_probs(h, w, y, axis_name="model", **kw),
+                    mesh=mesh, in_specs=(P(), P(None, "model")), out_specs=P())
+  g = (jnp.ones(5), jnp.asarray(rng.normal(size=5), jnp.float32))
+  out, vjp = jax.vjp(jax.jit(f), h, w)
+  ref, rvjp = jax.vjp(lambda h, w: jxent.linear_token_log_probs(h, w, y, **kw), h, w)
+  for a, b in zip(out + vjp(g), ref + rvjp(g)):
+    close(a, np.asarray(b), 1e-4)
+
+
+def test_linear_memory_bound():
+  """jit(value_and_grad) temporaries <= 10% of the float32 [N, V] logits (N=2048, D=256, V=32768)."""
+  n, d, v = 2048, 256, 32768
+  args = (jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32),
+          jax.ShapeDtypeStruct((n,), jnp.int32))
+
+  def objective(h, w, y):
+    lp, ent = jxent.linear_token_log_probs(h, w, y, temperature=0.9, return_entropy=True)
+    return jnp.mean(lp) + 0.01 * jnp.mean(ent)
+
+  f = jax.jit(jax.value_and_grad(objective, argnums=(0, 1)))
+  temp = f.lower(*args).compile().memory_analysis().temp_size_in_bytes
+  assert temp <= 0.10 * n * v * 4, temp
