@@ -259,8 +259,10 @@ class _LossBase:
     return y_pred if self.dtype is None else y_pred.astype(self.dtype)
 
   def get_config(self) -> dict:
-    return {"reduction": self.reduction, "name": self.name, "dtype": self.dtype,
-            "fn": self.fn_name}
+    config = {"reduction": self.reduction, "name": self.name, "fn": self.fn_name}
+    if self.dtype is not None:  # (tf.keras's config has no dtype; Keras 3's does)
+      config["dtype"] = self.dtype
+    return config
 
   @classmethod
   def from_config(cls, config: dict):

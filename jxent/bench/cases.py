@@ -14,7 +14,8 @@ import jax.numpy as jnp
 @dataclasses.dataclass(frozen=True)
 class Case:
   """One benchmark shape. ``kind="logits"``: ``[n, v]`` logits; ``kind="linear"``: ``x [n, d]``
-  times ``w [d, v]``. ``labels`` is "int" or "dense" (logits cases only)."""
+  times ``w [d, v]``. ``labels`` is "int", "dense" or "logprobs" (logits cases only; "logprobs"
+  is the RL objective ``mean(log_probs) + 0.01 * mean(entropy)`` at temperature 0.7)."""
 
   kind: str
   n: int
@@ -31,7 +32,8 @@ class Case:
 PRESETS = {
     "quick": (
         [Case("logits", 1024, 8192, labels="int"), Case("logits", 1024, 8192, labels="dense"),
-         Case("logits", 256, 32003, labels="int"), Case("linear", 1024, 8192, d=256)],
+         Case("logits", 256, 32003, labels="int"), Case("linear", 1024, 8192, d=256),
+         Case("logits", 1024, 8192, labels="logprobs")],
         ("forward", "forward_and_vjp"),
     ),
     "llm": (
@@ -45,6 +47,9 @@ PRESETS = {
 }
 
 MODES = ("forward", "forward_and_vjp")
+LABEL_KINDS = ("int", "dense", "logprobs")
+JXENT_LOGPROBS = ("xla", "chunked_xla")
+TEMPERATURE = 0.7
 
 JXENT_LOGITS = ("xla", "xla_autodiff", "chunked_xla", "pallas_triton", "pallas_triton_rows", "pallas_mosaic_tpu")
 JXENT_LINEAR = ("linear_chunked", "linear_fused_grad")
@@ -129,6 +134,8 @@ def applies(name: str, case: Case) -> bool:
     return False
   if case.kind == "linear":
     return name in JXENT_LINEAR + ("unfused", "optax")
+  if case.labels == "logprobs":
+    return name in JXENT_LOGPROBS + ("naive",)
   return name in JXENT_LOGITS + ("optax", "naive", "keras")
 
 
@@ -153,6 +160,8 @@ def loss_fn(name: str, case: Case) -> Callable:
   import jxent
   dense = case.labels == "dense"
   name, params = parse_implementation(name)
+  if case.labels == "logprobs":
+    return _logprobs_fn(name, params)
   if case.kind == "linear":
     if name in JXENT_LINEAR:
       algo = _kernel(name, params)
@@ -189,6 +198,26 @@ def loss_fn(name: str, case: Case) -> Callable:
       return lambda x, y: keras.losses.categorical_crossentropy(y, x, from_logits=True).mean()
     return lambda x, y: keras.losses.sparse_categorical_crossentropy(y, x, from_logits=True).mean()
   raise ValueError(f"implementation {name!r} does not apply to {case}")
+
+
+def _logprobs_fn(name: str, params: dict) -> Callable:
+  """The RL objective: fused (jxent) or the naive log_softmax + gather + entropy formula."""
+  import jxent
+
+  def objective(lp, ent):
+    return jnp.mean(lp) + 0.01 * jnp.mean(ent)
+
+  if name in JXENT_LOGPROBS:
+    impl = _kernel(name, params)
+    return lambda x, y: objective(*jxent.token_log_probs(
+        x, y, temperature=TEMPERATURE, return_entropy=True, implementation=impl))
+  if name == "naive":
+    def naive(x, y):
+      logp = jax.nn.log_softmax(x.astype(jnp.float32) / TEMPERATURE)
+      lp = jnp.take_along_axis(logp, y[:, None], -1)[:, 0]
+      return objective(lp, -jnp.sum(jnp.exp(logp) * logp, -1))
+    return naive
+  raise ValueError(f"implementation {name!r} does not compute log-probs")
 
 
 def floor_bytes(case: Case, mode: str) -> Optional[int]:

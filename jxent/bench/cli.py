@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", default=None,
                  help="comma list of logits dtypes (float32, bfloat16, float16); default float32, "
                       "or a preset's own")
-  p.add_argument("--labels", default="int", help="label kinds of custom logits cases: int,dense")
+  p.add_argument("--labels", default="int", help="label kinds of custom logits cases: int,dense,logprobs (logprobs: RL per-token "
+                      "log-probs and entropy, token_log_probs)")
   p.add_argument("--implementations", default=None,
                  help="comma list; default: every one that runs here. Known: "
                       + ", ".join(C.all_implementations())
@@ -86,8 +87,8 @@ def resolve(args) -> tuple[list[C.Case], tuple[str, ...], tuple[str, ...]]:
   if args.shape:
     labels = [s for s in args.labels.split(",") if s]
     for lab in labels:
-      if lab not in ("int", "dense"):
-        raise UsageError(f"unknown --labels {lab!r}: expected int or dense")
+      if lab not in C.LABEL_KINDS:
+        raise UsageError(f"unknown --labels {lab!r}: expected one of {', '.join(C.LABEL_KINDS)}")
     cases = []
     for text in args.shape:
       dims = _parse_shape(text)
