@@ -1,6 +1,6 @@
 """Keras 3 on the JAX backend with a jxent loss: ``model.compile(loss=...)`` and ``fit``.
 
-The seed example's pitfall: a model whose last layer already applies softmax, trained with a loss
+A common porting pitfall: a model whose last layer already applies softmax, trained with a loss
 that expects logits (``from_logits=True``), applies softmax twice; it trains poorly and reports
 wrong losses. tf.keras sometimes "detected" the softmax output and silently used the logits
 underneath; Keras 3 on JAX (and jxent) cannot detect it. The two right ways:

@@ -1,4 +1,4 @@
-"""The seed's MNIST workflow, ported from TensorFlow to JAX with jxent.
+"""A TF 1.x MNIST-style softmax classifier (sklearn digits), ported from TensorFlow to JAX with jxent.
 
 One-hot labels, an MLP with dropout, Adam, 5 epochs, then evaluation on a held-out split -- as a
 jit-compiled training loop with optax and ``jxent.losses.softmax_cross_entropy`` (the
