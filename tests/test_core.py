@@ -390,8 +390,8 @@ class TestCore:
   def test_masked_logits_forward_only(self, shape):
     """The loss without a gradient, at masked logits, row by row, as the gradient path gives it.
 
-    (On CPU both dense forms, loss-only and beside the lse, are NaN at ``0 * inf``; such batches
-    fall back to the exact form, over 3 blocks of 140 rows at 420x5000.)"""
+    (On CPU both dense forms, loss-only and beside the lse, are NaN at ``0 * inf``; such rows
+    take the exact form, one capped reduction; a row of all -inf stays NaN.)"""
     rng = np.random.default_rng(3)
     x = rand_logits(rng, shape).at[::5, 3].set(-jnp.inf).at[1, 4].set(-jnp.inf)
     x = x.at[2].set(-jnp.inf)  # a whole row masked
