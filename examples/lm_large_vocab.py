@@ -14,6 +14,7 @@ import argparse
 import collections
 import pathlib
 import re
+import sys
 import sysconfig
 import time
 
@@ -93,6 +94,9 @@ def main(argv=None):
   p.add_argument("--vocab", type=int, default=None)
   args = p.parse_args(argv)
   t0 = time.time()
+  if args.gpu and jax.default_backend() == "cpu":
+    print("warning: --gpu sizes (vocab 131072, hidden 1024, 300 steps) on this CPU take hours; "
+          "Ctrl-C to stop, or run without --gpu.", file=sys.stderr, flush=True)
   vocab = args.vocab or (131072 if args.gpu else 16384)
   d_emb, d_hidden, batch, seq_len = (256, 1024, 64, 128) if args.gpu else (64, 128, 32, 32)
   steps = args.steps or (300 if args.gpu else 150)

@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from jxent.bench import cli
@@ -55,12 +56,11 @@ def test_kernel_parameters_in_implementation_names(tmp_path):
   """``NAME[key=value,...]`` times a kernel object with those parameters beside the defaults."""
   out = tmp_path / "out.json"
   rc = cli.main(["--shape", "32,700", "--shape", "32,16,300", "--implementations",
-                 "chunked_xla,chunked_xla[block=64],pallas_triton[programs=2,row_groups=4],"
+                 "chunked_xla,chunked_xla[block=64],"
                  "linear_chunked[block_v=128],linear_fused_grad[block_n=8]", "--reps", "10",
                  "--modes", "forward_and_vjp", "--no-progress", "--json", str(out)])
   assert rc == 0
   names = {r["implementation"] for r in json.loads(out.read_text())}
-  # pallas_triton runs only on a GPU: validated, then skipped here
   assert names == {"chunked_xla", "chunked_xla[block=64]", "linear_chunked[block_v=128]",
                    "linear_fused_grad[block_n=8]"}
 
@@ -102,3 +102,52 @@ def test_linear_memory_script():
   temp = {r["implementation"]: r["temp_MB"] for r in rows}
   assert len(rows) == 3 and rows[0]["gradients_MB"] > 0
   assert temp["linear_chunked[block_n=128]"] < temp["linear_chunked"] < temp["unfused"]
+
+
+def test_outputs_checked_before_measuring(tmp_path, capsys, monkeypatch):
+  # a missing folder is created; the table goes to stdout with the header and notes
+  out = tmp_path / "new" / "deeper" / "rows.json"
+  rc = cli.main(["--shape", "16,300", "--implementations", "xla", "--modes", "forward",
+                 "--reps", "10", "--no-progress", "--json", str(out)])
+  assert rc == 0 and json.loads(out.read_text())
+  text = capsys.readouterr().out
+  assert text.startswith("jxent-bench on cpu") and "x floor is left out on CPU" in text
+  # an unwritable path is refused at once (nothing measured), as is --plot without matplotlib
+  calls = []
+  monkeypatch.setattr(cli, "run_row", lambda *a, **k: calls.append(a))
+  (tmp_path / "afile").write_text("")
+  for argv in (["--json", str(tmp_path / "afile" / "sub" / "x.json")],
+               ["--csv", str(tmp_path)]):
+    assert cli.main(["--shape", "16,300", "--no-progress"] + argv) == 2
+  monkeypatch.setitem(sys.modules, "matplotlib", None)
+  assert cli.main(["--shape", "16,300", "--no-progress", "--plot", str(tmp_path / "p.png")]) == 2
+  assert 'pip install "jxent[bench]"' in capsys.readouterr().err
+  assert not calls
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--implementations", "pallas_triton"], "cannot run here: needs a GPU"),
+    (["--implementations", "pallas_mosaic_tpu"], "cannot run here: needs a TPU"),
+    (["--implementations", "xla[foo=1]"], "takes no parameters"),
+    (["--implementations", "linear_chunked"], "none of the implementations"),
+])
+def test_named_implementation_that_cannot_run(argv, message, capsys):
+  assert cli.main(["--shape", "16,300", "--no-progress"] + argv) == 2
+  assert message in capsys.readouterr().err
+
+
+def test_default_run_names_missing_peers(capsys):
+  rc = cli.main(["--shape", "16,300", "--modes", "forward", "--reps", "10", "--no-progress"])
+  assert rc == 0
+  assert "not run here: pallas_triton (needs a GPU" in capsys.readouterr().out
+
+
+def test_float64_enables_x64(tmp_path):
+  try:
+    rc = cli.main(["--shape", "16,300", "--dtype", "float64", "--implementations", "xla",
+                   "--modes", "forward", "--reps", "10", "--no-progress",
+                   "--json", str(tmp_path / "f64.json")])
+    assert rc == 0 and jax.config.jax_enable_x64
+    assert json.loads((tmp_path / "f64.json").read_text())[0]["dtype"] == "float64"
+  finally:
+    jax.config.update("jax_enable_x64", False)

@@ -96,11 +96,12 @@ def parse_implementation(name: str) -> tuple[str, dict]:
       params[key] = None if value == "None" else (float(value) if "." in value else int(value))
     except ValueError:
       params[key] = value  # a string option, e.g. dw_accumulation=weights
-  fields = {f.name for f in dataclasses.fields(kernel)}
+  fields = {f.name for f in dataclasses.fields(kernel)} - {"interpret"}
   for key in params:
-    if key not in fields or key == "interpret":
+    if key not in fields:
+      has = (f"it has {', '.join(sorted(fields))}" if fields else "it takes no parameters")
       raise ValueError(f"implementation {name!r}: {kernel.__name__} has no parameter {key!r} "
-                       f"(it has {', '.join(sorted(fields - {'interpret'}))})")
+                       f"({has})")
   try:
     kernel(**params)  # validates the values
   except (TypeError, ValueError) as e:
@@ -114,17 +115,24 @@ def _kernel(base: str, params: dict):
   return _kernel_classes()[base](**params)
 
 
-def _platform_ok(name: str) -> bool:
+def why_not_here(name: str) -> Optional[str]:
+  """Why implementation ``name`` cannot run on this machine, or None if it can."""
+  name = parse_implementation(name)[0]
   plat = jax.default_backend()
-  if name.startswith("pallas_triton"):
-    return plat in ("gpu", "cuda", "rocm")
-  if name == "pallas_mosaic_tpu":
-    return plat == "tpu"
-  if name == "keras":
-    return importlib.util.find_spec("keras") is not None
-  if name == "optax":
-    return importlib.util.find_spec("optax") is not None
-  return True
+  if name.startswith("pallas_triton") and plat not in ("gpu", "cuda", "rocm"):
+    return f"needs a GPU, this backend is {plat}"
+  if name == "pallas_mosaic_tpu" and plat != "tpu":
+    return f"needs a TPU, this backend is {plat}"
+  for peer in ("keras", "optax"):
+    if name == peer and importlib.util.find_spec(peer) is None:
+      return f'{peer} is not installed (pip install "jxent[bench]" or pip install {peer})'
+  if name == "unfused" and importlib.util.find_spec("optax") is None:
+    return 'needs optax (pip install "jxent[bench]")'
+  return None
+
+
+def _platform_ok(name: str) -> bool:
+  return why_not_here(name) is None
 
 
 def applies(name: str, case: Case) -> bool:

@@ -213,24 +213,79 @@ def _progress(i: int, total: int, label: str, enabled: bool):
   sys.stderr.flush()
 
 
-def format_table(rows: list[dict]) -> str:
-  head = ("case", "mode", "implementation", "median ms", "x floor", "x optax", "GB/s", "TFLOP/s",
-          "temp MB", "compile ms")
+FLOOR_NOTE = ("x floor: the median over the floor, the time to move the bytes that must cross "
+              "memory (forward: the logits once; forward+backward: read twice, the gradient "
+              "written) at the copy bandwidth measured in this run; for linear cases, the bare "
+              "matmuls timed in this run.")
+CPU_FLOOR_NOTE = ("x floor is left out on CPU: the copy bandwidth measured there varies between "
+                  "runs (2-8 GB/s seen) and is not a lower bound; the JSON/CSV keep floor_ms.")
+
+
+def format_table(rows: list[dict], floor: bool = True) -> str:
+  head = ["case", "mode", "implementation", "median ms", "x floor", "x optax", "GB/s", "TFLOP/s",
+          "temp MB", "compile ms"]
   lines = []
   for r in rows:
     if "error" in r:
-      lines.append((r["case"], r["mode"], r["implementation"], "error: " + r["error"][:60],
-                    "", "", "", "", "", ""))
+      lines.append([r["case"], r["mode"], r["implementation"], "error: " + r["error"][:60],
+                    "", "", "", "", "", ""])
       continue
     f = lambda v, fmt: "-" if v is None else format(v, fmt)
-    lines.append((r["case"], r["mode"], r["implementation"], f(r["median_ms"], ".3f"),
+    lines.append([r["case"], r["mode"], r["implementation"], f(r["median_ms"], ".3f"),
                   f(r["x_floor"], ".2f"), f(r["x_optax"], ".2f"), f(r["gbps"], ".0f"),
                   f(r["tflops"], ".1f"),
                   f(None if r["temp_bytes"] is None else r["temp_bytes"] / 1e6, ".1f"),
-                  f(r["compile_ms"], ".0f")))
+                  f(r["compile_ms"], ".0f")])
+  if not floor:
+    head, lines = head[:4] + head[5:], [l[:4] + l[5:] for l in lines]
   widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
   fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths))
   return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines])
+
+
+def table_notes(floor_shown: bool, missing: list[str]) -> list[str]:
+  notes = [FLOOR_NOTE if floor_shown else CPU_FLOOR_NOTE]
+  if missing:
+    notes.append("not run here: " + "; ".join(missing))
+  return notes
+
+
+def check_outputs(args) -> None:
+  """Output files are checked before anything is measured: their folders are created, and a
+  path that cannot be written, or --plot without matplotlib, is refused at once."""
+  for flag in ("json", "csv", "plot"):
+    path = getattr(args, flag)
+    if not path:
+      continue
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+      os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+      raise UsageError(f"--{flag} {path}: cannot create its folder ({e.strerror})") from None
+    if os.path.isdir(path) or not os.access(folder, os.W_OK):
+      raise UsageError(f"--{flag} {path}: not a writable file path")
+  if args.plot:
+    try:
+      import matplotlib  # noqa: F401
+    except ImportError:
+      raise UsageError('--plot needs matplotlib: pip install "jxent[bench]"') from None
+
+
+def unavailable(args, cases, impls) -> list[str]:
+  """Raises if an implementation asked for by name cannot run here; otherwise the default run's
+  implementations that cannot (named in a note under the table)."""
+  missing = []
+  for name in impls:
+    why = C.why_not_here(name)
+    if why is None:
+      continue
+    if args.implementations:
+      raise UsageError(f"implementation {name!r} cannot run here: {why}")
+    missing.append(f"{name} ({why})")
+  if args.implementations and not any(C.applies(i, c) for c in cases for i in impls):
+    raise UsageError(f"none of the implementations {', '.join(impls)} applies to the cases asked "
+                     f"for ({', '.join(sorted({c.shape + ' ' + c.labels for c in cases}))})")
+  return missing
 
 
 def write_plot(rows: list[dict], path: str) -> None:
@@ -239,7 +294,7 @@ def write_plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
   except ImportError:
-    raise UsageError("--plot needs matplotlib: pip install -e '.[bench]'") from None
+    raise UsageError('--plot needs matplotlib: pip install "jxent[bench]"') from None
   groups = {}
   for r in rows:
     if "error" not in r:
@@ -265,14 +320,25 @@ def main(argv: Optional[list[str]] = None) -> int:
   args = parser.parse_args(argv)
   try:
     cases, modes, impls = resolve(args)
+    check_outputs(args)
+    if any(c.dtype == "float64" for c in cases) and not jax.config.jax_enable_x64:
+      jax.config.update("jax_enable_x64", True)  # otherwise float64 rows would run in float32
+      print("jxent-bench: note: --dtype float64 enables JAX's 64-bit mode for this run",
+            file=sys.stderr)
+    missing = unavailable(args, cases, impls)
   except UsageError as e:
     print(f"jxent-bench: error: {e}", file=sys.stderr)
     return 2
   device = jax.devices()[0]
   dev_name = f"{device.platform}:{getattr(device, 'device_kind', device.platform)}"
+  if device.platform == "cpu" and (args.llm or args.preset == "llm"):
+    print("jxent-bench: warning: the --llm preset is sized for a GPU or TPU (8192x128256 and "
+          "larger); on this CPU it takes hours. Ctrl-C to stop; --quick is the CPU preset.",
+          file=sys.stderr)
   bw = copy_bandwidth(args.reps)
-  print(f"jxent-bench on {dev_name}, jax {jax.__version__}, copy bandwidth {bw / 1e9:.0f} GB/s",
-        file=sys.stderr)
+  header = (f"jxent-bench on {dev_name}, jax {jax.__version__}, copy bandwidth "
+            f"{bw / 1e9:.0f} GB/s")
+  print(header, file=sys.stderr)
   plan = [(c, m, i) for c in cases for m in modes for i in impls if C.applies(i, c)]
   rows, key = [], jax.random.key(0)
   inputs_cache = {}
@@ -322,7 +388,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "error" not in r:
       base = optax_ms.get((r["case"], r["mode"]))
       r["x_optax"] = None if base is None else r["median_ms"] / base
-  print(format_table(rows))
+  floor_shown = device.platform != "cpu"
+  print(header)
+  print(format_table(rows, floor=floor_shown))
+  for line in table_notes(floor_shown, missing):
+    print(line)
   if args.json:
     with open(args.json, "w") as fh:
       json.dump(rows, fh, indent=1)

@@ -1,0 +1,50 @@
+"""The wheel and the sdist build, hold what they should, and the sdist's tests collect from it."""
+
+import pathlib
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dists(tmp_path_factory):
+  pytest.importorskip("build")
+  out = tmp_path_factory.mktemp("dist")
+  subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)],
+                 check=True, capture_output=True, text=True, timeout=600)
+  return next(out.glob("*.whl")), next(out.glob("*.tar.gz"))
+
+
+def test_wheel_contents(dists):
+  wheel, _ = dists
+  names = zipfile.ZipFile(wheel).namelist()
+  for need in ("jxent/__init__.py", "jxent/_src/core.py", "jxent/_src/logprobs.py",
+               "jxent/bench/cli.py", "jxent/py.typed"):
+    assert need in names, need
+  assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+  assert not any(n.startswith(("tests/", "examples/", "benchmarks/")) for n in names)
+  meta = next(zipfile.ZipFile(wheel).read(n).decode() for n in names if n.endswith("METADATA"))
+  assert "License-Expression: Apache-2.0" in meta and "Classifier:" in meta
+  assert "Keywords:" in meta and "Requires-Dist: jax>=0.10" in meta
+
+
+def test_sdist_holds_its_tests(dists, tmp_path):
+  _, sdist = dists
+  with tarfile.open(sdist) as tar:
+    names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    tar.extractall(tmp_path, filter="data")
+  for need in ("LICENSE", "pyproject.toml", "README.md", "tests/conftest.py", "tests/helpers.py",
+               "tests/peers/test_peer_optax.py", "examples/train_digits.py",
+               "benchmarks/gpu_check.py", "benchmarks/linear_memory.py"):
+    assert need in names, need
+  root = next(tmp_path.iterdir())
+  res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p",
+                        "no:cacheprovider", "tests"], cwd=root, capture_output=True, text=True,
+                       timeout=600)
+  assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+  assert "error" not in res.stdout.lower().split("\n")[-2]
