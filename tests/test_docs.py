@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from jxent._src import (api, dispatch, keras_losses, linear, pallas_mosaic_tpu, pallas_triton,
-                        tf_losses, tf_nn)
+from jxent._src import (api, dispatch, keras_losses, linear, logprobs, pallas_mosaic_tpu,
+                        pallas_triton, tf_losses, tf_nn)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -27,7 +27,8 @@ def test_readme_python_blocks_run(i):
 
 @pytest.mark.parametrize(
     "module",
-    [api, dispatch, tf_nn, tf_losses, keras_losses, linear, pallas_triton, pallas_mosaic_tpu])
+    [api, dispatch, tf_nn, tf_losses, keras_losses, linear, logprobs, pallas_triton,
+     pallas_mosaic_tpu])
 def test_docstring_examples(module):
   failures, tried = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
   assert tried > 0 and failures == 0

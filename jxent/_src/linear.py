@@ -2,12 +2,12 @@
 
 Two algorithms (``implementation=``):
 
-* ``"chunked_xla"`` (lean, the default): the forward walks the vocabulary in blocks of ``block_v``
+* ``"linear_chunked"`` (lean, the default; alias ``"chunked_xla"``): the forward walks the vocabulary in blocks of ``block_v``
   columns with an online log-sum-exp; the backward recomputes each block's logits and accumulates
   ``dx`` (float32) and writes ``dw`` block by block. 4 matmuls; temporaries O(N x block_v).
   Residuals: the inputs and the per-row log-sum-exp. With ``block_n`` the tokens go in passes of
   ``block_n`` rows (temporaries O(block_n x block_v), ``dw`` accumulated across the passes).
-* ``"fused_grad_xla"`` (fast, scalar reductions only): walks the tokens in chunks of ``block_n``
+* ``"linear_fused_grad"`` (fast, scalar reductions only; alias ``"fused_grad_xla"``): walks the tokens in chunks of ``block_n``
   rows, forms each chunk's full-vocabulary logits, loss and gradient in the forward pass, and
   accumulates ``dw`` in float32. 3 matmuls; temporaries O(block_n x V) plus the float32 ``dw``
   accumulator. The backward only scales the saved gradients by the cotangent.
@@ -42,7 +42,7 @@ class LinearChunked:
       accumulated across the passes in the weights' dtype (one rounding per pass for bfloat16
       weights).
   """
-  name = "chunked_xla"
+  name = "linear_chunked"
   block_v: int = 2048
   block_n: Optional[int] = None
 
@@ -64,7 +64,7 @@ class LinearFusedGrad:
       once per chunk) or ``"weights"`` (accumulate in the weights' dtype: no extra buffer and half
       the traffic for bfloat16 weights, at one rounding per chunk).
   """
-  name = "fused_grad_xla"
+  name = "linear_fused_grad"
   block_n: int = 512
   dw_accumulation: str = "float32"
 
@@ -76,7 +76,9 @@ class LinearFusedGrad:
                        f"{self.dw_accumulation!r}.")
 
 
-_LINEAR = {"chunked_xla": LinearChunked, "fused_grad_xla": LinearFusedGrad}
+# The names used in the README and by jxent-bench, and the earlier aliases.
+_LINEAR = {"linear_chunked": LinearChunked, "linear_fused_grad": LinearFusedGrad,
+           "chunked_xla": LinearChunked, "fused_grad_xla": LinearFusedGrad}
 
 
 def _in_shard_map(*arrays) -> bool:
@@ -299,8 +301,8 @@ def linear_softmax_cross_entropy(
     logit_softcap: ``c > 0`` or None.
     axis_name: mesh axis over which the class dimension of ``w`` is sharded (vocab parallel);
       labels are global ids. Uses the lean algorithm.
-    implementation: None or ``"chunked_xla"`` (lean: vocab blocks, recompute, O(N x block)
-      temporaries), ``"fused_grad_xla"`` (fast: 3 matmuls, gradient formed in the forward pass,
+    implementation: None or ``"linear_chunked"`` (lean: vocab blocks, recompute, O(N x block)
+      temporaries), ``"linear_fused_grad"`` (fast: 3 matmuls, gradient formed in the forward pass,
       float32 dW accumulator; scalar reductions only), or a ``LinearChunked(block_v=...,
       block_n=...)`` /
       ``LinearFusedGrad(block_n=..., dw_accumulation=...)`` object.
@@ -345,10 +347,12 @@ def linear_softmax_cross_entropy(
   kept = None if ignore_index is None else (y2 != ignore_index)
   if isinstance(algo, LinearFusedGrad):
     if reduction not in ("mean", "sum"):
-      raise ValueError("implementation 'fused_grad_xla' forms the gradient in the forward pass and "
+      raise ValueError("implementation 'linear_fused_grad' (fused_grad_xla) forms the gradient in "
+                       "the forward pass and "
                        f"needs reduction 'mean' or 'sum', got {reduction!r}.")
     if axis_name is not None:
-      raise ValueError("implementation 'fused_grad_xla' does not support axis_name; use 'chunked_xla'.")
+      raise ValueError("implementation 'linear_fused_grad' (fused_grad_xla) does not support "
+                       "axis_name; use 'linear_chunked'.")
     wts = jnp.ones(y2.shape, _F32) if kept is None else kept.astype(_F32)
     if reduction == "mean":
       count = jnp.sum(wts)

@@ -238,7 +238,7 @@ def token_log_probs(
     >>> lp, ent = jxent.token_log_probs(jnp.array([[1., 2., 3.]]), jnp.array([2]),
     ...                                 temperature=2.0, return_entropy=True)
     >>> [round(float(v), 4) for v in (lp[0], ent[0])]
-    [-0.7596, 1.0114]
+    [-0.6803, 1.0202]
   """
   logits = core.check_logits(logits)
   opts = make_options(logit_softcap=logit_softcap, ignore_index=ignore_index, axis_name=axis_name)
@@ -351,7 +351,7 @@ def linear_token_log_probs(
     logit_softcap: ``c > 0`` or None.
     return_entropy: also return the entropy.
     axis_name: mesh axis over which the class dimension of ``w`` is sharded.
-    implementation: None or ``"chunked_xla"`` (``block_v=1024``), or a
+    implementation: None or ``"linear_chunked"`` (``block_v=1024``), or a
       ``jxent.LinearChunked(block_v=...)`` (``block_n`` is not supported here).
 
   Returns:
@@ -377,12 +377,12 @@ def linear_token_log_probs(
                      f"{x.shape[:-1]}.")
   if w.shape[1] == 0:
     raise ValueError(f"`w` {w.shape} has no classes.")
-  if implementation is None or implementation == "chunked_xla":
+  if implementation is None or implementation in ("linear_chunked", "chunked_xla"):
     algo = LinearChunked(block_v=BLOCK_V)
   elif isinstance(implementation, LinearChunked):
     algo = implementation
   else:
-    raise ValueError(f"linear_token_log_probs runs on implementation None or 'chunked_xla' (or a "
+    raise ValueError(f"linear_token_log_probs runs on implementation None or 'linear_chunked' (or a "
                      f"LinearChunked); got {implementation!r}.")
   if algo.block_n is not None:
     raise ValueError("linear_token_log_probs does not take LinearChunked(block_n=...); pass "
