@@ -58,8 +58,21 @@ def main(argv=None):
   model.fit(x_tr, y_tr, epochs=args.epochs, batch_size=32, verbose=0)
   _, acc_probs = model.evaluate(x_te, y_te, verbose=0)
   print(f"softmax output + from_logits=False:  test accuracy {acc_probs:.4f}")
+
+  # The pitfall: probabilities out, but the loss told they are logits (softmax applied twice).
+  # softmax of values in [0, 1] is nearly flat, so the reported loss cannot fall below
+  # log(9 + e) - 1 = 1.46 however good the model is, and the gradients are weak.
+  model = build("softmax")
+  model.compile(optimizer="adam", loss=jxent.keras.CategoricalCrossentropy(from_logits=True),
+                metrics=["accuracy"])
+  model.fit(x_tr, y_tr, epochs=args.epochs, batch_size=32, verbose=0)
+  reported, acc_twice = model.evaluate(x_te, y_te, verbose=0)
+  probs = model.predict(x_te, verbose=0)
+  true_loss = float(jxent.keras.CategoricalCrossentropy()(y_te, probs))
+  print(f"PITFALL softmax output + from_logits=True: test accuracy {acc_twice:.4f}, reported "
+        f"loss {reported:.3f} (floor 1.46) vs its true cross-entropy {true_loss:.3f}")
   print(f"test accuracy: {acc_logits:.4f}")
-  return acc_logits, acc_probs
+  return acc_logits, acc_probs, reported, true_loss
 
 
 if __name__ == "__main__":
