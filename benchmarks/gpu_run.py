@@ -1,0 +1,393 @@
+"""One prepared GPU run: checks, records and tunes, in priority order, under one deadline.
+
+  PYTHONPATH=. python benchmarks/gpu_run.py --out $OUT              # the H200 run (<= 8 min)
+  PYTHONPATH=. python benchmarks/gpu_run.py --out /tmp/g --dry-run  # CPU: interpret mode, tiny
+
+Sections, each appending JSON lines to ``<out>/gpu_run.jsonl`` as it finishes a case (a deadline
+or a crash loses nothing already measured):
+
+1. ``device``: name, SM count, L2 (from torch when installed), copy bandwidth, bf16 matmul
+   TFLOP/s at 8192^3 and at the LM-head shapes;
+2. ``check``: every GPU path (``pallas_triton`` default, persistent launch with row groups, the
+   per-row VJP) against ``xla`` (float32) and a float64 NumPy reference on sampled rows: forward,
+   row VJP, fused mean value_and_grad; integer and dense labels; the LLM options; vocab 128256,
+   256000 and 32003. Nothing is timed unless every check passes;
+3. ``record``: integer and dense labels, forward and value_and_grad of the mean, at 8192x128256,
+   32768x32000, 4096x256000 and 8192x151936 bf16, for ``pallas_triton``, ``xla``, optax and the
+   naive formula, with floors measured in the same run;
+4. ``tune``: Triton launch candidates (``block_c``, ``num_warps``, ``num_stages``,
+   ``row_groups``, ``programs``) at 8192x128256 bf16; the fastest correct one per op is written
+   to ``<out>/gpu_run_config.json`` (device kind, versions, times) to ship;
+5. ``linear``: 8192x2304->256000 and 8192x4096->128256 bf16: both algorithms over block sizes
+   and ``dw_accumulation``, unfused, and the three bare matmuls; time and temporaries;
+6. ``peers``: ``benchmarks/gpu_peers.py`` (Liger, Cut Cross-Entropy, torch.compile) when torch
+   is installed, in a subprocess bounded by the time left.
+
+At most three files are written under ``--out`` (the device tool returns up to 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jxent  # noqa: E402
+from jxent.bench import cases as C  # noqa: E402
+from jxent.bench.cli import _compile, _median_ms, copy_bandwidth  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OPTS = dict(label_smoothing=0.1, z_loss=1e-4, logit_softcap=30.0)
+TOL = {"float32": 2e-4, "bfloat16": 2e-2}  # relative error vs xla (Frobenius)
+
+
+class Run:
+  """The log, the deadline and the sizes of one run (full or dry)."""
+
+  def __init__(self, out: str, budget: float, dry: bool):
+    os.makedirs(out, exist_ok=True)
+    self.out, self.dry = out, dry
+    self.deadline = time.monotonic() + budget
+    self.log = open(os.path.join(out, "gpu_run.jsonl"), "a")
+    self.reps = 10
+    self.kernel = functools.partial(jxent.PallasTritonKernel, interpret=True) if dry else \
+        jxent.PallasTritonKernel
+
+  def left(self) -> float:
+    return self.deadline - time.monotonic()
+
+  def emit(self, section: str, **kw):
+    line = json.dumps(dict(section=section, **kw), default=str)
+    print(line, flush=True)
+    self.log.write(line + "\n")
+    self.log.flush()
+
+  def case(self, section: str, need_s: float, fn, **fields):
+    """Runs one case if ``need_s`` seconds are left; records its result or its error."""
+    if self.left() < need_s:
+      self.emit(section, **fields, skipped=f"deadline ({self.left():.0f} s left, {need_s} s needed)")
+      return None
+    try:
+      res = fn()
+    except Exception as e:  # noqa: BLE001  (one failing case must not stop the run)
+      self.emit(section, **fields, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+      return None
+    self.emit(section, **fields, **(res or {}))
+    return res
+
+
+def rel(a, b) -> float:
+  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+  if not np.all(np.isfinite(a)):
+    return float("nan")
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. device facts
+# ------------------------------------------------------------------------------------------------
+def section_device(run: Run):
+  dev = jax.devices()[0]
+  facts = dict(kind=getattr(dev, "device_kind", dev.platform), platform=dev.platform,
+               jax=jax.__version__, jxent=jxent.__version__,
+               sm_count=getattr(dev, "core_count", None))
+  try:
+    import torch
+    if torch.cuda.is_available():
+      p = torch.cuda.get_device_properties(0)
+      facts.update(torch=torch.__version__, l2_bytes=getattr(p, "L2_cache_size", None),
+                   sm_count_torch=p.multi_processor_count, memory_bytes=p.total_memory)
+  except Exception:  # noqa: BLE001  (torch is optional)
+    pass
+  run.emit("device", **facts)
+  run.case("device", 20, lambda: dict(copy_gbps=copy_bandwidth(run.reps) / 1e9), what="copy")
+  shapes = [(256, 256, 256)] if run.dry else [(8192, 8192, 8192), (8192, 2304, 256000),
+                                              (8192, 4096, 128256)]
+  for m, k, n in shapes:
+    def mm(m=m, k=k, n=n):
+      a = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
+      b = jax.random.normal(jax.random.key(2), (k, n), jnp.bfloat16)
+      f = jax.jit(lambda a, b: a @ b)
+      ms = _median_ms(f, [(a, b)], run.reps)
+      return dict(ms=ms, tflops=2 * m * k * n / (ms * 1e-3) / 1e12)
+    run.case("device", 20, mm, what="matmul_bf16", shape=[m, k, n])
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. correctness (gates the timing)
+# ------------------------------------------------------------------------------------------------
+def _np_reference(x, y, sparse: bool, rows):
+  """float64 per-row loss (no options) on ``rows``."""
+  xs = np.asarray(jnp.asarray(x[rows], jnp.float32), np.float64)
+  m = xs.max(-1, keepdims=True)
+  lse = (m + np.log(np.exp(xs - m).sum(-1, keepdims=True)))[:, 0]
+  if sparse:
+    return lse - xs[np.arange(len(rows)), np.asarray(y)[rows]]
+  ys = np.asarray(jnp.asarray(y[rows], jnp.float32), np.float64)
+  return (ys * (lse[:, None] - xs)).sum(-1)
+
+
+def section_check(run: Run) -> bool:
+  K = run.kernel
+  kernels = {"pallas_triton": K(), "pallas_triton_persistent_groups": K(programs=4 if run.dry else 264,
+                                                                         block_c=4096, row_groups=64)}
+  shapes = [(16, 1000)] if run.dry else [(256, 128256), (128, 256000), (512, 32003)]
+  ok = True
+  key = jax.random.key(0)
+  for (n, v) in shapes:
+    for dt in ("float32", "bfloat16"):
+      k1, k2 = jax.random.split(jax.random.fold_in(key, n * v))
+      x = (jax.random.normal(k1, (n, v), jnp.float32) * 3).astype(dt)
+      yi = jax.random.randint(k2, (n,), 0, v).at[1].set(-100)
+      yd = (jax.nn.one_hot(jnp.maximum(yi, 0), v, dtype=dt) * 0.9 + 0.1 / v).astype(dt)
+      g = jax.random.normal(k2, (n,), jnp.float32).astype(dt)
+      for labels, y, fn in (("int", yi, jxent.softmax_cross_entropy_with_integer_labels),
+                            ("dense", yd, jxent.softmax_cross_entropy)):
+        for opts in ({}, OPTS):
+          kw = dict(opts, ignore_index=-100) if labels == "int" else dict(opts)
+
+          def outs(impl):
+            fo = jax.jit(lambda x, y: fn(x, y, implementation=impl, **kw))
+            fr = jax.jit(lambda x, y, g: jax.vjp(lambda x: fn(x, y, implementation=impl, **kw), x)[1](g)[0])
+            fm = jax.jit(jax.value_and_grad(lambda x, y: fn(x, y, implementation=impl,
+                                                            reduction="mean", **kw)))
+            return (fo(x, y), fr(x, y, g)) + tuple(fm(x, y))
+
+          ref = outs("xla")
+          rows = np.arange(2, min(n, 8))
+          ref64 = None if opts else _np_reference(x, yi if labels == "int" else yd,
+                                                   labels == "int", rows)
+          for name, k in kernels.items():
+            def check(k=k, ref=ref, ref64=ref64):
+              got = outs(k)
+              errs = dict(loss_rel=rel(got[0], ref[0]), dlogits_rel=rel(got[1], ref[1]),
+                          mean_rel=rel(got[2], ref[2]), mean_grad_rel=rel(got[3], ref[3]))
+              if ref64 is not None:
+                errs["loss_rel_f64"] = rel(np.asarray(jnp.asarray(got[0], jnp.float32))[rows], ref64)
+                errs["xla_loss_rel_f64"] = rel(np.asarray(jnp.asarray(ref[0], jnp.float32))[rows],
+                                               ref64)
+              tol = TOL[dt]
+              errs["ok"] = all(e <= tol for e in errs.values())  # (NaN fails)
+              return errs
+            res = run.case("check", 30, check, impl=name, shape=[n, v], dtype=dt, labels=labels,
+                           options=bool(opts))
+            ok = ok and bool(res and res.get("ok"))
+  run.emit("check", gate="pass" if ok else "fail")
+  return ok
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. the record
+# ------------------------------------------------------------------------------------------------
+def _row(run: Run, name: str, case: C.Case, mode: str, inputs, bw: float):
+  from jxent.bench.cli import run_row
+  r = run_row(name, case, mode, inputs, run.reps)
+  fb = C.floor_bytes(case, mode)
+  if fb is not None:
+    r["floor_ms"] = fb / bw * 1e3
+    r["x_floor"] = r["median_ms"] / r["floor_ms"]
+  return r
+
+
+def section_record(run: Run, bw: float):
+  shapes = [(64, 4099), (32, 32000)] if run.dry else [(8192, 128256), (32768, 32000),
+                                                       (4096, 256000), (8192, 151936)]
+  impls = ["pallas_triton", "xla", "optax", "naive"]
+  for n, v in shapes:
+    for labels in ("int", "dense"):
+      case = C.Case("logits", n, v, dtype="bfloat16", labels=labels)
+      if run.left() < 30:
+        run.emit("record", case=f"{n}x{v} {labels}", skipped="deadline")
+        continue
+      inputs = [C.make_inputs(case, jax.random.key(r)) for r in range(2)]
+      for mode in C.MODES:
+        for name in impls:
+          if not C.applies(name, case):
+            continue
+          if run.dry and name == "pallas_triton":
+            continue  # (interpret-mode timings mean nothing; the check section ran it)
+          run.case("record", 25, lambda: _row(run, name, case, mode, inputs, bw),
+                   case=f"{n}x{v} bf16 {labels}", mode=mode, impl=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. tuning: Triton launch candidates; the winners are written as the config to ship
+# ------------------------------------------------------------------------------------------------
+def section_tune(run: Run, bw: float):
+  K = run.kernel
+  n, v = (32, 3000) if run.dry else (8192, 128256)
+  if run.dry:
+    cands = [K(), K(block_c=1024, row_groups=4)]
+  else:
+    cands = [K()]
+    cands += [K(block_c=bc, num_warps=nw, num_stages=st, row_groups=gr)
+              for bc, nw in ((2048, 4), (4096, 8), (8192, 8)) for st in (1, 2, 3) for gr in (1, 64)]
+    cands += [K(programs=p * 132, block_c=bc, num_warps=nw, row_groups=64)
+              for p in (1, 2) for bc, nw in ((4096, 8), (8192, 16))]
+  key = jax.random.key(3)
+  xs = [((jax.random.normal(jax.random.fold_in(key, i), (n, v), jnp.float32) * 3)
+         .astype(jnp.bfloat16), jax.random.randint(jax.random.fold_in(key, 9 + i), (n,), 0, v))
+        for i in range(2)]
+  nbytes = n * v * 2
+  best = {}
+  ref = None
+  for k in cands:
+    cfg = dict(block_c=k.block_c, num_warps=k.num_warps, num_stages=k.num_stages,
+               row_groups=k.row_groups, programs=k.programs)
+
+    def one(k=k):
+      nonlocal ref
+      fwd = jax.jit(lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(x, y, implementation=k))
+      vg = jax.jit(jax.value_and_grad(lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(
+          x, y, implementation=k, reduction="mean")))
+      out = vg(*xs[0])
+      if ref is None:
+        ref = jax.jit(jax.value_and_grad(lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(
+            x, y, implementation="xla", reduction="mean")))(*xs[0])
+      err = rel(out[1], ref[1])
+      if not err <= TOL["bfloat16"]:
+        return dict(wrong=True, grad_rel=err)
+      if run.dry:
+        return dict(grad_rel=err)
+      f_ms, vg_ms = _median_ms(fwd, xs, run.reps), _median_ms(vg, xs, run.reps)
+      return dict(grad_rel=err, fwd_ms=f_ms, fwd_x_floor=f_ms / (nbytes / bw * 1e3), vg_ms=vg_ms,
+                  vg_x_three_pass_floor=vg_ms / (3 * nbytes / bw * 1e3))
+
+    res = run.case("tune", 20, one, shape=[n, v], **cfg)
+    if res and not res.get("wrong"):
+      for op, key_ms in (("forward", "fwd_ms"), ("fused_value_and_grad", "vg_ms")):
+        ms = res.get(key_ms, 0.0 if run.dry else None)
+        if ms is not None and (op not in best or ms < best[op]["ms"]):
+          best[op] = dict(ms=ms, **cfg)
+  dev = jax.devices()[0]
+  config = dict(device_kind=getattr(dev, "device_kind", dev.platform), jax=jax.__version__,
+                jxent=jxent.__version__, date=time.strftime("%Y-%m-%d"),
+                entries=[dict(op=op, dtype="bfloat16", labels="int", shape=[n, v],
+                              implementation="pallas_triton", params={k: w for k, w in b.items()
+                                                                      if k != "ms"}, ms=b["ms"])
+                         for op, b in best.items()])
+  with open(os.path.join(run.out, "gpu_run_config.json"), "w") as fh:
+    json.dump(config, fh, indent=1)
+  run.emit("tune", wrote="gpu_run_config.json", winners=len(best))
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. linear cross-entropy
+# ------------------------------------------------------------------------------------------------
+def section_linear(run: Run):
+  shapes = [(64, 32, 1000)] if run.dry else [(8192, 2304, 256000), (8192, 4096, 128256)]
+  for n, d, v in shapes:
+    key = jax.random.key(5)
+    x = jax.random.normal(key, (n, d), jnp.float32).astype(jnp.bfloat16)
+    w = (jax.random.normal(jax.random.fold_in(key, 1), (d, v), jnp.float32) * d ** -0.5
+         ).astype(jnp.bfloat16)
+    y = jax.random.randint(key, (n,), 0, v)
+    algos = ([jxent.LinearChunked(block_v=b) for b in (2048, 4096, 8192)]
+             + [jxent.LinearFusedGrad(block_n=b, dw_accumulation=a)
+                for b in (512, 1024, 2048) for a in ("float32", "weights")])
+    if run.dry:
+      algos = [jxent.LinearChunked(block_v=256), jxent.LinearFusedGrad(block_n=16)]
+    fns = {repr(a): (lambda a=a: lambda x, w, y: jxent.linear_softmax_cross_entropy(
+        x, w, y, implementation=a))() for a in algos}
+    fns["unfused"] = lambda x, w, y: jxent.softmax_cross_entropy_with_integer_labels(
+        (x @ w), y, reduction="mean")
+
+    def bare(x, w, y):
+      z = x @ w
+      return z, z @ w.T, x.T @ z
+
+    for name, f in list(fns.items()) + [("three_bare_matmuls", None)]:
+      def one(f=f):
+        g = bare if f is None else jax.value_and_grad(f, argnums=(0, 1))
+        compiled, compile_ms, temp = _compile(g, (x, w, y))
+        return dict(ms=_median_ms(compiled, [(x, w, y)], run.reps), compile_ms=compile_ms,
+                    temp_MB=None if temp is None else temp / 1e6)
+      run.case("linear", 40, one, shape=[n, d, v], impl=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. PyTorch peers
+# ------------------------------------------------------------------------------------------------
+def section_peers(run: Run):
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    run.emit("peers", skipped="torch is not installed")
+    return
+  if run.dry or not torch.cuda.is_available():
+    run.emit("peers", skipped="no CUDA device" if not run.dry else "dry run")
+    return
+  left = run.left() - 5
+  if left < 60:
+    run.emit("peers", skipped=f"deadline ({left:.0f} s left)")
+    return
+  try:
+    res = subprocess.run([sys.executable, os.path.join(HERE, "gpu_peers.py")], capture_output=True,
+                         text=True, timeout=left)
+    for line in res.stdout.splitlines():
+      if line.startswith("{"):
+        run.emit("peers", **json.loads(line))
+    if res.returncode:
+      run.emit("peers", error=res.stderr[-500:])
+  except subprocess.TimeoutExpired:
+    run.emit("peers", error=f"timed out after {left:.0f} s")
+
+
+SECTIONS = ("device", "check", "record", "tune", "linear", "peers")
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--out", default=os.environ.get("OUT", "gpu_out"), help="output folder")
+  p.add_argument("--budget", type=float, default=480.0, help="global deadline in seconds")
+  p.add_argument("--dry-run", action="store_true", help="CPU: interpret mode, tiny shapes")
+  p.add_argument("--sections", default=",".join(SECTIONS),
+                 help=f"comma list, in this order: {','.join(SECTIONS)}")
+  args = p.parse_args(argv)
+  sections = [s for s in args.sections.split(",") if s]
+  bad = [s for s in sections if s not in SECTIONS]
+  if bad:
+    print(f"gpu_run: error: unknown sections {bad}; expected {SECTIONS}", file=sys.stderr)
+    return 2
+  if not args.dry_run and jax.default_backend() == "cpu":
+    print("gpu_run: error: no GPU here; use --dry-run on CPU", file=sys.stderr)
+    return 2
+  run = Run(args.out, args.budget, args.dry_run)
+  run.emit("start", sections=sections, budget_s=args.budget, dry_run=args.dry_run, argv=sys.argv[1:])
+  bw = None
+  gate = True
+  for s in sections:
+    t0 = time.monotonic()
+    try:
+      if s == "device":
+        section_device(run)
+      elif s == "check":
+        gate = section_check(run)
+      elif not gate and s in ("record", "tune", "linear"):
+        run.emit(s, skipped="the correctness check failed: nothing is timed")
+      else:
+        if bw is None and s in ("record", "tune"):
+          bw = copy_bandwidth(run.reps)
+        {"record": lambda: section_record(run, bw), "tune": lambda: section_tune(run, bw),
+         "linear": lambda: section_linear(run), "peers": lambda: section_peers(run)}[s]()
+    except Exception:  # noqa: BLE001  (a crashing section is recorded; the next one runs)
+      run.emit(s, crashed=traceback.format_exc()[-1500:])
+    run.emit(s, done_s=round(time.monotonic() - t0, 1), left_s=round(run.left(), 1))
+  run.emit("end", gate="pass" if gate else "fail")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,45 @@
+"""benchmarks/gpu_run.py --dry-run: every section runs on CPU (Pallas in interpret mode, tiny
+shapes), writes JSON lines as it goes, gates the timing on the checks, and stays within the files
+the device tool returns."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_dry_run(tmp_path):
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_run.py"), "--dry-run",
+                        "--out", str(tmp_path), "--budget", "400"], env=env, capture_output=True,
+                       text=True, timeout=900)
+  assert res.returncode == 0, res.stderr[-3000:]
+  lines = [json.loads(l) for l in (tmp_path / "gpu_run.jsonl").read_text().splitlines()]
+  sections = {l["section"] for l in lines}
+  assert {"start", "device", "check", "record", "tune", "linear", "peers", "end"} <= sections
+  checks = [l for l in lines if l["section"] == "check" and "ok" in l]
+  assert checks and all(l["ok"] for l in checks), [l for l in checks if not l["ok"]]
+  assert lines[-1] == {"section": "end", "gate": "pass"}
+  assert not [l for l in lines if "crashed" in l or "error" in l]
+  record = [l for l in lines if l["section"] == "record" and "median_ms" in l]
+  assert {l["impl"] for l in record} >= {"xla", "optax", "naive"}
+  config = json.loads((tmp_path / "gpu_run_config.json").read_text())
+  assert {e["op"] for e in config["entries"]} == {"forward", "fused_value_and_grad"}
+  assert len(list(tmp_path.iterdir())) <= 8
+
+
+def test_deadline_skips_and_refuses_cpu_without_dry_run(tmp_path):
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_run.py"), "--dry-run",
+                        "--out", str(tmp_path), "--budget", "0", "--sections", "device,linear"],
+                       env=env, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0
+  lines = [json.loads(l) for l in (tmp_path / "gpu_run.jsonl").read_text().splitlines()]
+  assert any("skipped" in l for l in lines if l["section"] == "linear")
+  res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_run.py"), "--out",
+                        str(tmp_path)], env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True,
+                       text=True, timeout=300)
+  assert res.returncode == 2 and "--dry-run" in res.stderr
