@@ -11,7 +11,10 @@ import jxent
 from helpers import rand_logits
 
 IMPLS = [pytest.param(None, id="default"), pytest.param("xla", id="xla"),
-         pytest.param(jxent.ChunkedXlaKernel(block=16), id="chunked_xla")]
+         pytest.param(jxent.ChunkedXlaKernel(block=16), id="chunked_xla"),
+         pytest.param(jxent.PallasTritonKernel(interpret=True, block_c=16), id="pallas_triton"),
+         pytest.param(jxent.PallasTritonKernel(interpret=True, block_c=64, programs=3),
+                      id="pallas_triton_persistent")]
 
 
 def np_ref(x, y, inv_t, cap=None, keep=None, g_lp=None, g_ent=None):
@@ -116,18 +119,22 @@ def test_vocab_32003_chunked():
   close(ent, rent, 1e-4)
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked_xla"])
+@pytest.mark.parametrize("impl", ["xla", "chunked_xla", "pallas_triton"])
 def test_vocab_parallel_equals_unsharded(impl):
   rng = np.random.default_rng(4)
   x = rand_logits(rng, (6, 64))
   y = jnp.asarray(rng.integers(0, 64, size=6)).at[1].set(-1)
   t = jnp.asarray(rng.uniform(0.5, 2, size=6), jnp.float32)
   g = (jnp.asarray(rng.normal(size=6), jnp.float32), jnp.asarray(rng.normal(size=6), jnp.float32))
+  kernel = {"chunked_xla": jxent.ChunkedXlaKernel(block=8),
+            "pallas_triton": jxent.PallasTritonKernel(interpret=True, block_c=8)}.get(impl, impl)
   kw = dict(temperature=t, ignore_index=-1, logit_softcap=5.0, return_entropy=True,
-            implementation=jxent.ChunkedXlaKernel(block=8) if impl == "chunked_xla" else impl)
+            implementation=kernel)
   mesh = Mesh(np.array(jax.devices()[:4]), ("model",))
+  # (Pallas interpret mode cannot type-check manual axes: check_vma=False, as in test_multidevice)
   sharded = jax.shard_map(lambda x: jxent.token_log_probs(x, y, axis_name="model", **kw),
-                          mesh=mesh, in_specs=P(None, "model"), out_specs=P())
+                          mesh=mesh, in_specs=P(None, "model"), out_specs=P(),
+                          check_vma=impl != "pallas_triton")
   out, vjp = jax.vjp(jax.jit(sharded), x)
   ref, rvjp = jax.vjp(lambda x: jxent.token_log_probs(x, y, **kw), x)
   close(out[0], np.asarray(ref[0]))
@@ -135,11 +142,11 @@ def test_vocab_parallel_equals_unsharded(impl):
   close(vjp(g)[0], np.asarray(rvjp(g)[0]))
 
 
-def test_pallas_refused_clearly():
-  from jxent._src.pallas_triton import PallasTritonKernel
-  with pytest.raises(ValueError, match="Pallas kernels do not compute it yet"):
+def test_mosaic_refused_clearly():
+  from jxent._src.pallas_mosaic_tpu import PallasMosaicTpuKernel
+  with pytest.raises(ValueError, match="does not compute it yet"):
     jxent.token_log_probs(jnp.ones((2, 3)), jnp.array([0, 1]),
-                          implementation=PallasTritonKernel(interpret=True))
+                          implementation=PallasMosaicTpuKernel(interpret=True))
 
 
 def test_errors():

@@ -115,3 +115,25 @@ def test_vocab_parallel_lowers_under_shard_map(kernel, sparse, monkeypatch):
   text = _lower(lambda x, y: jax.value_and_grad(lambda x: f(x, y).sum())(x), (x, y), platform,
                 monkeypatch)
   assert text.count(call) == 2  # forward and backward kernels
+
+
+@pytest.mark.parametrize("kernel", [pallas_triton.PallasTritonKernel(),
+                                    pallas_triton.PallasTritonKernel(programs=264, block_c=4096)],
+                         ids=["pallas_triton", "pallas_triton_persistent"])
+@pytest.mark.parametrize("shape,dtype", [((64, 4099), jnp.bfloat16), ((16, 128256), jnp.float32)])
+@pytest.mark.parametrize("entropy", [True, False])
+def test_token_log_probs_lower_for_cuda(kernel, shape, dtype, entropy, monkeypatch):
+  """token_log_probs' Triton kernels (statistics walk, gradient walk) with temperature per
+  token, soft-cap and ignore_index lower to two Triton calls."""
+  x = jax.ShapeDtypeStruct(shape, dtype)
+  y = jax.ShapeDtypeStruct(shape[:1], jnp.int32)
+  t = jax.ShapeDtypeStruct(shape[:1], jnp.float32)
+
+  def objective(x, y, t):
+    out = jxent.token_log_probs(x, y, temperature=t, logit_softcap=30.0, ignore_index=-100,
+                                return_entropy=entropy, implementation=kernel)
+    return jnp.sum(out[0]) + 0.01 * jnp.sum(out[1]) if entropy else jnp.sum(out)
+
+  text = _lower(lambda x, y, t: jax.value_and_grad(objective)(x, y, t), (x, y, t), "cuda",
+                monkeypatch)
+  assert text.count("__gpu$xla.gpu.triton") == 2

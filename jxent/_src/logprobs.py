@@ -101,35 +101,60 @@ def _cotangents(g_lp, g_ent, labels, lse, opts: XentOptions, local_c: int, keep)
 
 
 # ------------------------------------------------------------------------------------------------
-# Logits form: one custom VJP over canonical rows.
+# Logits form: one custom VJP over canonical rows; the walks are the kernel's.
 # ------------------------------------------------------------------------------------------------
-def _logits_forward(logits, labels, inv_t, opts, block):
-  rows, c = logits.shape
+@dataclasses.dataclass(frozen=True)
+class XlaRows:
+  """The XLA walks (``block`` classes per step; whole rows for ``"xla"``): the protocol a kernel
+  implements for :func:`token_log_probs` (``PallasTritonKernel`` has the same two methods)."""
+
+  block: int
+
+  def logprob_stats(self, logits, labels, inv_t, *, opts):
+    rows, c = logits.shape
+
+    def step(start, size, state):
+      z, _ = _scaled(lax.dynamic_slice_in_dim(logits, start, size, axis=1), inv_t, opts)
+      return _fold(state, z, labels - start)
+
+    return fold_blocks(step, c, min(self.block, c), _init(rows, xla.compute_dtype(logits.dtype)),
+                       peel=bool(xla.varying(logits)))
+
+  def logprob_grad(self, logits, labels, inv_t, lse, ent, g_lp, g_ent, *, opts):
+    c = logits.shape[1]
+
+    def step(start, size, dlogits):
+      z, capped = _scaled(lax.dynamic_slice_in_dim(logits, start, size, axis=1), inv_t, opts)
+      dz = _dz(z, labels - start, lse, ent, g_lp, g_ent)
+      dx = (dz * inv_t[:, None] * xla.softcap_factor(capped, opts)).astype(logits.dtype)
+      return lax.dynamic_update_slice_in_dim(dlogits, dx, start, axis=1)
+
+    return fold_blocks(step, c, min(self.block, c), jnp.zeros(logits.shape, logits.dtype),
+                       peel=bool(xla.varying(logits)))
+
+
+def _logits_forward(logits, labels, inv_t, opts, kernel):
+  c = logits.shape[1]
   local = labels - xla.class_offset(c, opts)
-
-  def step(start, size, state):
-    z, _ = _scaled(lax.dynamic_slice_in_dim(logits, start, size, axis=1), inv_t, opts)
-    return _fold(state, z, local - start)
-
-  state = fold_blocks(step, c, min(block, c), _init(rows, xla.compute_dtype(logits.dtype)),
-                      peel=bool(xla.varying(logits)))
-  return _finish(state, labels, opts, c)
+  stats = kernel.logprob_stats(logits, local, inv_t, opts=opts)
+  return _finish(tuple(v.astype(xla.compute_dtype(logits.dtype)) for v in stats), labels, opts, c)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnames=("opts", "block", "with_entropy"))
-def token_stats_2d(logits, labels, inv_t, keep, opts: XentOptions, block: int, with_entropy: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnames=("opts", "kernel", "with_entropy"))
+def token_stats_2d(logits, labels, inv_t, keep, opts: XentOptions, kernel: Any,
+                   with_entropy: bool):
   """``(log_prob [R], entropy [R])`` of ``logits [R, C]`` (entropy None unless asked for)."""
-  lp, ent, _ = _logits_forward(logits, labels, inv_t, opts, block)
+  lp, ent, _ = _logits_forward(logits, labels, inv_t, opts, kernel)
   return jnp.where(keep, lp, 0.0), (jnp.where(keep, ent, 0.0) if with_entropy else None)
 
 
-def _token_stats_2d_fwd(logits, labels, inv_t, keep, opts, block, with_entropy):
-  lp, ent, lse = _logits_forward(logits, labels, inv_t, opts, block)
+def _token_stats_2d_fwd(logits, labels, inv_t, keep, opts, kernel, with_entropy):
+  lp, ent, lse = _logits_forward(logits, labels, inv_t, opts, kernel)
   out = (jnp.where(keep, lp, 0.0), jnp.where(keep, ent, 0.0) if with_entropy else None)
   return out, (logits, labels, inv_t, keep, lse, ent)
 
 
-def _token_stats_2d_bwd(opts, block, with_entropy, res, g):
+def _token_stats_2d_bwd(opts, kernel, with_entropy, res, g):
   logits, labels, inv_t, keep, lse, ent = res
   c = logits.shape[1]
   g_lp, g_ent = _cotangents(g[0], g[1] if with_entropy else None, labels, lse, opts, c, keep)
@@ -137,15 +162,7 @@ def _token_stats_2d_bwd(opts, block, with_entropy, res, g):
   if g_ent is not None:
     g_ent = xla.total_cotangent(g_ent, logits, opts)
   local = labels - xla.class_offset(c, opts)
-
-  def step(start, size, dlogits):
-    z, capped = _scaled(lax.dynamic_slice_in_dim(logits, start, size, axis=1), inv_t, opts)
-    dz = _dz(z, local - start, lse, ent, g_lp, g_ent)
-    dx = (dz * inv_t[:, None] * xla.softcap_factor(capped, opts)).astype(logits.dtype)
-    return lax.dynamic_update_slice_in_dim(dlogits, dx, start, axis=1)
-
-  dlogits = fold_blocks(step, c, min(block, c), jnp.zeros(logits.shape, logits.dtype),
-                        peel=bool(xla.varying(logits)))
+  dlogits = kernel.logprob_grad(logits, local, inv_t, lse, ent, g_lp, g_ent, opts=opts)
   return xla.match_vma(dlogits, logits), None, None, None
 
 
@@ -176,20 +193,25 @@ def _check_temperature(temperature, batch_shape):
   return lax.stop_gradient(1.0 / t.astype(jnp.promote_types(t.dtype, jnp.float32)))
 
 
-def _block_for(implementation, c: int) -> int:
-  """The class block of the walk: whole rows for ``"xla"``/None, ``ChunkedXlaKernel.block``."""
+def _kernel_for(implementation, shape, dtype):
+  """The walks for these rows: :class:`XlaRows` for ``"xla"`` (whole rows) and
+  ``"chunked_xla"`` (class blocks), the kernel itself when it has them (``pallas_triton``);
+  ``None`` takes the loss's default where that kernel has them, else ``"xla"``."""
   from jxent._src import dispatch
-  if implementation is None or implementation in ("xla", "xla_autodiff"):
-    return max(c, 1)
-  if implementation == "chunked_xla":
-    return dispatch.ChunkedXlaKernel().block
-  if isinstance(implementation, dispatch.ChunkedXlaKernel):
-    return implementation.block
-  if isinstance(implementation, dispatch.XlaKernel):
-    return max(c, 1)
-  name = getattr(implementation, "name", implementation)
-  raise ValueError(f"token_log_probs runs on implementation None, 'xla' or 'chunked_xla' (or a "
-                   f"ChunkedXlaKernel); got {name!r}. The Pallas kernels do not compute it yet.")
+  c = max(shape[1], 1)
+  if implementation is None:
+    kernel = dispatch.resolve(None, sparse=True, shape=shape, dtype=dtype)
+    return kernel if hasattr(kernel, "logprob_stats") else XlaRows(c)
+  kernel = dispatch.resolve(implementation, sparse=True, shape=shape, dtype=dtype)
+  if hasattr(kernel, "logprob_stats"):
+    return kernel
+  if isinstance(kernel, dispatch.ChunkedXlaKernel):
+    return XlaRows(kernel.block)
+  if isinstance(kernel, dispatch.XlaKernel):
+    return XlaRows(c)
+  raise ValueError(f"token_log_probs runs on implementation None, 'xla', 'chunked_xla' or "
+                   f"'pallas_triton' (or their kernel objects); got {kernel.name!r}, which does "
+                   f"not compute it yet.")
 
 
 def token_log_probs(
@@ -227,8 +249,10 @@ def token_log_probs(
     logit_softcap: ``c > 0`` or None.
     return_entropy: also return the entropy.
     axis_name: mesh axis name when the class axis is sharded (vocab parallel).
-    implementation: None or ``"xla"`` (whole rows, fused by XLA), ``"chunked_xla"`` or a
-      :class:`jxent.ChunkedXlaKernel` (class blocks of ``block``).
+    implementation: None (the loss's default where it computes this, else ``"xla"``),
+      ``"xla"`` (whole rows, fused by XLA), ``"chunked_xla"`` / :class:`jxent.ChunkedXlaKernel`
+      (class blocks of ``block``), or ``"pallas_triton"`` / :class:`jxent.PallasTritonKernel`
+      (one pass per row on GPU). ``"pallas_mosaic_tpu"`` does not compute it yet.
 
   Returns:
     ``log_probs [...]``, or ``(log_probs [...], entropy [...])`` with ``return_entropy``.
@@ -248,10 +272,10 @@ def token_log_probs(
   keep = jnp.ones(labels2d.shape, bool) if row_mask is None else row_mask
   if ignore_index is not None:
     keep = keep & (labels2d != opts.ignore_index)
-  block = _block_for(implementation, logits2d.shape[1])
   if logits2d.shape[1] == 0:
     raise ValueError(f"`logits` {logits.shape} has no classes on axis {axis}.")
-  lp, ent = core.call_vjp(token_stats_2d, logits2d, labels2d, inv_t, keep, opts, block,
+  kernel = _kernel_for(implementation, logits2d.shape, logits2d.dtype)
+  lp, ent = core.call_vjp(token_stats_2d, logits2d, labels2d, inv_t, keep, opts, kernel,
                           bool(return_entropy))
   lp = lp.reshape(batch_shape)
   return (lp, ent.reshape(batch_shape)) if return_entropy else lp

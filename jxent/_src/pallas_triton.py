@@ -284,6 +284,66 @@ def _fused_kernel(*refs, sparse, opts, block_c, groups):
 
 
 # ------------------------------------------------------------------------------------------------
+# Per-token log-probs and entropy (jxent.token_log_probs): z = cap(x) / T per row.
+# ------------------------------------------------------------------------------------------------
+def _lp_fold(carry, z):
+  """Folds a block of ``z`` into ``(m, s, t)``: ``s = sum(exp(z - m))``, ``t = sum(exp(z - m) *
+  (z - m))`` (rebased to the new max; masked and ``-inf`` lanes add nothing)."""
+  m, s, t = carry
+  m_new = jnp.maximum(m, jnp.max(z))
+  d = m - m_new
+  e0 = jnp.exp(d)
+  zs = z - m_new
+  e = jnp.exp(zs)
+  t = jnp.where(s == 0, 0.0, e0 * (t + d * s)) + jnp.sum(jnp.where(e == 0, 0.0, e * zs))
+  return m_new, s * e0 + jnp.sum(e), t
+
+
+def _lp_fwd_kernel(x_ref, y_ref, t_ref, m_ref, s_ref, tt_ref, lab_ref, *, opts, block_c):
+  """One row's raw statistics ``(m, s, t, z[label])`` (merged and finished in XLA)."""
+  c = x_ref.size
+  label, inv_t = y_ref[()], t_ref[()]
+  lanes = jnp.arange(block_c)
+
+  def body(i, carry):
+    idx = i * block_c + lanes
+    return _lp_fold(carry, _load_x(x_ref, idx, idx < c, opts) * inv_t)
+
+  zero = jnp.zeros((), jnp.float32)
+  m, s, t = jax.lax.fori_loop(0, pl.cdiv(c, block_c), body, (jnp.full((), _NEG, jnp.float32),
+                                                            zero, zero))
+  picked = xla.prep_logits(x_ref[jnp.clip(label, 0, c - 1)], opts) * inv_t
+  m_ref[()], s_ref[()], tt_ref[()] = m, s, t
+  lab_ref[()] = jnp.where((label >= 0) & (label < c), picked, 0.0)
+
+
+def _lp_bwd_kernel(*refs, opts, block_c, with_entropy):
+  """One row of ``dlogits`` from the saved ``lse`` and entropy."""
+  if with_entropy:
+    x_ref, y_ref, t_ref, lse_ref, ent_ref, glp_ref, gent_ref, dx_ref = refs
+  else:
+    x_ref, y_ref, t_ref, lse_ref, glp_ref, dx_ref = refs
+  c = x_ref.size
+  label, inv_t, lse, g_lp = y_ref[()], t_ref[()], lse_ref[()], glp_ref[()]
+  if with_entropy:
+    g_ent, mean_z = gent_ref[()], lse - ent_ref[()]
+  lanes = jnp.arange(block_c)
+
+  @pl.loop(0, pl.cdiv(c, block_c))
+  def _(i):
+    idx = i * block_c + lanes
+    mask = idx < c
+    capped = xla.prep_logits(x_ref.load(idx, mask, 0.0), opts)
+    z = capped * inv_t
+    p = jnp.exp(z - lse)
+    dz = g_lp * (jnp.where(idx == label, 1.0, 0.0) - p)
+    if with_entropy:
+      dz = dz - g_ent * jnp.where(p == 0, 0.0, p * (z - mean_z))
+    dx = dz * inv_t * xla.softcap_factor(capped, opts)
+    dx_ref.store(idx, dx.astype(dx_ref.dtype), mask)
+
+
+# ------------------------------------------------------------------------------------------------
 # The kernel object.
 # ------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
@@ -413,6 +473,32 @@ class PallasTritonKernel:
       out.append(xla.out_struct((c,), labels.dtype, logits))
     res = self._call(kernel, tuple(out), rows)(logits, labels, weights.astype(jnp.float32))
     return res[0], res[1], (res[2] if len(res) > 2 else None)
+
+
+  def logprob_stats(self, logits, labels, inv_t, *, opts):
+    """``(m, s, t, z[label])`` per row for :func:`jxent.token_log_probs` (``labels``: this
+    shard's class ids)."""
+    rows, c = logits.shape
+    if rows == 0:
+      z = jnp.zeros((0,), jnp.float32)
+      return z, z, z, z
+    kernel = functools.partial(_lp_fwd_kernel, opts=opts, block_c=self._block(c))
+    scalar = xla.out_struct((), jnp.float32, logits)
+    return self._call(kernel, (scalar,) * 4, rows)(logits, labels, inv_t.astype(jnp.float32))
+
+  def logprob_grad(self, logits, labels, inv_t, lse, ent, g_lp, g_ent, *, opts):
+    """``dlogits`` of ``g_lp * log_prob + g_ent * entropy`` (``g_ent`` None: log-probs only)."""
+    rows, c = logits.shape
+    if rows == 0:
+      return jnp.zeros(logits.shape, logits.dtype)
+    with_entropy = g_ent is not None
+    kernel = functools.partial(_lp_bwd_kernel, opts=opts, block_c=self._block(c),
+                               with_entropy=with_entropy)
+    f32 = lambda v: v.astype(jnp.float32)
+    args = [logits, labels, f32(inv_t), f32(lse)]
+    args += [f32(ent), f32(g_lp), f32(g_ent)] if with_entropy else [f32(g_lp)]
+    out = (xla.out_struct((c,), logits.dtype, logits),)
+    return self._call(kernel, out, rows)(*args)[0]
 
 
 def preferred(shape, dtype, sparse) -> bool:

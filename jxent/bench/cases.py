@@ -48,7 +48,7 @@ PRESETS = {
 
 MODES = ("forward", "forward_and_vjp")
 LABEL_KINDS = ("int", "dense", "logprobs")
-JXENT_LOGPROBS = ("xla", "chunked_xla")
+JXENT_LOGPROBS = ("xla", "chunked_xla", "pallas_triton")
 TEMPERATURE = 0.7
 
 JXENT_LOGITS = ("xla", "xla_autodiff", "chunked_xla", "pallas_triton", "pallas_triton_rows", "pallas_mosaic_tpu")
