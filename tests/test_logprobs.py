@@ -14,7 +14,9 @@ IMPLS = [pytest.param(None, id="default"), pytest.param("xla", id="xla"),
          pytest.param(jxent.ChunkedXlaKernel(block=16), id="chunked_xla"),
          pytest.param(jxent.PallasTritonKernel(interpret=True, block_c=16), id="pallas_triton"),
          pytest.param(jxent.PallasTritonKernel(interpret=True, block_c=64, programs=3),
-                      id="pallas_triton_persistent")]
+                      id="pallas_triton_persistent"),
+         pytest.param(jxent.PallasMosaicTpuKernel(interpret=True, block_r=8, block_c=128),
+                      id="pallas_mosaic_tpu")]
 
 
 def np_ref(x, y, inv_t, cap=None, keep=None, g_lp=None, g_ent=None):
@@ -119,7 +121,7 @@ def test_vocab_32003_chunked():
   close(ent, rent, 1e-4)
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked_xla", "pallas_triton"])
+@pytest.mark.parametrize("impl", ["xla", "chunked_xla", "pallas_triton", "pallas_mosaic_tpu"])
 def test_vocab_parallel_equals_unsharded(impl):
   rng = np.random.default_rng(4)
   x = rand_logits(rng, (6, 64))
@@ -127,14 +129,16 @@ def test_vocab_parallel_equals_unsharded(impl):
   t = jnp.asarray(rng.uniform(0.5, 2, size=6), jnp.float32)
   g = (jnp.asarray(rng.normal(size=6), jnp.float32), jnp.asarray(rng.normal(size=6), jnp.float32))
   kernel = {"chunked_xla": jxent.ChunkedXlaKernel(block=8),
-            "pallas_triton": jxent.PallasTritonKernel(interpret=True, block_c=8)}.get(impl, impl)
+            "pallas_triton": jxent.PallasTritonKernel(interpret=True, block_c=8),
+            "pallas_mosaic_tpu": jxent.PallasMosaicTpuKernel(interpret=True, block_r=8,
+                                                             block_c=128)}.get(impl, impl)
   kw = dict(temperature=t, ignore_index=-1, logit_softcap=5.0, return_entropy=True,
             implementation=kernel)
   mesh = Mesh(np.array(jax.devices()[:4]), ("model",))
   # (Pallas interpret mode cannot type-check manual axes: check_vma=False, as in test_multidevice)
   sharded = jax.shard_map(lambda x: jxent.token_log_probs(x, y, axis_name="model", **kw),
                           mesh=mesh, in_specs=P(None, "model"), out_specs=P(),
-                          check_vma=impl != "pallas_triton")
+                          check_vma=not impl.startswith("pallas"))
   out, vjp = jax.vjp(jax.jit(sharded), x)
   ref, rvjp = jax.vjp(lambda x: jxent.token_log_probs(x, y, **kw), x)
   close(out[0], np.asarray(ref[0]))
@@ -142,11 +146,10 @@ def test_vocab_parallel_equals_unsharded(impl):
   close(vjp(g)[0], np.asarray(rvjp(g)[0]))
 
 
-def test_mosaic_refused_clearly():
-  from jxent._src.pallas_mosaic_tpu import PallasMosaicTpuKernel
+def test_kernel_without_log_probs_refused_clearly():
   with pytest.raises(ValueError, match="does not compute it yet"):
     jxent.token_log_probs(jnp.ones((2, 3)), jnp.array([0, 1]),
-                          implementation=PallasMosaicTpuKernel(interpret=True))
+                          implementation=jxent.XlaAutodiffKernel())
 
 
 def test_errors():

@@ -118,13 +118,15 @@ def test_vocab_parallel_lowers_under_shard_map(kernel, sparse, monkeypatch):
 
 
 @pytest.mark.parametrize("kernel", [pallas_triton.PallasTritonKernel(),
-                                    pallas_triton.PallasTritonKernel(programs=264, block_c=4096)],
-                         ids=["pallas_triton", "pallas_triton_persistent"])
+                                    pallas_triton.PallasTritonKernel(programs=264, block_c=4096),
+                                    pallas_mosaic_tpu.PallasMosaicTpuKernel()],
+                         ids=["pallas_triton", "pallas_triton_persistent", "pallas_mosaic_tpu"])
 @pytest.mark.parametrize("shape,dtype", [((64, 4099), jnp.bfloat16), ((16, 128256), jnp.float32)])
 @pytest.mark.parametrize("entropy", [True, False])
-def test_token_log_probs_lower_for_cuda(kernel, shape, dtype, entropy, monkeypatch):
-  """token_log_probs' Triton kernels (statistics walk, gradient walk) with temperature per
-  token, soft-cap and ignore_index lower to two Triton calls."""
+def test_token_log_probs_lower(kernel, shape, dtype, entropy, monkeypatch):
+  """token_log_probs' kernels (statistics, gradient) with temperature per token, soft-cap and
+  ignore_index lower to two Triton (CUDA) or Mosaic (TPU) calls."""
+  platform, call = TARGETS[kernel.name]
   x = jax.ShapeDtypeStruct(shape, dtype)
   y = jax.ShapeDtypeStruct(shape[:1], jnp.int32)
   t = jax.ShapeDtypeStruct(shape[:1], jnp.float32)
@@ -134,6 +136,6 @@ def test_token_log_probs_lower_for_cuda(kernel, shape, dtype, entropy, monkeypat
                                 return_entropy=entropy, implementation=kernel)
     return jnp.sum(out[0]) + 0.01 * jnp.sum(out[1]) if entropy else jnp.sum(out)
 
-  text = _lower(lambda x, y, t: jax.value_and_grad(objective)(x, y, t), (x, y, t), "cuda",
+  text = _lower(lambda x, y, t: jax.value_and_grad(objective)(x, y, t), (x, y, t), platform,
                 monkeypatch)
-  assert text.count("__gpu$xla.gpu.triton") == 2
+  assert text.count(call) == 2

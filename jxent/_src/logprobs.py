@@ -203,15 +203,18 @@ def _kernel_for(implementation, shape, dtype):
     kernel = dispatch.resolve(None, sparse=True, shape=shape, dtype=dtype)
     return kernel if hasattr(kernel, "logprob_stats") else XlaRows(c)
   kernel = dispatch.resolve(implementation, sparse=True, shape=shape, dtype=dtype)
+  if getattr(kernel, "autodiff", False):
+    raise ValueError("token_log_probs is one custom VJP (reverse mode); implementation "
+                     "'xla_autodiff' (forward mode) does not compute it yet: use 'xla'.")
   if hasattr(kernel, "logprob_stats"):
     return kernel
   if isinstance(kernel, dispatch.ChunkedXlaKernel):
     return XlaRows(kernel.block)
   if isinstance(kernel, dispatch.XlaKernel):
     return XlaRows(c)
-  raise ValueError(f"token_log_probs runs on implementation None, 'xla', 'chunked_xla' or "
-                   f"'pallas_triton' (or their kernel objects); got {kernel.name!r}, which does "
-                   f"not compute it yet.")
+  raise ValueError(f"token_log_probs runs on implementation None, 'xla', 'chunked_xla', "
+                   f"'pallas_triton' or 'pallas_mosaic_tpu' (or their kernel objects); got "
+                   f"{getattr(kernel, 'name', kernel)!r}, which does not compute it yet.")
 
 
 def token_log_probs(
@@ -252,7 +255,7 @@ def token_log_probs(
     implementation: None (the loss's default where it computes this, else ``"xla"``),
       ``"xla"`` (whole rows, fused by XLA), ``"chunked_xla"`` / :class:`jxent.ChunkedXlaKernel`
       (class blocks of ``block``), or ``"pallas_triton"`` / :class:`jxent.PallasTritonKernel`
-      (one pass per row on GPU). ``"pallas_mosaic_tpu"`` does not compute it yet.
+      (one pass per row on GPU), or ``"pallas_mosaic_tpu"`` (row x class tiles on TPU).
 
   Returns:
     ``log_probs [...]``, or ``(log_probs [...], entropy [...])`` with ``return_entropy``.

@@ -206,6 +206,59 @@ def _fused_kernel(*refs, sparse, opts, chunk, c):
   _walk(c, chunk, grad_body, 0)
 
 
+# ------------------------------------------------------------------------------------------------
+# Per-token log-probs and entropy (jxent.token_log_probs): z = cap(x) / T per row.
+# ------------------------------------------------------------------------------------------------
+def _lp_fwd_kernel(x_ref, y_ref, t_ref, m_out, s_out, t_out, lab_out, m_sc, s_sc, t_sc, lab_sc, *,
+                   opts, block_c, c):
+  """Grid (row blocks, class blocks): the online ``(m, s, t, z[label])`` in VMEM scratch; the
+  raw statistics are written at the last class block (merged and finished in XLA)."""
+  j = pl.program_id(1)
+
+  @pl.when(j == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, _NEG, jnp.float32)
+    for ref in (s_sc, t_sc, lab_sc):
+      ref[...] = jnp.zeros(ref.shape, jnp.float32)
+
+  col = _cols(j * block_c, x_ref.shape)
+  mask = col < c
+  z = jnp.where(mask, xla.prep_logits(x_ref[...], opts).astype(jnp.float32), -jnp.inf) * t_ref[...]
+  m_old, s_old = m_sc[...], s_sc[...]
+  m_new = jnp.maximum(m_old, jnp.max(z, axis=1, keepdims=True))
+  d = m_old - m_new
+  e0 = jnp.exp(d)
+  zs = z - m_new
+  e = jnp.exp(zs)
+  t_sc[...] = (jnp.where(s_old == 0, 0.0, e0 * (t_sc[...] + d * s_old))
+               + jnp.sum(jnp.where(e == 0, 0.0, e * zs), axis=1, keepdims=True))
+  s_sc[...] = s_old * e0 + jnp.sum(e, axis=1, keepdims=True)
+  m_sc[...] = m_new
+  lab_sc[...] += jnp.sum(jnp.where((col == y_ref[...]) & mask, z, 0.0), axis=1, keepdims=True)
+
+  @pl.when(j == pl.num_programs(1) - 1)
+  def _finish():
+    for out, ref in ((m_out, m_sc), (s_out, s_sc), (t_out, t_sc), (lab_out, lab_sc)):
+      out[...] = ref[...]
+
+
+def _lp_bwd_kernel(*refs, opts, block_c, with_entropy):
+  """Grid (row blocks, class blocks), all parallel: one tile of ``dlogits``."""
+  if with_entropy:
+    x_ref, y_ref, t_ref, lse_ref, ent_ref, glp_ref, gent_ref, dx_ref = refs
+  else:
+    x_ref, y_ref, t_ref, lse_ref, glp_ref, dx_ref = refs
+  col = _cols(pl.program_id(1) * block_c, x_ref.shape)
+  capped = xla.prep_logits(x_ref[...], opts).astype(jnp.float32)
+  inv_t, lse = t_ref[...], lse_ref[...]
+  z = capped * inv_t
+  p = jnp.exp(z - lse)
+  dz = glp_ref[...] * (jnp.where(col == y_ref[...], 1.0, 0.0) - p)
+  if with_entropy:
+    dz = dz - gent_ref[...] * jnp.where(p == 0, 0.0, p * (z - (lse - ent_ref[...])))
+  dx_ref[...] = (dz * inv_t * xla.softcap_factor(capped, opts)).astype(dx_ref.dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class PallasMosaicTpuKernel:
   """Pallas-on-Mosaic kernels (TPU; ``interpret=True`` runs them anywhere, for tests).
@@ -351,6 +404,46 @@ class PallasMosaicTpuKernel:
         out_shape=tuple(out_shape), compiler_params=self._params(("parallel", "parallel")),
         interpret=self.interpret, name="jxent_xent_bwd")(*args)
     return res[0], (res[1] if len(res) > 1 else None)
+
+
+  def logprob_stats(self, logits, labels, inv_t, *, opts):
+    """``(m, s, t, z[label])`` per row for :func:`jxent.token_log_probs` (``labels``: this
+    shard's class ids)."""
+    rows, c = logits.shape
+    if rows == 0:
+      z = jnp.zeros((0,), jnp.float32)
+      return z, z, z, z
+    br, bc, grid = self._grid(rows, c, logits.dtype)
+    row_spec = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
+    vmem = _pltpu().VMEM((br, 1), jnp.float32)
+    res = pl.pallas_call(
+        functools.partial(_lp_fwd_kernel, opts=opts, block_c=bc, c=c),
+        grid=grid, in_specs=[pl.BlockSpec((br, bc), lambda i, j: (i, j)), row_spec, row_spec],
+        out_specs=(row_spec,) * 4,
+        out_shape=(xla.out_struct((rows, 1), jnp.float32, logits),) * 4,
+        scratch_shapes=[vmem] * 4, compiler_params=self._params(("parallel", "arbitrary")),
+        interpret=self.interpret, name="jxent_logprob_fwd")(
+            logits, labels[:, None], inv_t.astype(jnp.float32)[:, None])
+    return tuple(r[:, 0] for r in res)
+
+  def logprob_grad(self, logits, labels, inv_t, lse, ent, g_lp, g_ent, *, opts):
+    """``dlogits`` of ``g_lp * log_prob + g_ent * entropy`` (``g_ent`` None: log-probs only)."""
+    rows, c = logits.shape
+    if rows == 0:
+      return jnp.zeros(logits.shape, logits.dtype)
+    with_entropy = g_ent is not None
+    br, bc, grid = self._grid(rows, c, logits.dtype)
+    row_spec = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
+    blk_spec = pl.BlockSpec((br, bc), lambda i, j: (i, j))
+    col = lambda v: v.astype(jnp.float32)[:, None]
+    args = [logits, labels[:, None], col(inv_t), col(lse)]
+    args += [col(ent), col(g_lp), col(g_ent)] if with_entropy else [col(g_lp)]
+    return pl.pallas_call(
+        functools.partial(_lp_bwd_kernel, opts=opts, block_c=bc, with_entropy=with_entropy),
+        grid=grid, in_specs=[blk_spec] + [row_spec] * (len(args) - 1), out_specs=blk_spec,
+        out_shape=xla.out_struct((rows, c), logits.dtype, logits),
+        compiler_params=self._params(("parallel", "parallel")), interpret=self.interpret,
+        name="jxent_logprob_bwd")(*args)
 
 
 dispatch.register("pallas_mosaic_tpu", PallasMosaicTpuKernel)
