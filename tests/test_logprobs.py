@@ -225,3 +225,11 @@ def test_linear_memory_bound():
   f = jax.jit(jax.value_and_grad(objective, argnums=(0, 1)))
   temp = f.lower(*args).compile().memory_analysis().temp_size_in_bytes
   assert temp <= 0.10 * n * v * 4, temp
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_batch(impl):
+  x = jnp.zeros((0, 7))
+  lp, g = jax.value_and_grad(lambda x: jnp.sum(jxent.token_log_probs(
+      x, jnp.zeros((0,), jnp.int32), return_entropy=True, implementation=impl)[1]))(x)
+  assert lp == 0 and g.shape == (0, 7)

@@ -136,7 +136,10 @@ class XlaRows:
 def _logits_forward(logits, labels, inv_t, opts, kernel):
   c = logits.shape[1]
   local = labels - xla.class_offset(c, opts)
-  stats = kernel.logprob_stats(logits, local, inv_t, opts=opts)
+  if logits.shape[0] == 0:  # (Pallas grids cannot be empty)
+    stats = _init(0, jnp.float32)
+  else:
+    stats = kernel.logprob_stats(logits, local, inv_t, opts=opts)
   return _finish(tuple(v.astype(xla.compute_dtype(logits.dtype)) for v in stats), labels, opts, c)
 
 
@@ -162,7 +165,10 @@ def _token_stats_2d_bwd(opts, kernel, with_entropy, res, g):
   if g_ent is not None:
     g_ent = xla.total_cotangent(g_ent, logits, opts)
   local = labels - xla.class_offset(c, opts)
-  dlogits = kernel.logprob_grad(logits, local, inv_t, lse, ent, g_lp, g_ent, opts=opts)
+  if logits.shape[0] == 0:
+    dlogits = jnp.zeros(logits.shape, logits.dtype)
+  else:
+    dlogits = kernel.logprob_grad(logits, local, inv_t, lse, ent, g_lp, g_ent, opts=opts)
   return xla.match_vma(dlogits, logits), None, None, None
 
 

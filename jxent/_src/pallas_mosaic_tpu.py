@@ -405,14 +405,10 @@ class PallasMosaicTpuKernel:
         interpret=self.interpret, name="jxent_xent_bwd")(*args)
     return res[0], (res[1] if len(res) > 1 else None)
 
-
   def logprob_stats(self, logits, labels, inv_t, *, opts):
     """``(m, s, t, z[label])`` per row for :func:`jxent.token_log_probs` (``labels``: this
-    shard's class ids)."""
+    shard's class ids; rows >= 1)."""
     rows, c = logits.shape
-    if rows == 0:
-      z = jnp.zeros((0,), jnp.float32)
-      return z, z, z, z
     br, bc, grid = self._grid(rows, c, logits.dtype)
     row_spec = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
     vmem = _pltpu().VMEM((br, 1), jnp.float32)
@@ -427,10 +423,9 @@ class PallasMosaicTpuKernel:
     return tuple(r[:, 0] for r in res)
 
   def logprob_grad(self, logits, labels, inv_t, lse, ent, g_lp, g_ent, *, opts):
-    """``dlogits`` of ``g_lp * log_prob + g_ent * entropy`` (``g_ent`` None: log-probs only)."""
+    """``dlogits`` of ``g_lp * log_prob + g_ent * entropy`` (``g_ent`` None: log-probs only;
+    rows >= 1)."""
     rows, c = logits.shape
-    if rows == 0:
-      return jnp.zeros(logits.shape, logits.dtype)
     with_entropy = g_ent is not None
     br, bc, grid = self._grid(rows, c, logits.dtype)
     row_spec = pl.BlockSpec((br, 1), lambda i, j: (i, 0))

@@ -474,23 +474,18 @@ class PallasTritonKernel:
     res = self._call(kernel, tuple(out), rows)(logits, labels, weights.astype(jnp.float32))
     return res[0], res[1], (res[2] if len(res) > 2 else None)
 
-
   def logprob_stats(self, logits, labels, inv_t, *, opts):
     """``(m, s, t, z[label])`` per row for :func:`jxent.token_log_probs` (``labels``: this
-    shard's class ids)."""
+    shard's class ids; rows >= 1)."""
     rows, c = logits.shape
-    if rows == 0:
-      z = jnp.zeros((0,), jnp.float32)
-      return z, z, z, z
     kernel = functools.partial(_lp_fwd_kernel, opts=opts, block_c=self._block(c))
     scalar = xla.out_struct((), jnp.float32, logits)
     return self._call(kernel, (scalar,) * 4, rows)(logits, labels, inv_t.astype(jnp.float32))
 
   def logprob_grad(self, logits, labels, inv_t, lse, ent, g_lp, g_ent, *, opts):
-    """``dlogits`` of ``g_lp * log_prob + g_ent * entropy`` (``g_ent`` None: log-probs only)."""
+    """``dlogits`` of ``g_lp * log_prob + g_ent * entropy`` (``g_ent`` None: log-probs only;
+    rows >= 1)."""
     rows, c = logits.shape
-    if rows == 0:
-      return jnp.zeros(logits.shape, logits.dtype)
     with_entropy = g_ent is not None
     kernel = functools.partial(_lp_bwd_kernel, opts=opts, block_c=self._block(c),
                                with_entropy=with_entropy)
