@@ -11,12 +11,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jxent._src import xla
+from jxent._src import rowmath
 from jxent._src.options import XentOptions
 
 BLOCK = 4096
-
-backward = xla.backward
 
 
 def fold_blocks(step, size: int, block: int, state, *, peel: bool = True):
@@ -72,15 +70,15 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
             block: int = BLOCK):
   x_all = logits
   rows, c = x_all.shape
-  dt = xla.compute_dtype(logits.dtype)
+  dt = rowmath.compute_dtype(logits.dtype)
   want_sum_x = bool(opts.label_smoothing)
-  offset = xla.class_offset(c, opts)
+  offset = rowmath.class_offset(c, opts)
   glabels = labels
   if sparse:
     labels = labels - offset  # block starts below are local
 
   def stats(start, size):
-    xb = xla.prep_logits(lax.dynamic_slice_in_dim(x_all, start, size, axis=1), opts)
+    xb = rowmath.prep_logits(lax.dynamic_slice_in_dim(x_all, start, size, axis=1), opts)
     yb = None if sparse else lax.dynamic_slice_in_dim(labels, start, size, axis=1)
     return _block_stats(xb, yb, start, labels, sparse, opts, want_sum_x)
 
@@ -89,4 +87,4 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
   state = fold_blocks(lambda start, size, st: _merge(st, stats(start, size)), c, block, state)
   m, z, a, b, sum_x = state
   m = jnp.where(jnp.isneginf(m), 0.0, m)
-  return xla.loss_from_stats(m, z, a, b, sum_x, glabels, sparse=sparse, opts=opts, local_c=c)
+  return rowmath.loss_from_stats(m, z, a, b, sum_x, glabels, sparse=sparse, opts=opts, local_c=c)

@@ -8,6 +8,7 @@ signatures documented in :mod:`jxent._src.xla`, plus ``platforms`` (where it can
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any, Callable, ClassVar
 
 import jax
@@ -95,9 +96,16 @@ _REGISTRY: dict[str, Callable[[], Any]] = {
     "xla_autodiff": XlaAutodiffKernel,
     "chunked_xla": ChunkedXlaKernel,
 }
+# The Pallas kernels, imported on first use (so that `import jxent` does not load Pallas); the
+# registry knows them, the kernel modules do not know the registry.
+_LAZY: dict[str, tuple[str, str]] = {
+    "pallas_triton": ("jxent._src.pallas_triton", "PallasTritonKernel"),
+    "pallas_mosaic_tpu": ("jxent._src.pallas_mosaic_tpu", "PallasMosaicTpuKernel"),
+}
 
 
 def register(name: str, factory: Callable[[], Any]) -> None:
+  """Adds a user kernel under ``name`` (a factory taking no arguments)."""
   _REGISTRY[name] = factory
 
 
@@ -109,14 +117,14 @@ def names() -> tuple[str, ...]:
     >>> jxent.implementations()
     ('chunked_xla', 'pallas_mosaic_tpu', 'pallas_triton', 'xla', 'xla_autodiff')
   """
-  _load_pallas()
-  return tuple(sorted(_REGISTRY))
+  return tuple(sorted(set(_REGISTRY) | set(_LAZY)))
 
 
-def _load_pallas() -> None:
-  # Imported lazily: Pallas is only needed when a Pallas kernel is asked for.
-  if not {"pallas_triton", "pallas_mosaic_tpu"} <= _REGISTRY.keys():
-    from jxent._src import pallas_mosaic_tpu, pallas_triton  # noqa: F401  (registers)
+def _factory(name: str) -> Callable[[], Any]:
+  if name in _REGISTRY:
+    return _REGISTRY[name]
+  module, attr = _LAZY[name]
+  return getattr(importlib.import_module(module), attr)
 
 
 def platform() -> str:
@@ -126,7 +134,6 @@ def platform() -> str:
 def _default(sparse: bool, shape, dtype) -> Any:
   plat = platform()
   if plat in ("gpu", "cuda") and jax.numpy.dtype(dtype).itemsize <= 4:
-    _load_pallas()
     from jxent._src import pallas_triton
     if pallas_triton.preferred(shape, dtype, sparse):
       return pallas_triton.PallasTritonKernel()
@@ -138,12 +145,10 @@ def resolve(implementation, *, sparse: bool, shape, dtype) -> Any:
   if implementation is None:
     return _default(sparse, shape, dtype)
   if isinstance(implementation, str):
-    if implementation.startswith("pallas"):
-      _load_pallas()
-    if implementation not in _REGISTRY:
+    if implementation not in names():
       raise ValueError(f"Unknown implementation {implementation!r}; expected one of "
-                       f"{sorted(_REGISTRY)} or None.")
-    kernel = _REGISTRY[implementation]()
+                       f"{list(names())} or None.")
+    kernel = _factory(implementation)()
   elif hasattr(implementation, "forward") and hasattr(implementation, "backward"):
     kernel = implementation
   else:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jxent._src import core, xla
+from jxent._src import core, rowmath, xla
 from jxent._src.chunked import fold_blocks
 from jxent._src.options import XentOptions, make_options
 
@@ -87,7 +87,7 @@ def _in_shard_map(*arrays) -> bool:
   still make a loop: a peeled block and a one-trip loop are inlined, and XLA then merges
   (CSE) the backward's recomputed logits with the forward's and keeps them alive in between
   (at 512 x 64 -> 4099, f32: 13.1 -> 5.0 MB of temporaries; 6147: 8.9 -> 5.0)."""
-  return any(xla.varying(a) for a in arrays)
+  return any(rowmath.varying(a) for a in arrays)
 
 
 def _dot(a, b):
@@ -106,10 +106,10 @@ def _target_and_coef(z, labels, start, lse, opts, v_total):
 
 
 def _dlogits_block(zraw, labels, start, lse, g, opts, v_total):
-  z = xla.prep_logits(zraw, opts)
+  z = rowmath.prep_logits(zraw, opts)
   p = jnp.exp(z - lse[:, None])
   target, coef = _target_and_coef(z, labels, start, lse, opts, v_total)
-  return g[:, None] * (coef[:, None] * p - target) * xla.softcap_factor(z, opts)
+  return g[:, None] * (coef[:, None] * p - target) * rowmath.softcap_factor(z, opts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,11 +118,11 @@ def _dlogits_block(zraw, labels, start, lse, g, opts, v_total):
 def _chunked_forward(x, w, labels, opts, block_v):
   n, v = x.shape[0], w.shape[1]
   glabels = labels
-  labels = labels - xla.class_offset(v, opts)  # local ids when the vocabulary is sharded
+  labels = labels - rowmath.class_offset(v, opts)  # local ids when the vocabulary is sharded
 
   def stats(start, size, state):
     m0, z0, lab0, sx0 = state
-    zb = xla.prep_logits(_dot(x, lax.dynamic_slice_in_dim(w, start, size, axis=1)), opts)
+    zb = rowmath.prep_logits(_dot(x, lax.dynamic_slice_in_dim(w, start, size, axis=1)), opts)
     bm = jnp.max(zb, axis=-1)
     m = jnp.maximum(m0, bm)
     z = z0 * jnp.exp(m0 - m) + jnp.sum(jnp.exp(zb - m[:, None]), axis=-1)
@@ -136,7 +136,7 @@ def _chunked_forward(x, w, labels, opts, block_v):
   init = (jnp.full((n,), -jnp.inf, _F32), jnp.zeros((n,), _F32), jnp.zeros((n,), _F32),
           jnp.zeros((n,), _F32))
   m, z, lab, sx = fold_blocks(stats, v, block_v, init, peel=_in_shard_map(x, w, labels))
-  return xla.loss_from_stats(m, z, None, lab, sx, glabels, sparse=True, opts=opts, local_c=v)
+  return rowmath.loss_from_stats(m, z, None, lab, sx, glabels, sparse=True, opts=opts, local_c=v)
 
 
 def _pad_rows(n: int, block_n: int, *arrays):
@@ -151,11 +151,11 @@ def _pad_rows(n: int, block_n: int, *arrays):
 
 def _chunked_backward(x, w, labels, lse, g, opts, block_v, block_n=None):
   v = w.shape[1]
-  v_total = xla.num_classes(v, opts)
+  v_total = rowmath.num_classes(v, opts)
   if opts.ignore_index is not None:
     g = jnp.where(labels == opts.ignore_index, 0.0, g)
   g = g.astype(_F32)
-  labels = labels - xla.class_offset(v, opts)
+  labels = labels - rowmath.class_offset(v, opts)
 
   def one_pass(xs, ys, ls, gs, dw, accumulate):
     def step(start, size, carry):
@@ -216,9 +216,9 @@ def _linear_xent_chunked_fwd(x, w, labels, opts, block_v, block_n):
 
 def _linear_xent_chunked_bwd(opts, block_v, block_n, res, g):
   x, w, labels, lse = res
-  g = xla.total_cotangent(g, w, opts)
+  g = rowmath.total_cotangent(g, w, opts)
   dx, dw = _chunked_backward(x, w, labels, lse, g, opts, block_v, block_n)
-  return xla.match_vma(dx, x), xla.match_vma(dw, w), None
+  return rowmath.match_vma(dx, x), rowmath.match_vma(dw, w), None
 
 
 linear_xent_chunked.defvjp(_linear_xent_chunked_fwd, _linear_xent_chunked_bwd)
@@ -240,7 +240,7 @@ def _fused_all(x, w, labels, weights, opts, block_n, dw_dtype=_F32):
     zraw = _dot(xs, w)
     loss, lse = xla.forward(zraw, ys, sparse=True, opts=opts)
     total = total + jnp.sum(jnp.where(ws == 0, 0.0, loss * ws))
-    g = jnp.where(xla.ignored_rows(ys, opts) if opts.ignore_index is not None else False, 0.0, ws)
+    g = jnp.where(rowmath.ignored_rows(ys, opts) if opts.ignore_index is not None else False, 0.0, ws)
     dz = _dlogits_block(zraw, ys, 0, lse, g, opts, v).astype(x.dtype)
     dxp = dxp.at[i].set(_dot(dz, w.T).astype(x.dtype))
     dw = (dw + _dot(xs.T, dz)).astype(dw_dtype)
@@ -259,7 +259,7 @@ def linear_xent_fused(x, w, labels, weights, opts: XentOptions, block_n: int, dw
 
 def _linear_xent_fused_fwd(x, w, labels, weights, opts, block_n, dw_dtype):
   total, dx, dw = _fused_all(x, w, labels, weights, opts, block_n, dw_dtype)
-  return total, (xla.match_vma(dx, x), xla.match_vma(dw, w))
+  return total, (rowmath.match_vma(dx, x), rowmath.match_vma(dw, w))
 
 
 def _linear_xent_fused_bwd(opts, block_n, dw_dtype, res, g):

@@ -24,7 +24,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jxent._src import core, xla
+from jxent._src import core, rowmath
 from jxent._src.chunked import fold_blocks
 from jxent._src.options import XentOptions, make_options
 
@@ -34,7 +34,7 @@ from jxent._src.options import XentOptions, make_options
 # ------------------------------------------------------------------------------------------------
 def _scaled(raw, inv_t, opts: XentOptions):
   """``(z, capped)``: the capped, upcast logits of a block and the same divided by T."""
-  capped = xla.prep_logits(raw, opts)
+  capped = rowmath.prep_logits(raw, opts)
   return capped * inv_t[:, None].astype(capped.dtype), capped
 
 
@@ -68,14 +68,14 @@ def _finish(state, labels, opts: XentOptions, local_c: int):
   m, s, t, lab = state
   m = jnp.where(jnp.isneginf(m), 0.0, m)
   if opts.axis_name is not None:
-    mg = xla.pmax(m, opts)
+    mg = rowmath.pmax(m, opts)
     e = jnp.exp(m - mg)
-    s, t, lab = xla.psum((s * e, e * (t + (m - mg) * s), lab), opts)
+    s, t, lab = rowmath.psum((s * e, e * (t + (m - mg) * s), lab), opts)
     m = mg
   log_s = jnp.log(s)
   lse = m + log_s
   entropy = log_s - t / s
-  log_prob = xla.finish_sparse(lab - lse, labels, xla.num_classes(local_c, opts),
+  log_prob = rowmath.finish_sparse(lab - lse, labels, rowmath.num_classes(local_c, opts),
                                dataclasses.replace(opts, ignore_index=None))
   return log_prob, entropy, lse
 
@@ -93,7 +93,7 @@ def _dz(z, local, lse, ent, g_lp, g_ent):
 
 def _cotangents(g_lp, g_ent, labels, lse, opts: XentOptions, local_c: int, keep):
   """Zero on dropped rows (``keep`` false); NaN log-prob cotangents on out-of-range labels."""
-  g_lp = xla.nan_rows(jnp.where(keep, g_lp, 0.0), labels, lse, sparse=True,
+  g_lp = rowmath.nan_rows(jnp.where(keep, g_lp, 0.0), labels, lse, sparse=True,
                       opts=dataclasses.replace(opts, ignore_index=None), local_c=local_c)
   if g_ent is not None:
     g_ent = jnp.where(keep, g_ent, 0.0)
@@ -117,8 +117,8 @@ class XlaRows:
       z, _ = _scaled(lax.dynamic_slice_in_dim(logits, start, size, axis=1), inv_t, opts)
       return _fold(state, z, labels - start)
 
-    return fold_blocks(step, c, min(self.block, c), _init(rows, xla.compute_dtype(logits.dtype)),
-                       peel=bool(xla.varying(logits)))
+    return fold_blocks(step, c, min(self.block, c), _init(rows, rowmath.compute_dtype(logits.dtype)),
+                       peel=bool(rowmath.varying(logits)))
 
   def logprob_grad(self, logits, labels, inv_t, lse, ent, g_lp, g_ent, *, opts):
     c = logits.shape[1]
@@ -126,21 +126,21 @@ class XlaRows:
     def step(start, size, dlogits):
       z, capped = _scaled(lax.dynamic_slice_in_dim(logits, start, size, axis=1), inv_t, opts)
       dz = _dz(z, labels - start, lse, ent, g_lp, g_ent)
-      dx = (dz * inv_t[:, None] * xla.softcap_factor(capped, opts)).astype(logits.dtype)
+      dx = (dz * inv_t[:, None] * rowmath.softcap_factor(capped, opts)).astype(logits.dtype)
       return lax.dynamic_update_slice_in_dim(dlogits, dx, start, axis=1)
 
     return fold_blocks(step, c, min(self.block, c), jnp.zeros(logits.shape, logits.dtype),
-                       peel=bool(xla.varying(logits)))
+                       peel=bool(rowmath.varying(logits)))
 
 
 def _logits_forward(logits, labels, inv_t, opts, kernel):
   c = logits.shape[1]
-  local = labels - xla.class_offset(c, opts)
+  local = labels - rowmath.class_offset(c, opts)
   if logits.shape[0] == 0:  # (Pallas grids cannot be empty)
     stats = _init(0, jnp.float32)
   else:
     stats = kernel.logprob_stats(logits, local, inv_t, opts=opts)
-  return _finish(tuple(v.astype(xla.compute_dtype(logits.dtype)) for v in stats), labels, opts, c)
+  return _finish(tuple(v.astype(rowmath.compute_dtype(logits.dtype)) for v in stats), labels, opts, c)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("opts", "kernel", "with_entropy"))
@@ -161,15 +161,15 @@ def _token_stats_2d_bwd(opts, kernel, with_entropy, res, g):
   logits, labels, inv_t, keep, lse, ent = res
   c = logits.shape[1]
   g_lp, g_ent = _cotangents(g[0], g[1] if with_entropy else None, labels, lse, opts, c, keep)
-  g_lp = xla.total_cotangent(g_lp, logits, opts)
+  g_lp = rowmath.total_cotangent(g_lp, logits, opts)
   if g_ent is not None:
-    g_ent = xla.total_cotangent(g_ent, logits, opts)
-  local = labels - xla.class_offset(c, opts)
+    g_ent = rowmath.total_cotangent(g_ent, logits, opts)
+  local = labels - rowmath.class_offset(c, opts)
   if logits.shape[0] == 0:
     dlogits = jnp.zeros(logits.shape, logits.dtype)
   else:
     dlogits = kernel.logprob_grad(logits, local, inv_t, lse, ent, g_lp, g_ent, opts=opts)
-  return xla.match_vma(dlogits, logits), None, None, None
+  return rowmath.match_vma(dlogits, logits), None, None, None
 
 
 token_stats_2d.defvjp(_token_stats_2d_fwd, _token_stats_2d_bwd)
@@ -299,19 +299,19 @@ def token_log_probs(
 BLOCK_V = 1024
 
 def _dot(a, b):
-  return jnp.dot(a, b, preferred_element_type=xla.compute_dtype(jnp.promote_types(a.dtype, b.dtype)))
+  return jnp.dot(a, b, preferred_element_type=rowmath.compute_dtype(jnp.promote_types(a.dtype, b.dtype)))
 
 
 def _linear_forward(x, w, labels, inv_t, opts, block_v):
   v = w.shape[1]
-  local = labels - xla.class_offset(v, opts)
+  local = labels - rowmath.class_offset(v, opts)
 
   def step(start, size, state):
     z, _ = _scaled(_dot(x, lax.dynamic_slice_in_dim(w, start, size, axis=1)), inv_t, opts)
     return _fold(state, z, local - start)
 
   state = fold_blocks(step, v, min(block_v, v), _init(x.shape[0], _dot(x[:0], w[:, :0]).dtype),
-                      peel=bool(xla.varying(x) or xla.varying(w)))
+                      peel=bool(rowmath.varying(x) or rowmath.varying(w)))
   return _finish(state, labels, opts, v)
 
 
@@ -333,25 +333,25 @@ def _linear_token_stats_bwd(opts, block_v, with_entropy, res, g):
   x, w, labels, inv_t, keep, lse, ent = res
   v = w.shape[1]
   g_lp, g_ent = _cotangents(g[0], g[1] if with_entropy else None, labels, lse, opts, v, keep)
-  g_lp = xla.total_cotangent(g_lp, w, opts)
+  g_lp = rowmath.total_cotangent(g_lp, w, opts)
   if g_ent is not None:
-    g_ent = xla.total_cotangent(g_ent, w, opts)
-  local = labels - xla.class_offset(v, opts)
+    g_ent = rowmath.total_cotangent(g_ent, w, opts)
+  local = labels - rowmath.class_offset(v, opts)
 
   def step(start, size, carry):
     dx, dw = carry
     wb = lax.dynamic_slice_in_dim(w, start, size, axis=1)
     z, capped = _scaled(_dot(x, wb), inv_t, opts)
     dz = _dz(z, local - start, lse, ent, g_lp, g_ent)
-    dz = (dz * inv_t[:, None] * xla.softcap_factor(capped, opts)).astype(x.dtype)
+    dz = (dz * inv_t[:, None] * rowmath.softcap_factor(capped, opts)).astype(x.dtype)
     dx = dx + _dot(dz, wb.T)
     dw = lax.dynamic_update_slice_in_dim(dw, _dot(x.T, dz).astype(w.dtype), start, axis=1)
     return dx, dw
 
-  dx, dw = fold_blocks(step, v, min(block_v, v), (jnp.zeros(x.shape, xla.compute_dtype(x.dtype)),
+  dx, dw = fold_blocks(step, v, min(block_v, v), (jnp.zeros(x.shape, rowmath.compute_dtype(x.dtype)),
                                                   jnp.zeros(w.shape, w.dtype)),
-                       peel=bool(xla.varying(x) or xla.varying(w)))
-  return (xla.match_vma(dx.astype(x.dtype), x), xla.match_vma(dw, w), None, None, None)
+                       peel=bool(rowmath.varying(x) or rowmath.varying(w)))
+  return (rowmath.match_vma(dx.astype(x.dtype), x), rowmath.match_vma(dw, w), None, None, None)
 
 
 linear_token_stats.defvjp(_linear_token_stats_fwd, _linear_token_stats_bwd)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jxent._src import dispatch, xla
+from jxent._src import rowmath
 
 _NEG = float(jnp.finfo(jnp.float32).min)
 
@@ -57,7 +57,7 @@ def _update_stats(stats, x, y, col, *, sparse, opts, c):
   """Folds one tile into the online ``(max, sum-exp, sum y, label term, sum x)`` statistics."""
   m_old, z, a, b, sx = stats
   mask = col < c
-  x = jnp.where(mask, xla.prep_logits(x, opts).astype(jnp.float32), -jnp.inf)
+  x = jnp.where(mask, rowmath.prep_logits(x, opts).astype(jnp.float32), -jnp.inf)
   m_new = jnp.maximum(m_old, jnp.max(x, axis=1, keepdims=True))
   z = z * jnp.exp(m_old - m_new) + jnp.sum(jnp.exp(x - m_new), axis=1, keepdims=True)
   if opts.label_smoothing:
@@ -77,7 +77,7 @@ def _grad_tile(x, y, col, lse, g, sum_t, *, sparse, opts, n_cls):
   """``(dlogits, dlabels)`` of one tile; ``g`` already holds the row weights and masking;
   ``n_cls`` is the global class count (vocab parallel)."""
   eps = opts.label_smoothing
-  x = xla.prep_logits(x, opts).astype(jnp.float32)
+  x = rowmath.prep_logits(x, opts).astype(jnp.float32)
   p = jnp.exp(x - lse)
   coef = 1.0 + 2.0 * opts.z_loss * lse
   dy = None
@@ -90,7 +90,7 @@ def _grad_tile(x, y, col, lse, g, sum_t, *, sparse, opts, n_cls):
     dy = g * (1.0 - eps) * (lse - x)
   if eps:
     target = target + eps / n_cls
-  return g * (coef * p - target) * xla.softcap_factor(x, opts), dy
+  return g * (coef * p - target) * rowmath.softcap_factor(x, opts), dy
 
 
 def _row_weight(y, g, *, sparse, opts):
@@ -128,7 +128,7 @@ def _fwd_kernel(x_ref, y_ref, *refs, sparse, opts, block_c, c):
       for ref, val in zip(outs, stats):
         ref[...] = val
       return
-    outs[0][...], outs[1][...] = xla.loss_from_stats(*stats, y_ref[...], sparse=sparse, opts=opts,
+    outs[0][...], outs[1][...] = rowmath.loss_from_stats(*stats, y_ref[...], sparse=sparse, opts=opts,
                                                      local_c=c)
 
 
@@ -186,7 +186,7 @@ def _fused_kernel(*refs, sparse, opts, chunk, c):
                          sparse=sparse, opts=opts, c=c)
 
   stats = _walk(c, chunk, stats_body, _init_stats(rows))
-  loss, lse = xla.loss_from_stats(*stats, y_row, sparse=sparse, opts=opts, local_c=c)
+  loss, lse = rowmath.loss_from_stats(*stats, y_row, sparse=sparse, opts=opts, local_c=c)
   w = w_ref[...]
   loss_ref[...] = jnp.where(w == 0, 0.0, loss * w)
   g = _row_weight(y_row, w, sparse=sparse, opts=opts)
@@ -223,7 +223,7 @@ def _lp_fwd_kernel(x_ref, y_ref, t_ref, m_out, s_out, t_out, lab_out, m_sc, s_sc
 
   col = _cols(j * block_c, x_ref.shape)
   mask = col < c
-  z = jnp.where(mask, xla.prep_logits(x_ref[...], opts).astype(jnp.float32), -jnp.inf) * t_ref[...]
+  z = jnp.where(mask, rowmath.prep_logits(x_ref[...], opts).astype(jnp.float32), -jnp.inf) * t_ref[...]
   m_old, s_old = m_sc[...], s_sc[...]
   m_new = jnp.maximum(m_old, jnp.max(z, axis=1, keepdims=True))
   d = m_old - m_new
@@ -249,14 +249,14 @@ def _lp_bwd_kernel(*refs, opts, block_c, with_entropy):
   else:
     x_ref, y_ref, t_ref, lse_ref, glp_ref, dx_ref = refs
   col = _cols(pl.program_id(1) * block_c, x_ref.shape)
-  capped = xla.prep_logits(x_ref[...], opts).astype(jnp.float32)
+  capped = rowmath.prep_logits(x_ref[...], opts).astype(jnp.float32)
   inv_t, lse = t_ref[...], lse_ref[...]
   z = capped * inv_t
   p = jnp.exp(z - lse)
   dz = glp_ref[...] * (jnp.where(col == y_ref[...], 1.0, 0.0) - p)
   if with_entropy:
     dz = dz - gent_ref[...] * jnp.where(p == 0, 0.0, p * (z - (lse - ent_ref[...])))
-  dx_ref[...] = (dz * inv_t * xla.softcap_factor(capped, opts)).astype(dx_ref.dtype)
+  dx_ref[...] = (dz * inv_t * rowmath.softcap_factor(capped, opts)).astype(dx_ref.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,10 +320,10 @@ class PallasMosaicTpuKernel:
 
   def fused(self, logits, labels, weights, *, sparse, opts, want_dlabels=True):
     """Weighted per-row loss and the gradient of ``sum(loss * weights)`` in one kernel."""
-    xla.check_whole_rows(opts)
+    rowmath.check_whole_rows(opts)
     rows, c = logits.shape
     if rows == 0:
-      return xla.empty_rows(logits, labels, sparse=sparse, want_dlabels=want_dlabels, fused=True)
+      return rowmath.empty_rows(logits, labels, sparse=sparse, want_dlabels=want_dlabels, fused=True)
     want_dy = not sparse and want_dlabels
     blocks = [logits.dtype, logits.dtype] + ([] if sparse else [labels.dtype])
     blocks += [labels.dtype] if want_dy else []
@@ -336,10 +336,10 @@ class PallasMosaicTpuKernel:
     br = min(br, pl.cdiv(rows, _sublanes(logits.dtype)) * _sublanes(logits.dtype))
     row_spec = pl.BlockSpec((br, 1), lambda i: (i, 0))
     full_spec = pl.BlockSpec((br, c), lambda i: (i, 0))
-    out_shape = [xla.out_struct((rows, 1), jnp.float32, logits),
-                 xla.out_struct((rows, c), logits.dtype, logits)]
+    out_shape = [rowmath.out_struct((rows, 1), jnp.float32, logits),
+                 rowmath.out_struct((rows, c), logits.dtype, logits)]
     if want_dy:
-      out_shape.append(xla.out_struct((rows, c), labels.dtype, logits))
+      out_shape.append(rowmath.out_struct((rows, c), labels.dtype, logits))
     vmem = 2 * br * c * sum(jnp.dtype(d).itemsize for d in blocks) + (4 << 20)
     res = pl.pallas_call(
         functools.partial(_fused_kernel, sparse=sparse, opts=opts,
@@ -356,17 +356,17 @@ class PallasMosaicTpuKernel:
     del need_lse  # (a hint: the lse comes at no extra cost here)
     rows, c = logits.shape
     if rows == 0:
-      return xla.empty_rows(logits, labels, sparse=sparse, want_dlabels=False)
+      return rowmath.empty_rows(logits, labels, sparse=sparse, want_dlabels=False)
     glabels = labels
     if sparse and opts.axis_name is not None:  # local ids; merged over the shards below
-      labels = xla.local_rows(labels, None, opts, c)[0]
+      labels = rowmath.local_rows(labels, None, opts, c)[0]
     br, bc, grid = self._grid(rows, c, logits.dtype)
     row_spec = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
     y_spec = row_spec if sparse else pl.BlockSpec((br, bc), lambda i, j: (i, j))
     y = labels[:, None] if sparse else labels
     vmem = _pltpu().VMEM((br, 1), jnp.float32)  # the five online statistics
     n_out = 2 if opts.axis_name is None else 5
-    out_shape = (xla.out_struct((rows, 1), jnp.float32, logits),) * n_out
+    out_shape = (rowmath.out_struct((rows, 1), jnp.float32, logits),) * n_out
     res = pl.pallas_call(
         functools.partial(_fwd_kernel, sparse=sparse, opts=opts, block_c=bc, c=c),
         grid=grid, in_specs=[pl.BlockSpec((br, bc), lambda i, j: (i, j)), y_spec],
@@ -376,30 +376,30 @@ class PallasMosaicTpuKernel:
     res = [r[:, 0] for r in res]
     if opts.axis_name is None:
       return res[0], res[1]
-    return xla.loss_from_stats(*res, glabels, sparse=sparse, opts=opts, local_c=c)
+    return rowmath.loss_from_stats(*res, glabels, sparse=sparse, opts=opts, local_c=c)
 
   def backward(self, logits, labels, lse, g, *, sparse, opts, want_dlabels=True):
     rows, c = logits.shape
     if rows == 0:
-      return xla.empty_rows(logits, labels, sparse=sparse, want_dlabels=want_dlabels,
+      return rowmath.empty_rows(logits, labels, sparse=sparse, want_dlabels=want_dlabels,
                             fused=True)[1:]
     if sparse and opts.axis_name is not None:  # what needs the other shards is done here
-      labels, g = xla.local_rows(labels, g, opts, c)
+      labels, g = rowmath.local_rows(labels, g, opts, c)
     br, bc, grid = self._grid(rows, c, logits.dtype)
     row_spec = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
     blk_spec = pl.BlockSpec((br, bc), lambda i, j: (i, j))
     args = [logits, labels[:, None] if sparse else labels, lse[:, None],
             g.astype(jnp.float32)[:, None]]
     in_specs = [blk_spec, row_spec if sparse else blk_spec, row_spec, row_spec]
-    out_shape = [xla.out_struct((rows, c), logits.dtype, logits)]
+    out_shape = [rowmath.out_struct((rows, c), logits.dtype, logits)]
     if not sparse:
-      args.append(xla.sum_target(labels.astype(jnp.float32), opts)[:, None])
+      args.append(rowmath.sum_target(labels.astype(jnp.float32), opts)[:, None])
       in_specs.append(row_spec)
       if want_dlabels:
-        out_shape.append(xla.out_struct((rows, c), labels.dtype, logits))
+        out_shape.append(rowmath.out_struct((rows, c), labels.dtype, logits))
     res = pl.pallas_call(
         functools.partial(_bwd_kernel, sparse=sparse, opts=opts, block_c=bc,
-                          n_cls=xla.num_classes(c, opts)),
+                          n_cls=rowmath.num_classes(c, opts)),
         grid=grid, in_specs=in_specs, out_specs=[blk_spec] * len(out_shape),
         out_shape=tuple(out_shape), compiler_params=self._params(("parallel", "parallel")),
         interpret=self.interpret, name="jxent_xent_bwd")(*args)
@@ -416,7 +416,7 @@ class PallasMosaicTpuKernel:
         functools.partial(_lp_fwd_kernel, opts=opts, block_c=bc, c=c),
         grid=grid, in_specs=[pl.BlockSpec((br, bc), lambda i, j: (i, j)), row_spec, row_spec],
         out_specs=(row_spec,) * 4,
-        out_shape=(xla.out_struct((rows, 1), jnp.float32, logits),) * 4,
+        out_shape=(rowmath.out_struct((rows, 1), jnp.float32, logits),) * 4,
         scratch_shapes=[vmem] * 4, compiler_params=self._params(("parallel", "arbitrary")),
         interpret=self.interpret, name="jxent_logprob_fwd")(
             logits, labels[:, None], inv_t.astype(jnp.float32)[:, None])
@@ -436,9 +436,7 @@ class PallasMosaicTpuKernel:
     return pl.pallas_call(
         functools.partial(_lp_bwd_kernel, opts=opts, block_c=bc, with_entropy=with_entropy),
         grid=grid, in_specs=[blk_spec] + [row_spec] * (len(args) - 1), out_specs=blk_spec,
-        out_shape=xla.out_struct((rows, c), logits.dtype, logits),
+        out_shape=rowmath.out_struct((rows, c), logits.dtype, logits),
         compiler_params=self._params(("parallel", "parallel")), interpret=self.interpret,
         name="jxent_logprob_bwd")(*args)
 
-
-dispatch.register("pallas_mosaic_tpu", PallasMosaicTpuKernel)

@@ -14,7 +14,7 @@ persistent programs; ``row_groups`` partial statistics per row.
 
 The label-smoothing, z-loss, soft-cap and ignore_index options are supported, and ``axis_name``
 (vocab parallel): the forward kernel then returns each shard's raw row statistics, merged over
-the shards in XLA (:func:`xla.loss_from_stats`), and the backward kernel takes the global
+the shards in XLA (:func:`rowmath.loss_from_stats`), and the backward kernel takes the global
 log-sum-exp; the fused kernel needs whole rows, so scalar reductions use forward + backward.
 """
 
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jxent._src import dispatch, xla
+from jxent._src import rowmath
 
 _NEG = float(jnp.finfo(jnp.float32).min)
 
@@ -88,9 +88,9 @@ def _lanes(block_c, groups):
 def _load_x(x_ref, idx, mask, opts):
   """Upcast, soft-capped logits of one block; masked lanes are -inf."""
   if opts.logit_softcap is None:  # masked lanes load as -inf: no select per element
-    return xla.prep_logits(x_ref.load(idx, mask, -jnp.inf), opts)
+    return rowmath.prep_logits(x_ref.load(idx, mask, -jnp.inf), opts)
   # the soft-cap would map -inf to -c
-  return jnp.where(mask, xla.prep_logits(x_ref.load(idx, mask, 0.0), opts), -jnp.inf)
+  return jnp.where(mask, rowmath.prep_logits(x_ref.load(idx, mask, 0.0), opts), -jnp.inf)
 
 
 def _fold(carry, x, y, mask, *, sparse, opts):
@@ -117,7 +117,7 @@ def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c, groups=1, block=No
   then has no reduction across the whole block (``1 + G / block_c`` exps per element).
   ``block = (x, y, mask)``: the whole row, already loaded (no walk).
 
-  Returns the raw statistics ``(m, z, a, b, sum_x)`` of :func:`xla.loss_from_stats`: dense
+  Returns the raw statistics ``(m, z, a, b, sum_x)`` of :func:`rowmath.loss_from_stats`: dense
   ``a = sum(y)``, ``b = sum(y * (x - m))``; sparse ``b`` = the label's logit, read with one
   scalar load after the walk (no per-block reduction); ``sum_x`` (label smoothing only).
   """
@@ -144,7 +144,7 @@ def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c, groups=1, block=No
   if sparse:
     # The label's logit by one scalar load; labels outside this row's classes (out of range, or
     # on another vocab shard) read a clipped, valid address and count 0.
-    picked = xla.prep_logits(x_ref[jnp.clip(label, 0, c - 1)], opts)
+    picked = rowmath.prep_logits(x_ref[jnp.clip(label, 0, c - 1)], opts)
     b = jnp.where((label >= 0) & (label < c), picked, 0.0)
   return m, z, a, b, sx
 
@@ -161,7 +161,7 @@ def _grad_block(x, y, idx, mask, dx_ref, dy_ref, label, lse, g, coef, *, sparse,
       dy_ref.store(idx, (g * (1.0 - eps) * (lse - x)).astype(dy_ref.dtype), mask)
   if eps:
     target = target + eps / n_cls
-  dx = g * (coef * p - target) * xla.softcap_factor(x, opts)
+  dx = g * (coef * p - target) * rowmath.softcap_factor(x, opts)
   dx_ref.store(idx, dx.astype(dx_ref.dtype), mask)
 
 
@@ -184,7 +184,7 @@ def _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, lse, g, sum_t, *, sparse, op
   def _(i):
     idx = i * block_c + lanes
     mask = idx < c
-    x = xla.prep_logits(x_ref.load(idx, mask, 0.0), opts)
+    x = rowmath.prep_logits(x_ref.load(idx, mask, 0.0), opts)
     y = None if sparse else y_ref.load(idx, mask, 0.0).astype(jnp.float32)
     _grad_block(x, y, idx, mask, dx_ref, dy_ref, label, lse, g, coef, sparse=sparse, opts=opts,
                 n_cls=n_cls)
@@ -222,7 +222,7 @@ def _fwd_kernel(*refs, sparse, opts, block_c, groups):
     for ref, value in zip(outs, stats):
       ref[()] = value
     return
-  loss, lse = xla.loss_from_stats(*stats, label, sparse=sparse, opts=opts, local_c=x_ref.size)
+  loss, lse = rowmath.loss_from_stats(*stats, label, sparse=sparse, opts=opts, local_c=x_ref.size)
   outs[0][()] = loss
   outs[1][()] = lse
 
@@ -268,7 +268,7 @@ def _fused_kernel(*refs, sparse, opts, block_c, groups):
     block = (_load_x(x_ref, idx, mask, opts), y, mask)
   stats = _row_stats(x_ref, y_ref, label, sparse=sparse, opts=opts, block_c=block_c,
                      groups=groups, block=block)
-  loss, lse = xla.loss_from_stats(*stats, label, sparse=sparse, opts=opts, local_c=c)
+  loss, lse = rowmath.loss_from_stats(*stats, label, sparse=sparse, opts=opts, local_c=c)
   w = w_ref[()]
   loss_ref[()] = jnp.where(w == 0, 0.0, loss * w)
   a = stats[2]
@@ -312,7 +312,7 @@ def _lp_fwd_kernel(x_ref, y_ref, t_ref, m_ref, s_ref, tt_ref, lab_ref, *, opts, 
   zero = jnp.zeros((), jnp.float32)
   m, s, t = jax.lax.fori_loop(0, pl.cdiv(c, block_c), body, (jnp.full((), _NEG, jnp.float32),
                                                             zero, zero))
-  picked = xla.prep_logits(x_ref[jnp.clip(label, 0, c - 1)], opts) * inv_t
+  picked = rowmath.prep_logits(x_ref[jnp.clip(label, 0, c - 1)], opts) * inv_t
   m_ref[()], s_ref[()], tt_ref[()] = m, s, t
   lab_ref[()] = jnp.where((label >= 0) & (label < c), picked, 0.0)
 
@@ -333,13 +333,13 @@ def _lp_bwd_kernel(*refs, opts, block_c, with_entropy):
   def _(i):
     idx = i * block_c + lanes
     mask = idx < c
-    capped = xla.prep_logits(x_ref.load(idx, mask, 0.0), opts)
+    capped = rowmath.prep_logits(x_ref.load(idx, mask, 0.0), opts)
     z = capped * inv_t
     p = jnp.exp(z - lse)
     dz = g_lp * (jnp.where(idx == label, 1.0, 0.0) - p)
     if with_entropy:
       dz = dz - g_ent * jnp.where(p == 0, 0.0, p * (z - mean_z))
-    dx = dz * inv_t * xla.softcap_factor(capped, opts)
+    dx = dz * inv_t * rowmath.softcap_factor(capped, opts)
     dx_ref.store(idx, dx.astype(dx_ref.dtype), mask)
 
 
@@ -427,50 +427,50 @@ class PallasTritonKernel:
     del need_lse  # (a hint: the lse comes at no extra cost here)
     rows, c = logits.shape
     if rows == 0:
-      return xla.empty_rows(logits, labels, sparse=sparse, want_dlabels=False)
+      return rowmath.empty_rows(logits, labels, sparse=sparse, want_dlabels=False)
     block = self._block(c)
     kernel = functools.partial(_fwd_kernel, sparse=sparse, opts=opts, block_c=block,
                                groups=min(self.row_groups, block))
-    scalar = xla.out_struct((), jnp.float32, logits)
+    scalar = rowmath.out_struct((), jnp.float32, logits)
     if opts.axis_name is None:
       loss, lse = self._call(kernel, (scalar,) * 2, rows)(logits, labels)
       return loss, lse
     # Vocab parallel: this shard's statistics (labels as local ids), merged over the shards.
-    local = xla.local_rows(labels, None, opts, c)[0] if sparse else labels
+    local = rowmath.local_rows(labels, None, opts, c)[0] if sparse else labels
     stats = self._call(kernel, (scalar,) * 5, rows)(logits, local)
-    return xla.loss_from_stats(*stats, labels, sparse=sparse, opts=opts, local_c=c)
+    return rowmath.loss_from_stats(*stats, labels, sparse=sparse, opts=opts, local_c=c)
 
   def backward(self, logits, labels, lse, g, *, sparse, opts, want_dlabels=True):
     rows, c = logits.shape
     if rows == 0:
-      return xla.empty_rows(logits, labels, sparse=sparse, want_dlabels=want_dlabels,
+      return rowmath.empty_rows(logits, labels, sparse=sparse, want_dlabels=want_dlabels,
                             fused=True)[1:]
     kernel = functools.partial(_bwd_kernel, sparse=sparse, opts=opts, block_c=self._block(c),
-                               n_cls=xla.num_classes(c, opts))
+                               n_cls=rowmath.num_classes(c, opts))
     args = [logits, labels, lse, g.astype(jnp.float32)]
     if opts.axis_name is not None:  # what needs the other shards is done here
       if sparse:
-        args[1], args[3] = xla.local_rows(labels, args[3], opts, c)
+        args[1], args[3] = rowmath.local_rows(labels, args[3], opts, c)
       elif not opts.tf_grad:
-        args.append(xla.sum_target(labels.astype(jnp.float32), opts))
-    out = [xla.out_struct((c,), logits.dtype, logits)]
+        args.append(rowmath.sum_target(labels.astype(jnp.float32), opts))
+    out = [rowmath.out_struct((c,), logits.dtype, logits)]
     if not sparse and want_dlabels:
-      out.append(xla.out_struct((c,), labels.dtype, logits))
+      out.append(rowmath.out_struct((c,), labels.dtype, logits))
     res = self._call(kernel, tuple(out), rows)(*args)
     return res[0], (res[1] if len(res) > 1 else None)
 
   def fused(self, logits, labels, weights, *, sparse, opts, want_dlabels=True):
     """Weighted per-row loss and the gradient of ``sum(loss * weights)`` in one kernel."""
-    xla.check_whole_rows(opts)
+    rowmath.check_whole_rows(opts)
     rows, c = logits.shape
     if rows == 0:
-      return xla.empty_rows(logits, labels, sparse=sparse, want_dlabels=want_dlabels, fused=True)
+      return rowmath.empty_rows(logits, labels, sparse=sparse, want_dlabels=want_dlabels, fused=True)
     block = self._block(c)
     kernel = functools.partial(_fused_kernel, sparse=sparse, opts=opts, block_c=block,
                                groups=min(self.row_groups, block))
-    out = [xla.out_struct((), jnp.float32, logits), xla.out_struct((c,), logits.dtype, logits)]
+    out = [rowmath.out_struct((), jnp.float32, logits), rowmath.out_struct((c,), logits.dtype, logits)]
     if not sparse and want_dlabels:
-      out.append(xla.out_struct((c,), labels.dtype, logits))
+      out.append(rowmath.out_struct((c,), labels.dtype, logits))
     res = self._call(kernel, tuple(out), rows)(logits, labels, weights.astype(jnp.float32))
     return res[0], res[1], (res[2] if len(res) > 2 else None)
 
@@ -479,7 +479,7 @@ class PallasTritonKernel:
     shard's class ids; rows >= 1)."""
     rows, c = logits.shape
     kernel = functools.partial(_lp_fwd_kernel, opts=opts, block_c=self._block(c))
-    scalar = xla.out_struct((), jnp.float32, logits)
+    scalar = rowmath.out_struct((), jnp.float32, logits)
     return self._call(kernel, (scalar,) * 4, rows)(logits, labels, inv_t.astype(jnp.float32))
 
   def logprob_grad(self, logits, labels, inv_t, lse, ent, g_lp, g_ent, *, opts):
@@ -492,7 +492,7 @@ class PallasTritonKernel:
     f32 = lambda v: v.astype(jnp.float32)
     args = [logits, labels, f32(inv_t), f32(lse)]
     args += [f32(ent), f32(g_lp), f32(g_ent)] if with_entropy else [f32(g_lp)]
-    out = (xla.out_struct((c,), logits.dtype, logits),)
+    out = (rowmath.out_struct((c,), logits.dtype, logits),)
     return self._call(kernel, out, rows)(*args)[0]
 
 
@@ -502,5 +502,3 @@ def preferred(shape, dtype, sparse) -> bool:
   del sparse
   return len(shape) == 2 and shape[-1] >= 1024 and jnp.dtype(dtype).itemsize <= 4
 
-
-dispatch.register("pallas_triton", PallasTritonKernel)

@@ -1,0 +1,273 @@
+"""Per-row math shared by every kernel (below all of them): the compute dtype and soft-cap, the
+vocab-parallel collectives and manual-axis (vma) helpers, the label handling, and the per-row
+statistics -> loss / log-sum-exp step that the XLA, chunked, Pallas and linear kernels all end
+with. No kernel's code lives here, and this module imports none.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jxent._src.options import XentOptions
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+  """float32 for half types and float32; float64 stays float64."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def prep_logits(logits: jax.Array, opts: XentOptions) -> jax.Array:
+  """Upcasts to the compute dtype and applies the soft-cap."""
+  x = logits.astype(compute_dtype(logits.dtype))
+  if opts.logit_softcap is not None:
+    c = opts.logit_softcap
+    x = c * jnp.tanh(x / c)
+  return x
+
+
+def softcap_factor(x: jax.Array, opts: XentOptions) -> jax.Array | float:
+  """d(capped)/d(logits) given the capped logits ``x``: ``1 - (x / c)**2``."""
+  if opts.logit_softcap is None:
+    return 1.0
+  t = x / opts.logit_softcap
+  return 1.0 - t * t
+
+
+def psum(x, opts: XentOptions):
+  return x if opts.axis_name is None else lax.psum(x, opts.axis_name)
+
+
+def pmax(x, opts: XentOptions):
+  return x if opts.axis_name is None else lax.pmax(x, opts.axis_name)
+
+
+def varying(x) -> set:
+  """The manual mesh axes ``x`` varies over (``{V:...}`` in its type); empty outside shard_map."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "mat", None)  # jax >= 0.10
+  if mat is not None and hasattr(mat, "varying"):
+    return set(mat.varying)
+  return set(getattr(aval, "vma", ()) or ())
+
+
+def match_vma(ct, like):
+  """Gives a cotangent the manual-axis (``shard_map``) type of its primal: sums over the mesh axes
+  it varies over and the primal does not (e.g. the data-parallel sum of a weight gradient), and
+  marks as varying the axes the primal varies over. Outside ``shard_map`` it returns ``ct``."""
+  if ct is None:
+    return None
+  have, want = varying(ct), varying(like)
+  extra, missing = tuple(sorted(have - want)), tuple(sorted(want - have))
+  if extra:
+    ct = lax.psum(ct, extra)
+  if missing:
+    ct = lax.pcast(ct, missing, to="varying")
+  return ct
+
+
+def total_cotangent(g, like, opts: XentOptions):
+  """The cotangent of a loss replicated over the vocab axis, as the custom VJPs expect it.
+
+  With ``check_vma=True`` (the default) the cotangent of a replicated output arrives whole. With
+  ``shard_map(..., check_vma=False)`` JAX splits it among the replicas (each shard gets
+  ``g / n``) and relies on the transposes of the forward ``psum``s to add the parts back; the
+  custom VJPs have no such transposes, so they add the parts here. ``like`` is an input sharded
+  over ``axis_name``: without manual-axis types it does not vary over it.
+  """
+  if opts.axis_name is None or opts.axis_name in varying(like):
+    return g
+  return lax.psum(g, opts.axis_name)
+
+
+def local_rows(labels, g, opts: XentOptions, local_c: int):
+  """Vocab parallel, integer labels: ``(labels as this shard's class ids, g with the
+  ignore_index rows zeroed)``; ``ignore_index`` compares the global ids. ``g`` may be None."""
+  if g is not None and opts.ignore_index is not None:
+    g = jnp.where(labels == opts.ignore_index, 0.0, g)
+  return labels - class_offset(local_c, opts), g
+
+
+def sum_target(y, opts: XentOptions):
+  """Per-row sum of the (smoothed) target over all the classes: ``(1 - eps) * sum(y) + eps``."""
+  s = psum(jnp.sum(y, axis=-1), opts)
+  eps = opts.label_smoothing
+  return s if not eps else (1.0 - eps) * s + eps
+
+
+def check_whole_rows(opts: XentOptions) -> None:
+  """The fused (gradient-in-forward) kernels need whole rows: not with ``axis_name``."""
+  if opts.axis_name is not None:
+    raise ValueError("the fused kernel needs whole rows; with axis_name the loss uses the "
+                     "forward and backward kernels.")
+
+
+def empty_rows(logits, labels, *, sparse: bool, want_dlabels: bool, fused: bool = False):
+  """The outputs of a kernel call on zero rows (Pallas grids cannot be empty): ``(loss, lse)``,
+  or ``(loss, dlogits, dlabels)`` when ``fused``; with ``want_dlabels`` also for dense labels."""
+  loss = jnp.zeros((0,), jnp.float32)
+  dlogits = jnp.zeros(logits.shape, logits.dtype)
+  dlabels = None if (sparse or not want_dlabels) else jnp.zeros(labels.shape, labels.dtype)
+  return (loss, dlogits, dlabels) if fused else (loss, loss)
+
+
+def out_struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
+  """A kernel output's ``ShapeDtypeStruct`` with the ``shard_map`` manual-axis type of ``like``
+  (required for ``pallas_call`` outputs when ``check_vma`` is on); a plain one elsewhere."""
+  mat = getattr(jax.typeof(like), "manual_axis_type", None)
+  if mat is not None:
+    try:
+      return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+    except TypeError:  # a JAX without the keyword
+      pass
+  vma = getattr(jax.typeof(like), "vma", None)
+  if vma:
+    return jax.ShapeDtypeStruct(shape, dtype, vma=vma)
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def num_classes(local_c: int, opts: XentOptions):
+  """Global number of classes (static when not sharded)."""
+  if opts.axis_name is None:
+    return local_c
+  return local_c * lax.axis_size(opts.axis_name)
+
+
+def class_offset(local_c: int, opts: XentOptions):
+  """Global id of this shard's first class."""
+  if opts.axis_name is None:
+    return 0
+  return lax.axis_index(opts.axis_name) * local_c
+
+
+def safe_max(x: jax.Array, opts: XentOptions) -> jax.Array:
+  """Row max over the (global) class axis; an all ``-inf`` row gives 0 instead of ``-inf``."""
+  m = pmax(jnp.max(x, axis=-1), opts)
+  return jnp.where(jnp.isneginf(m), 0.0, m).astype(x.dtype)
+
+
+def tail_log_z(x: jax.Array, m: jax.Array, opts: XentOptions) -> jax.Array:
+  """``log(sum(exp(x - m)))`` for float64 without rounding the sum to 1 (TF's newer kernel).
+
+  The sum is ``1 + r`` with ``r`` the terms other than one maximum; ``1 + r`` rounds to 1 once
+  ``r < 1.1e-16`` (a logit margin above 37), losing the tail. ``log1p(r)`` keeps it. ``r`` is
+  summed with ``expm1`` at the maxima (0, with derivative 1, for ``xla_autodiff``) plus their
+  count less one; an all ``-inf`` row gives ``r = -1`` and ``-inf``.
+  """
+  s = x - m[:, None]
+  top = s == 0
+  rest, count = psum((jnp.sum(jnp.where(top, jnp.expm1(s), jnp.exp(s)), axis=-1),
+                      jnp.sum(top, axis=-1, dtype=x.dtype)), opts)
+  rest = rest + (count - 1.0)  # (count - 1 first: adding 1 to rest would round its tail away)
+  return jnp.log1p(rest)
+
+
+def tail_grad(x, m, log_z, coef, target):
+  """``coef * softmax(x) - target`` for float64 with the maxima's entries free of cancellation:
+  there ``softmax = exp(-log_z)`` and ``coef * (softmax - 1)`` is ``coef * expm1(-log_z)``, so a
+  confident one-hot row keeps its tiny ``-sum(tail)``; an exact 0 there is +0, as in TF."""
+  top = x == m[:, None]
+  p = jnp.exp(x - (m + log_z)[:, None])
+  at_top = coef * jnp.expm1(-log_z)[:, None] + (coef - target)
+  at_top = jnp.where(at_top == 0, 0.0, at_top)  # (not `+ 0.0`, which XLA folds away)
+  return jnp.where(top, at_top, coef * p - target)
+
+
+def combine(m, log_z, xent, sum_s, opts: XentOptions, n_classes):
+  """Per-row loss and lse from the per-row statistics (shared by the XLA and chunked kernels).
+
+  ``xent`` is the plain cross-entropy term, ``sum(y * (lse - x))``: with ``s = x - m`` (capped,
+  upcast logits minus the row max) it is ``log_z * sum(y) - sum(y*s)`` for dense labels and
+  ``log_z - s[label]`` for integer ones. Label smoothing mixes in ``log_z - sum(s)/C``, and the
+  z-loss adds ``z * lse**2``.
+  """
+  eps = opts.label_smoothing
+  lse = m + log_z
+  loss = xent
+  if eps:
+    loss = (1.0 - eps) * loss + eps * (log_z - sum_s / n_classes)
+  if opts.z_loss:
+    loss = loss + opts.z_loss * lse * lse
+  return loss, lse
+
+
+def loss_from_stats(m, z, a, b, sum_x, labels, *, sparse: bool, opts: XentOptions, local_c: int):
+  """Per-row ``(loss, lse)`` from a row's online statistics over this shard's classes.
+
+  ``m`` is the running max, ``z = sum(exp(x - m))``, ``sum_x = sum(x)`` (label smoothing only);
+  dense: ``a = sum(y)``, ``b = sum(y * (x - m))``; sparse: ``b`` is the label's logit (0 when the
+  label is not among this shard's classes). With ``axis_name`` the shards' statistics are merged
+  first (rescaled to the global max). Shared by the chunked and Pallas kernels.
+  """
+  if opts.axis_name is not None:
+    mg = pmax(m, opts)
+    z = psum(z * jnp.exp(m - mg), opts)
+    if sparse:
+      b = psum(b, opts)
+    else:
+      a, b = psum((a, b + (m - mg) * a), opts)
+    if opts.label_smoothing:
+      sum_x = psum(sum_x, opts)
+    m = mg
+  n_cls = num_classes(local_c, opts)
+  sum_s = sum_x - n_cls * m if opts.label_smoothing else None
+  if sparse:
+    log_z = jnp.log(z)
+    loss, lse = combine(m, log_z, log_z - (b - m), sum_s, opts, n_cls)
+    return finish_sparse(loss, labels, n_cls, opts), lse
+  log_z = jnp.log(z)
+  return combine(m, log_z, log_z * a - b, sum_s, opts, n_cls)
+
+
+def local_label(logits: jax.Array, labels: jax.Array, opts: XentOptions):
+  """``(cap(logits[r, local[r]]), local, in_shard)`` for global class ids ``labels``.
+
+  Gathers from the raw logits, so no ``[R, C]`` intermediate is shared with the reductions."""
+  local_c = logits.shape[-1]
+  local = labels - class_offset(local_c, opts)
+  in_shard = (local >= 0) & (local < local_c)
+  picked = jnp.take_along_axis(logits, jnp.clip(local, 0, local_c - 1)[:, None], axis=-1)[:, 0]
+  return prep_logits(picked, opts), local, in_shard
+
+
+def gather_label(logits: jax.Array, labels: jax.Array, opts: XentOptions) -> jax.Array:
+  """The label's capped, upcast logit, combined over shards."""
+  x_lab, _, in_shard = local_label(logits, labels, opts)
+  return psum(jnp.where(in_shard, x_lab, 0.0), opts)
+
+
+def ignored_rows(labels: jax.Array, opts: XentOptions):
+  if opts.ignore_index is None:
+    return None
+  return labels == opts.ignore_index
+
+
+def finish_sparse(loss, labels, n_classes, opts: XentOptions):
+  """NaN for labels outside ``[0, n_classes)``, then 0 for ``ignore_index`` rows.
+
+  The NaN is a factor of the loss, not a select, so that JAX's own derivative of it
+  (``xla_autodiff``) is NaN on that row too, as the custom VJPs make it (:func:`nan_rows`)."""
+  ok = (labels >= 0) & (labels < n_classes)
+  if opts.ignore_index is not None:
+    ok = ok | (labels == opts.ignore_index)
+  loss = loss * jnp.where(ok, jnp.ones_like(loss), jnp.full_like(loss, jnp.nan))
+  if opts.ignore_index is not None:
+    loss = jnp.where(labels == opts.ignore_index, 0.0, loss)
+  return loss
+
+
+def nan_rows(g, labels, lse, *, sparse: bool, opts: XentOptions, local_c: int):
+  """The cotangent with NaN on the rows whose loss is NaN by construction, where it is not 0.
+
+  Those rows are the ones with an integer label outside ``[0, C)`` (not ``ignore_index``; TF on
+  GPU) and the rows whose logits are all ``-inf`` (``lse = -inf``; TF and optax): their gradient
+  row is then NaN too, instead of a finite row that hides the fault. Rows with a zero cotangent
+  (masked by ``where``, ignored) keep a zero gradient.
+  """
+  bad = jnp.isneginf(lse)
+  if sparse:
+    bad = bad | (labels < 0) | (labels >= num_classes(local_c, opts))
+    if opts.ignore_index is not None:
+      bad = bad & (labels != opts.ignore_index)
+  return jnp.where(bad & (g != 0), jnp.nan, g)
