@@ -18,9 +18,13 @@ from jxent._src.linear import LinearFusedGrad as LinearFusedGrad
 from jxent._src.linear import linear_softmax_cross_entropy as linear_softmax_cross_entropy
 from jxent._src.logprobs import linear_token_log_probs as linear_token_log_probs
 from jxent._src.logprobs import token_log_probs as token_log_probs
+from jxent._src.tuning import autotune as autotune
+from jxent._src.tuning import chosen_implementation as chosen_implementation
 from jxent._version import __version__ as __version__
 
 __all__ = [
+    "autotune",
+    "chosen_implementation",
     "check_integer_labels",
     "implementations",
     "linear_softmax_cross_entropy",

@@ -151,3 +151,20 @@ def test_float64_enables_x64(tmp_path):
     assert json.loads((tmp_path / "f64.json").read_text())[0]["dtype"] == "float64"
   finally:
     jax.config.update("jax_enable_x64", False)
+
+
+def test_tune_writes_a_shipped_format_config(tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv("JXENT_CACHE_DIR", str(tmp_path / "cache"))
+  out = tmp_path / "tuned.json"
+  rc = cli.main(["--shape", "32,2500", "--shape", "16,8,300", "--tune", "--tune-out", str(out),
+                 "--reps", "10", "--no-progress"])
+  assert rc == 0
+  data = json.loads(out.read_text())
+  assert set(data["entries"]) == {"xent|int|float32|scalar||32x4096",
+                                  "xent|int|float32|rows||32x4096",
+                                  "linear|int|float32|scalar||16x8x512"}
+  assert all(e["candidates"] for e in data["entries"].values())
+  # the next run names the tuned choice under the table
+  cli.main(["--shape", "32,2500", "--implementations", "xla", "--modes", "forward", "--reps", "10",
+            "--no-progress"])
+  assert "[user cache]" in capsys.readouterr().out

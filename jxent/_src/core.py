@@ -222,7 +222,7 @@ def loss(logits, labels, *, axis, sparse: bool, opts: XentOptions, implementatio
   logits = check_logits(logits)
   logits2d, labels2d, row_mask, batch_shape = canonicalize(logits, labels, axis=axis,
                                                            sparse=sparse, where=where)
-  kernel = _kernel(implementation, sparse, logits2d)
+  kernel = _kernel(implementation, sparse, logits2d, reduction, opts)
   kept = _kept(labels2d, row_mask, sparse, opts)
   if reduction in ("mean", "sum") and hasattr(kernel, "fused") and opts.axis_name is None:
     w = jnp.ones(logits2d.shape[:1], jnp.float32) if kept is None else kept.astype(jnp.float32)
@@ -239,12 +239,12 @@ def loss(logits, labels, *, axis, sparse: bool, opts: XentOptions, implementatio
   return reduce_native(per_row.reshape(batch_shape), kept, reduction, logits.dtype)
 
 
-def _kernel(implementation, sparse, logits2d):
+def _kernel(implementation, sparse, logits2d, reduction=None, opts=None):
   """The kernel for these rows; None for zero classes (nothing to compute)."""
   if logits2d.shape[1] == 0:
     return None
   return dispatch.resolve(implementation, sparse=sparse, shape=logits2d.shape,
-                          dtype=logits2d.dtype)
+                          dtype=logits2d.dtype, reduction=reduction, opts=opts)
 
 
 def _kept(labels2d, row_mask, sparse, opts):

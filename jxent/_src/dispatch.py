@@ -131,7 +131,20 @@ def platform() -> str:
   return jax.default_backend()
 
 
-def _default(sparse: bool, shape, dtype) -> Any:
+def kernel_class(name: str):
+  """The kernel class registered under ``name``."""
+  return _factory(name)
+
+
+def platform_ok(name: str) -> bool:
+  kernel = _factory(name)
+  return platform() in kernel.platforms
+
+
+def heuristic(sparse: bool, shape, dtype) -> Any:
+  """The default without a tuned entry: ``"pallas_triton"`` on GPU for 2-D rows of >= 1024
+  classes of 16/32-bit logits (faster than XLA there on the H100 for integer labels), ``"xla"``
+  elsewhere."""
   plat = platform()
   if plat in ("gpu", "cuda") and jax.numpy.dtype(dtype).itemsize <= 4:
     from jxent._src import pallas_triton
@@ -140,10 +153,30 @@ def _default(sparse: bool, shape, dtype) -> Any:
   return XlaKernel()
 
 
-def resolve(implementation, *, sparse: bool, shape, dtype) -> Any:
-  """Returns the kernel object for ``implementation``; raises if it cannot run here."""
+def _default(sparse: bool, shape, dtype, reduction=None, opts=None) -> Any:
+  """``implementation=None``: the tuned choice for this device and call (user cache, then the
+  shipped config), else :func:`heuristic`. A miss never raises and never tunes."""
+  from jxent._src import tuning
+  try:
+    options = {} if opts is None else dict(label_smoothing=opts.label_smoothing,
+                                           z_loss=opts.z_loss, logit_softcap=opts.logit_softcap)
+    key = tuning.make_key("xent", shape, dtype, labels="int" if sparse else "dense",
+                          reduction=reduction, **options)
+    cand, _ = tuning.lookup(key)
+    kernel = None if cand is None else tuning.build_kernel(cand)
+  except Exception:  # noqa: BLE001  (a broken tuning file must never break the loss)
+    kernel = None
+  if kernel is not None and jax.numpy.dtype(dtype) in (getattr(kernel, "dtypes", None) or
+                                                       (jax.numpy.dtype(dtype),)):
+    return kernel
+  return heuristic(sparse, shape, dtype)
+
+
+def resolve(implementation, *, sparse: bool, shape, dtype, reduction=None, opts=None) -> Any:
+  """Returns the kernel object for ``implementation``; raises if it cannot run here.
+  ``reduction`` and ``opts`` key the tuned choice of ``implementation=None``."""
   if implementation is None:
-    return _default(sparse, shape, dtype)
+    return _default(sparse, shape, dtype, reduction, opts)
   if isinstance(implementation, str):
     if implementation not in names():
       raise ValueError(f"Unknown implementation {implementation!r}; expected one of "

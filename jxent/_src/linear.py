@@ -79,6 +79,9 @@ class LinearFusedGrad:
 # The names used in the README and by jxent-bench, and the earlier aliases.
 _LINEAR = {"linear_chunked": LinearChunked, "linear_fused_grad": LinearFusedGrad,
            "chunked_xla": LinearChunked, "fused_grad_xla": LinearFusedGrad}
+# What a tuned choice may name: both algorithms and "unfused" (the logits x @ w, then the loss).
+ALGORITHMS = {"linear_chunked": LinearChunked, "linear_fused_grad": LinearFusedGrad,
+              "unfused": None}
 
 
 def _in_shard_map(*arrays) -> bool:
@@ -286,6 +289,7 @@ def linear_softmax_cross_entropy(
     logit_softcap: Optional[float] = None,
     axis_name: Optional[str] = None,
     implementation: Any = None,
+    memory_budget: Optional[int] = None,
 ) -> jax.Array:
   """Cross-entropy of ``x @ w`` with integer labels, never building ``[N, V]`` logits.
 
@@ -305,7 +309,12 @@ def linear_softmax_cross_entropy(
       temporaries), ``"linear_fused_grad"`` (fast: 3 matmuls, gradient formed in the forward pass,
       float32 dW accumulator; scalar reductions only), or a ``LinearChunked(block_v=...,
       block_n=...)`` /
-      ``LinearFusedGrad(block_n=..., dw_accumulation=...)`` object.
+      ``LinearFusedGrad(block_n=..., dw_accumulation=...)`` object, or ``"unfused"`` (the
+      ``[N, V]`` logits, then the loss: fastest where memory allows). ``None`` takes the fastest
+      tuned choice for this device and shape whose compiled temporaries fit ``memory_budget``
+      (:func:`jxent.chosen_implementation`), and the lean algorithm without one.
+    memory_budget: bytes of compiled temporaries the ``None`` choice may use (default: a
+      quarter of the device's memory where it reports it, else 4 GiB); must be > 0.
 
   Returns:
     The reduced loss (scalar) or per-row losses ``[...]``, in the dtype of ``x``.
@@ -330,8 +339,22 @@ def linear_softmax_cross_entropy(
   core.check_reduction(reduction)
   opts = make_options(label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap,
                       ignore_index=ignore_index, axis_name=axis_name)
+  if memory_budget is not None and (isinstance(memory_budget, bool) or not memory_budget > 0):
+    raise ValueError(f"`memory_budget` must be a positive number of bytes, got {memory_budget!r}.")
   if implementation is None:
-    algo = LinearChunked()
+    from jxent._src import tuning
+    try:
+      algo, _ = tuning.chosen_implementation(
+          "linear", (max(1, x.size // max(x.shape[-1], 1)), x.shape[-1], w.shape[1]), x.dtype,
+          reduction=reduction, memory_budget=memory_budget, label_smoothing=label_smoothing,
+          z_loss=z_loss, logit_softcap=logit_softcap)
+    except Exception:  # noqa: BLE001  (a broken tuning file must never break the loss)
+      algo = LinearChunked()
+    if (isinstance(algo, LinearFusedGrad) and (reduction not in ("mean", "sum") or axis_name)) or (
+        algo == "unfused" and axis_name is not None):
+      algo = LinearChunked()  # (the tuned choice does not apply to this call)
+  elif implementation == "unfused":
+    algo = "unfused"
   elif isinstance(implementation, str):
     if implementation not in _LINEAR:
       raise ValueError(f"Unknown implementation {implementation!r} for linear_softmax_cross_entropy; "
@@ -341,6 +364,9 @@ def linear_softmax_cross_entropy(
     algo = implementation
   else:
     raise TypeError(f"`implementation` must be None, a name or a Linear* object, got {implementation!r}.")
+  if algo == "unfused":
+    logits = jnp.dot(x, w, preferred_element_type=jnp.promote_types(x.dtype, w.dtype))
+    return core.loss(logits, labels, axis=-1, sparse=True, opts=opts, reduction=reduction)
   batch_shape = labels.shape
   x2 = x.reshape(-1, x.shape[-1])
   y2 = labels.reshape(-1)

@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "or a preset's own")
   p.add_argument("--labels", default="int", help="label kinds of custom logits cases: int,dense,logprobs (logprobs: RL per-token "
                       "log-probs and entropy, token_log_probs)")
+  p.add_argument("--tune", action="store_true",
+                 help="run jxent.autotune over the cases (the user cache gets the winners) and "
+                      "write them as a config file in the shipped format (--tune-out)")
+  p.add_argument("--tune-out", default=None,
+                 help="the config file --tune writes (default ./jxent-tuning-<device kind>.json)")
   p.add_argument("--implementations", default=None,
                  help="comma list; default: every one that runs here. Known: "
                       + ", ".join(C.all_implementations())
@@ -250,6 +255,56 @@ def table_notes(floor_shown: bool, missing: list[str]) -> list[str]:
   return notes
 
 
+def chosen_notes(cases) -> list[str]:
+  """What ``implementation=None`` picks for each case on this device, and from where."""
+  from jxent._src import tuning
+  notes = []
+  for case in cases:
+    if case.labels == "logprobs":
+      continue
+    op, shape = ("linear", (case.n, case.d, case.v)) if case.kind == "linear" else (
+        "xent", (case.n, case.v))
+    try:
+      kernel, source = tuning.chosen_implementation(op, shape, case.dtype, labels=case.labels)
+    except Exception as e:  # noqa: BLE001  (a note, never a failure)
+      kernel, source = f"? ({e})", "error"
+    name = kernel if isinstance(kernel, str) else repr(kernel)
+    notes.append(f"implementation=None for {case.shape} {case.dtype} {case.labels} (mean): "
+                 f"{name} [{source}]")
+  return notes
+
+
+def tune(cases, args) -> int:
+  """``--tune``: autotune each case (mean, and per-row losses for logits cases), then write the
+  results in the shipped config format."""
+  from jxent._src import tuning
+  kind = tuning.device_kind()
+  out = args.tune_out or f"jxent-tuning-{kind}.json"
+  entries, lines = {}, []
+  for case in cases:
+    if case.labels == "logprobs":
+      continue
+    op, shape = ("linear", (case.n, case.d, case.v)) if case.kind == "linear" else (
+        "xent", (case.n, case.v))
+    for reduction in (("mean",) if op == "linear" else ("mean", "none")):
+      res = tuning.autotune(op, shape, case.dtype, labels=case.labels, reduction=reduction,
+                            reps=args.reps, force=True)
+      entries[res["key"]] = dict(candidates=res["candidates"], rejected=res["rejected"])
+      w = res["winner"]
+      lines.append(f"{res['key']}: " + ("no viable candidate" if w is None else
+                                        f"{w['implementation']} {w['params']} {w['ms']:.3f} ms"))
+  try:
+    tuning.write_entries(os.path.abspath(out), entries, device_kind=kind,
+                         source=f"jxent-bench --tune, jax {jax.__version__}")
+    os.remove(os.path.abspath(out) + ".lock")
+  except OSError as e:
+    print(f"jxent-bench: error: cannot write {out}: {e}", file=sys.stderr)
+    return 2
+  print("\n".join(lines))
+  print(f"wrote {out} (and the user cache {tuning.cache_path()})")
+  return 0
+
+
 def check_outputs(args) -> None:
   """Output files are checked before anything is measured: their folders are created, and a
   path that cannot be written, or --plot without matplotlib, is refused at once."""
@@ -331,6 +386,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 2
   device = jax.devices()[0]
   dev_name = f"{device.platform}:{getattr(device, 'device_kind', device.platform)}"
+  if args.tune:
+    return tune(cases, args)
   if device.platform == "cpu" and (args.llm or args.preset == "llm"):
     print("jxent-bench: warning: the --llm preset is sized for a GPU or TPU (8192x128256 and "
           "larger); on this CPU it takes hours. Ctrl-C to stop; --quick is the CPU preset.",
@@ -391,7 +448,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   floor_shown = device.platform != "cpu"
   print(header)
   print(format_table(rows, floor=floor_shown))
-  for line in table_notes(floor_shown, missing):
+  for line in table_notes(floor_shown, missing) + chosen_notes(cases):
     print(line)
   if args.json:
     with open(args.json, "w") as fh:
