@@ -47,6 +47,9 @@ import jxent  # noqa: E402
 from jxent.bench import cases as C  # noqa: E402
 from jxent.bench.cli import _compile, _median_ms, copy_bandwidth  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_util import rel  # noqa: E402  (|a - b| / |b|, NaN when a is not finite)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 OPTS = dict(label_smoothing=0.1, z_loss=1e-4, logit_softcap=30.0)
 TOL = {"float32": 2e-4, "bfloat16": 2e-2}  # relative error vs xla (Frobenius)
@@ -85,14 +88,6 @@ class Run:
       return None
     self.emit(section, **fields, **(res or {}))
     return res
-
-
-def rel(a, b) -> float:
-  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
-  if not np.all(np.isfinite(a)):
-    return float("nan")
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 # ------------------------------------------------------------------------------------------------
