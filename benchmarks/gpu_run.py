@@ -224,13 +224,16 @@ def section_tune(run: Run, bw: float):
   K = run.kernel
   n, v = (32, 3000) if run.dry else (8192, 128256)
   if run.dry:
-    cands = [K(), K(block_c=1024, row_groups=4)]
+    cands = [K(), K(block_c=1024, row_groups=4), K(block_c=512, split_rows=4)]
   else:
     cands = [K()]
     cands += [K(block_c=bc, num_warps=nw, num_stages=st, row_groups=gr)
               for bc, nw in ((2048, 4), (4096, 8), (8192, 8)) for st in (1, 2, 3) for gr in (1, 64)]
     cands += [K(programs=p * 132, block_c=bc, num_warps=nw, row_groups=64)
               for p in (1, 2) for bc, nw in ((4096, 8), (8192, 16))]
+    # split-row forward: several programs per row (the forward only; value_and_grad is fused)
+    cands += [K(split_rows=sp, block_c=bc, num_warps=nw) for sp in (2, 4, 8)
+              for bc, nw in ((4096, 8), (8192, 8))]
   key = jax.random.key(3)
   xs = [((jax.random.normal(jax.random.fold_in(key, i), (n, v), jnp.float32) * 3)
          .astype(jnp.bfloat16), jax.random.randint(jax.random.fold_in(key, 9 + i), (n,), 0, v))
@@ -240,7 +243,7 @@ def section_tune(run: Run, bw: float):
   ref = None
   for k in cands:
     cfg = dict(block_c=k.block_c, num_warps=k.num_warps, num_stages=k.num_stages,
-               row_groups=k.row_groups, programs=k.programs)
+               row_groups=k.row_groups, programs=k.programs, split_rows=k.split_rows)
 
     def one(k=k):
       nonlocal ref

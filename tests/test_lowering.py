@@ -139,3 +139,16 @@ def test_token_log_probs_lower(kernel, shape, dtype, entropy, monkeypatch):
   text = _lower(lambda x, y, t: jax.value_and_grad(objective)(x, y, t), (x, y, t), platform,
                 monkeypatch)
   assert text.count(call) == 2
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_split_row_forward_lowers_for_cuda(sparse, monkeypatch):
+  """The split-row forward (several programs per row) lowers to one Triton call for the
+  statistics; the per-row VJP adds the backward kernel."""
+  kernel = pallas_triton.PallasTritonKernel(split_rows=8, block_c=4096)
+  x = jax.ShapeDtypeStruct((64, 128256), jnp.bfloat16)
+  y = jax.ShapeDtypeStruct((64,), jnp.int32) if sparse else x
+  fn = (jxent.softmax_cross_entropy_with_integer_labels if sparse else jxent.softmax_cross_entropy)
+  text = _lower(lambda x, y: jax.vjp(lambda x: fn(x, y, implementation=kernel), x)[1](
+      jnp.ones(64, x.dtype)), (x, y), "cuda", monkeypatch)
+  assert text.count("__gpu$xla.gpu.triton") == 2

@@ -269,3 +269,24 @@ def test_dense_neginf_fallback_rows():
     ref = np.asarray(optax.safe_softmax_cross_entropy(x.astype(dt).astype(jnp.float32), y))
     assert np.isposinf(out[1])
     assert_close(out[[0, 2]], ref[[0, 2]], dtype=dt)
+
+
+# ---- split-row forward (pallas_triton split_rows) ------------------------------------------------
+@pytest.mark.parametrize("c,split", [(4096, 4), (4098, 8), (4099, 4), (96, 2)])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3,
+                                          "logit_softcap": 5.0}])
+def test_split_row_forward_matches_xla(c, split, options):
+  k = jxent.PallasTritonKernel(interpret=True, block_c=256, split_rows=split)
+  rng = np.random.default_rng(c)
+  x = rand_logits(rng, (5, c)).at[2, :c // 3].set(-jnp.inf)
+  y = jnp.asarray(rng.integers(0, c, size=5)).at[1].set(-100).at[2].set(c - 1)
+  yd = jnp.asarray(rand_probs(rng, (5, c)))
+  g = jnp.asarray(rng.normal(size=5), jnp.float32)
+  for fn, lab, kw in ((jxent.softmax_cross_entropy_with_integer_labels, y, {"ignore_index": -100}),
+                      (jxent.softmax_cross_entropy, yd, {})):
+    f = lambda x, impl: fn(x, lab, implementation=impl, **kw, **options)
+    out, vjp = jax.vjp(lambda x: f(x, k), x)
+    ref, rvjp = jax.vjp(lambda x: f(x, "xla"), x)
+    assert_close(out, ref)
+    assert_close(vjp(g)[0], rvjp(g)[0])
+  assert k._split(c) == {4096: 4, 4098: 2, 4099: 1, 96: 2}[c]

@@ -211,14 +211,14 @@ def _row_weight(label, g, opts):
 # ------------------------------------------------------------------------------------------------
 # Kernels (one row each; vmapped over rows, which becomes the grid).
 # ------------------------------------------------------------------------------------------------
-def _fwd_kernel(*refs, sparse, opts, block_c, groups):
-  """Loss and lse of one row; with ``axis_name``, this shard's raw statistics instead (merged
-  over the shards by the caller)."""
+def _fwd_kernel(*refs, sparse, opts, block_c, groups, raw=False):
+  """Loss and lse of one row; with ``axis_name`` (or ``raw``: a segment of a split row), the
+  raw statistics instead (merged by the caller)."""
   x_ref, y_ref, *outs = refs
   label = y_ref[()] if sparse else None
   stats = _row_stats(x_ref, y_ref, label, sparse=sparse, opts=opts, block_c=block_c,
                      groups=groups)
-  if opts.axis_name is not None:
+  if opts.axis_name is not None or raw:
     for ref, value in zip(outs, stats):
       ref[()] = value
     return
@@ -363,6 +363,12 @@ class PallasTritonKernel:
       ...``: it bounds the rows in flight, so that the fused kernel's second walk over a row can
       still find it in L2 (``programs * row bytes`` below the L2 size).
 
+    split_rows: the forward kernel's programs per row (a power of two): each walks one of
+      ``split_rows`` equal segments of the row and the segments' statistics are merged per row
+      in XLA, so that a few long rows still fill the GPU (QuACK's cooperative forward). The
+      largest power of two that divides the class count is used; the fused and backward kernels
+      walk whole rows.
+
   Example:
     >>> import jax.numpy as jnp, jxent
     >>> kernel = jxent.PallasTritonKernel(interpret=True, programs=2)
@@ -382,13 +388,14 @@ class PallasTritonKernel:
   num_stages: int = 1
   programs: Optional[int] = None
   row_groups: int = 1
+  split_rows: int = 1
 
   def __post_init__(self):
-    for field in ("block_c", "num_warps", "num_stages", "row_groups"):
+    for field in ("block_c", "num_warps", "num_stages", "row_groups", "split_rows"):
       value = getattr(self, field)
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"PallasTritonKernel: {field} must be a positive int, got {value!r}.")
-    for field in ("block_c", "row_groups"):
+    for field in ("block_c", "row_groups", "split_rows"):
       value = getattr(self, field)
       if value & (value - 1):
         raise ValueError(f"PallasTritonKernel: {field} must be a power of two, got {value}.")
@@ -420,6 +427,14 @@ class PallasTritonKernel:
     return pl.pallas_call(persistent, out_shape=out_shape, grid=(programs,),
                           interpret=self.interpret, compiler_params=params, name=name)
 
+  def _split(self, c: int) -> int:
+    """Segments per row of the forward kernel: the largest power of two <= ``split_rows`` that
+    divides ``c`` (so that the split is a free reshape)."""
+    split = self.split_rows
+    while split > 1 and c % split:
+      split //= 2
+    return split
+
   def _block(self, c):
     return min(self.block_c, pl.next_power_of_2(max(c, 16)))
 
@@ -432,6 +447,19 @@ class PallasTritonKernel:
     kernel = functools.partial(_fwd_kernel, sparse=sparse, opts=opts, block_c=block,
                                groups=min(self.row_groups, block))
     scalar = rowmath.out_struct((), jnp.float32, logits)
+    split = self._split(c)
+    if opts.axis_name is None and split > 1:
+      # Each row as `split` equal segments, one program each (a free reshape of the rows): the
+      # segments' raw statistics are merged per row in XLA.
+      sub = c // split
+      kernel = functools.partial(_fwd_kernel, sparse=sparse, opts=opts, block_c=self._block(sub),
+                                 groups=min(self.row_groups, self._block(sub)), raw=True)
+      seg_labels = ((labels[:, None] - sub * jnp.arange(split)[None, :]).reshape(-1) if sparse
+                    else labels.reshape(rows * split, sub))
+      stats = self._call(kernel, (scalar,) * 5, rows * split)(logits.reshape(rows * split, sub),
+                                                              seg_labels)
+      merged = rowmath.merge_stats(*(v.reshape(rows, split) for v in stats), sparse=sparse)
+      return rowmath.loss_from_stats(*merged, labels, sparse=sparse, opts=opts, local_c=c)
     if opts.axis_name is None:
       loss, lse = self._call(kernel, (scalar,) * 2, rows)(logits, labels)
       return loss, lse

@@ -271,3 +271,16 @@ def nan_rows(g, labels, lse, *, sparse: bool, opts: XentOptions, local_c: int):
     if opts.ignore_index is not None:
       bad = bad & (labels != opts.ignore_index)
   return jnp.where(bad & (g != 0), jnp.nan, g)
+
+
+def merge_stats(m, z, a, b, sum_x, *, sparse: bool):
+  """Merges row statistics ``[..., S]`` of S segments of each row (as :func:`loss_from_stats`
+  merges vocab shards, without collectives): rescaled to the row max. ``m`` is finite."""
+  mg = jnp.max(m, axis=-1)
+  e = jnp.exp(m - mg[..., None])
+  z = jnp.sum(z * e, axis=-1)
+  if sparse:
+    b = jnp.sum(b, axis=-1)
+  else:
+    a, b = jnp.sum(a, axis=-1), jnp.sum(b + (m - mg[..., None]) * a, axis=-1)
+  return mg, z, a, b, jnp.sum(sum_x, axis=-1)

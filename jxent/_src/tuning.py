@@ -238,6 +238,8 @@ def _candidates(op: str, shape, reduction) -> list:
     cands += [k()] + [k(block_c=bc, num_warps=nw, row_groups=g) for bc, nw in ((4096, 8),
                                                                                (8192, 8))
                       for g in (1, 64)]
+    if reduction not in ("mean", "sum"):  # (the split-row forward: per-row losses only)
+      cands += [k(split_rows=s, block_c=4096, num_warps=8) for s in (2, 4, 8)]
   if plat == "tpu":
     k = dispatch.kernel_class("pallas_mosaic_tpu")
     cands += [k(), k(block_r=128, block_c=4096)]
