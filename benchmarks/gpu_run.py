@@ -142,7 +142,7 @@ def section_check(run: Run) -> bool:
   ok = True
   key = jax.random.key(0)
   for (n, v) in shapes:
-    for dt in ("float32", "bfloat16"):
+    for dt in ("float32",) if run.dry else ("float32", "bfloat16"):
       k1, k2 = jax.random.split(jax.random.fold_in(key, n * v))
       x = (jax.random.normal(k1, (n, v), jnp.float32) * 3).astype(dt)
       yi = jax.random.randint(k2, (n,), 0, v).at[1].set(-100)
@@ -197,7 +197,7 @@ def _row(run: Run, name: str, case: C.Case, mode: str, inputs, bw: float):
 
 
 def section_record(run: Run, bw: float):
-  shapes = [(64, 4099), (32, 32000)] if run.dry else [(8192, 128256), (32768, 32000),
+  shapes = [(64, 4099)] if run.dry else [(8192, 128256), (32768, 32000),
                                                        (4096, 256000), (8192, 151936)]
   impls = ["pallas_triton", "xla", "optax", "naive"]
   for n, v in shapes:

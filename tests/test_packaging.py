@@ -11,20 +11,22 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def dists(tmp_path_factory):
+def test_wheel_and_sdist(tmp_path):
+  # (one test: builds write build/ in the source tree, so two at once under xdist would race)
   pytest.importorskip("build")
-  out = tmp_path_factory.mktemp("dist")
+  out = tmp_path / "dist"
   subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)],
                  check=True, capture_output=True, text=True, timeout=600)
-  return next(out.glob("*.whl")), next(out.glob("*.tar.gz"))
+  wheel, sdist = next(out.glob("*.whl")), next(out.glob("*.tar.gz"))
+  _check_wheel(wheel)
+  _check_sdist(sdist, tmp_path / "unpacked")
 
 
-def test_wheel_contents(dists):
-  wheel, _ = dists
+def _check_wheel(wheel):
   names = zipfile.ZipFile(wheel).namelist()
   for need in ("jxent/__init__.py", "jxent/_src/core.py", "jxent/_src/logprobs.py",
-               "jxent/bench/cli.py", "jxent/py.typed"):
+               "jxent/bench/cli.py", "jxent/py.typed",
+               "jxent/_src/configs/nvidia_h100_80gb_hbm3.json"):
     assert need in names, need
   assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
   assert not any(n.startswith(("tests/", "examples/", "benchmarks/")) for n in names)
@@ -33,8 +35,8 @@ def test_wheel_contents(dists):
   assert "Keywords:" in meta and "Requires-Dist: jax>=0.10" in meta
 
 
-def test_sdist_holds_its_tests(dists, tmp_path):
-  _, sdist = dists
+def _check_sdist(sdist, tmp_path):
+  tmp_path.mkdir()
   with tarfile.open(sdist) as tar:
     names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     tar.extractall(tmp_path, filter="data")
