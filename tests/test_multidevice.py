@@ -32,7 +32,7 @@ def _mosaic():
   return PallasMosaicTpuKernel(interpret=True, block_r=8, block_c=128)
 
 
-@pytest.mark.parametrize("tp", [2, 4, 8])
+@pytest.mark.parametrize("tp", [2, 8])  # (the smallest and the widest model axis)
 @pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("impl", ["xla", "xla_autodiff", "chunked_xla", "pallas_triton",
                                   "pallas_triton_groups", "pallas_mosaic_tpu"])
@@ -66,7 +66,7 @@ def test_vocab_parallel_integer_labels(tp, options, impl):
   assert_close(dx, rdx)
 
 
-@pytest.mark.parametrize("tp", [2, 4, 8])
+@pytest.mark.parametrize("tp", [2, 8])  # (the smallest and the widest model axis)
 @pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("impl", ["xla", "xla_autodiff", "pallas_triton", "pallas_mosaic_tpu"])
 def test_vocab_parallel_dense_labels(tp, options, impl):
