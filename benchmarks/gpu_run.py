@@ -16,8 +16,10 @@ or a crash loses nothing already measured):
    32768x32000, 4096x256000 and 8192x151936 bf16, for ``pallas_triton``, ``xla``, optax and the
    naive formula, with floors measured in the same run;
 4. ``tune``: Triton launch candidates (``block_c``, ``num_warps``, ``num_stages``,
-   ``row_groups``, ``programs``) at 8192x128256 bf16; the fastest correct one per op is written
-   to ``<out>/gpu_run_config.json`` (device kind, versions, times) to ship;
+   ``row_groups``, ``programs``, ``split_rows``) at 8192x128256 bf16, then ``jxent.autotune``
+   there for both label kinds and reductions; every measured candidate is written to
+   ``<out>/gpu_run_config.json`` in the shipped format (copy it to
+   ``jxent/_src/configs/<device kind>.json`` to ship it);
 5. ``linear``: 8192x2304->256000 and 8192x4096->128256 bf16: both algorithms over block sizes
    and ``dw_accumulation``, unfused, and the three bare matmuls; time and temporaries;
 6. ``peers``: ``benchmarks/gpu_peers.py`` (Liger, Cut Cross-Entropy, torch.compile) when torch
@@ -239,7 +241,7 @@ def section_tune(run: Run, bw: float):
          .astype(jnp.bfloat16), jax.random.randint(jax.random.fold_in(key, 9 + i), (n,), 0, v))
         for i in range(2)]
   nbytes = n * v * 2
-  best = {}
+  sweep = []
   ref = None
   for k in cands:
     cfg = dict(block_c=k.block_c, num_warps=k.num_warps, num_stages=k.num_stages,
@@ -264,21 +266,31 @@ def section_tune(run: Run, bw: float):
                   vg_x_three_pass_floor=vg_ms / (3 * nbytes / bw * 1e3))
 
     res = run.case("tune", 20, one, shape=[n, v], **cfg)
-    if res and not res.get("wrong"):
-      for op, key_ms in (("forward", "fwd_ms"), ("fused_value_and_grad", "vg_ms")):
-        ms = res.get(key_ms, 0.0 if run.dry else None)
-        if ms is not None and (op not in best or ms < best[op]["ms"]):
-          best[op] = dict(ms=ms, **cfg)
+    if res and not res.get("wrong") and "vg_ms" in res:
+      params = {k: w for k, w in cfg.items() if w != getattr(K(), k)}
+      sweep.append(dict(implementation="pallas_triton", params=params, ms=res["vg_ms"],
+                        fwd_ms=res["fwd_ms"], temp_bytes=None))
+  # The autotuner over the same shape (all candidates, value_and_grad, temporaries), for both
+  # label kinds and reductions; with the sweep's launch configurations, the config to ship.
+  from jxent._src import tuning
+  entries = {}
+  for labels in ("int", "dense"):
+    for reduction in ("mean", "none"):
+      def tuned(labels=labels, reduction=reduction):
+        r = tuning.autotune("xent", (n, v), "bfloat16", labels=labels, reduction=reduction,
+                            reps=run.reps, force=True)
+        cands = r["candidates"] + (sweep if (labels, reduction) == ("int", "mean") else [])
+        entries[r["key"]] = dict(candidates=cands, rejected=r["rejected"])
+        return dict(key=r["key"], winner=min(cands, key=lambda c: c["ms"]) if cands else None,
+                    rejected=len(r["rejected"]))
+      run.case("tune", 60, tuned, what="autotune", labels=labels, reduction=reduction)
   dev = jax.devices()[0]
-  config = dict(device_kind=getattr(dev, "device_kind", dev.platform), jax=jax.__version__,
-                jxent=jxent.__version__, date=time.strftime("%Y-%m-%d"),
-                entries=[dict(op=op, dtype="bfloat16", labels="int", shape=[n, v],
-                              implementation="pallas_triton", params={k: w for k, w in b.items()
-                                                                      if k != "ms"}, ms=b["ms"])
-                         for op, b in best.items()])
-  with open(os.path.join(run.out, "gpu_run_config.json"), "w") as fh:
-    json.dump(config, fh, indent=1)
-  run.emit("tune", wrote="gpu_run_config.json", winners=len(best))
+  path = os.path.join(run.out, "gpu_run_config.json")
+  tuning.write_entries(path, entries, device_kind=tuning.device_kind(dev),
+                       source=f"benchmarks/gpu_run.py on {getattr(dev, 'device_kind', dev.platform)}"
+                              f", jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
+  os.remove(path + ".lock")
+  run.emit("tune", wrote="gpu_run_config.json", keys=len(entries))
 
 
 # ------------------------------------------------------------------------------------------------

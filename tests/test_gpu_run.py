@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_dry_run(tmp_path):
-  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JXENT_CACHE_DIR=str(tmp_path / "cache"))
   res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_run.py"), "--dry-run",
                         "--out", str(tmp_path), "--budget", "400"], env=env, capture_output=True,
                        text=True, timeout=900)
@@ -27,8 +27,10 @@ def test_dry_run(tmp_path):
   record = [l for l in lines if l["section"] == "record" and "median_ms" in l]
   assert {l["impl"] for l in record} >= {"xla", "optax", "naive"}
   config = json.loads((tmp_path / "gpu_run_config.json").read_text())
-  assert {e["op"] for e in config["entries"]} == {"forward", "fused_value_and_grad"}
-  assert len(list(tmp_path.iterdir())) <= 8
+  assert set(config["entries"]) == {f"xent|{lab}|bfloat16|{red}||32x4096"
+                                    for lab in ("int", "dense") for red in ("scalar", "rows")}
+  assert all(e["candidates"] for e in config["entries"].values())
+  assert len([p for p in tmp_path.iterdir() if p.name != "cache"]) <= 8
 
 
 def test_deadline_skips_and_refuses_cpu_without_dry_run(tmp_path):
