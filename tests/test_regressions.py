@@ -136,7 +136,7 @@ def x64():
   jax.config.update("jax_enable_x64", False)
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked_xla"])
+@pytest.mark.parametrize("impl", ["xla", "chunked_xla", "xla_autodiff"])
 @pytest.mark.parametrize("target", [0, 1])
 def test_float64_small_gradient(x64, impl, target):
   # testSmallGradientAcrossDtypes / testSmallGradientThroughPublicApi: the dominant class's
@@ -180,6 +180,29 @@ def test_float64_matches_float64_reference(x64):
     _, vjp = jax.vjp(lambda x: jxent.softmax_cross_entropy(x, yd, implementation=impl), x)
     _, rvjp = jax.vjp(lambda x: optax.softmax_cross_entropy(x, yd), x)
     np.testing.assert_allclose(vjp(g)[0], rvjp(g)[0], rtol=1e-12, atol=1e-14)
+
+
+def test_float64_autodiff_exact_tails_every_mode(x64):
+  # xla_autodiff's float64 JVP is written from the tail-exact gradient: jvp, grad and hessian.
+  logits = jnp.array([[TAIL, 0.0, -1.0]])
+  f = lambda x: jnp.sum(jxent.softmax_cross_entropy_with_integer_labels(
+      x, jnp.array([0]), implementation="xla_autodiff"))
+  tail = np.exp(-TAIL) + np.exp(-TAIL - 1)
+  _, t = jax.jvp(f, (logits,), (jnp.array([[1.0, 0.0, 0.0]]),))
+  np.testing.assert_allclose(t, -tail, rtol=1e-13)
+  np.testing.assert_allclose(jax.grad(f)(logits)[0, 0], -tail, rtol=1e-13)
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(3, 5)))
+  yd = jnp.asarray(rng.random((3, 5)))
+  kw = dict(label_smoothing=0.1, z_loss=1e-3, logit_softcap=3.0)
+  ours = lambda a, b: jxent.softmax_cross_entropy(a, b, reduction="sum",
+                                                  implementation="xla_autodiff", **kw)
+  cap = lambda a: 3.0 * jnp.tanh(a / 3.0)
+  ref = lambda a, b: jnp.sum(optax.softmax_cross_entropy(cap(a), 0.9 * b + 0.02)
+                             + 1e-3 * jax.nn.logsumexp(cap(a), -1) ** 2)
+  np.testing.assert_allclose(jax.hessian(ours)(x, yd), jax.hessian(ref)(x, yd), atol=1e-12)
+  np.testing.assert_allclose(jax.jacfwd(jax.grad(ours, argnums=1))(x, yd),
+                             jax.jacfwd(jax.grad(ref, argnums=1))(x, yd), atol=1e-12)
 
 
 def test_pallas_refuses_float64(x64):

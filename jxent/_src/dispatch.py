@@ -65,6 +65,8 @@ class XlaAutodiffKernel(XlaKernel):
     if opts.tf_grad:
       raise ValueError("implementation 'xla_autodiff' differentiates the loss itself and cannot "
                        "give TF's kernel gradient (tf_grad); use 'xla'.")
+    if jax.numpy.promote_types(logits.dtype, jax.numpy.float32) == jax.numpy.float64:
+      return xla.autodiff_f64(logits, labels, sparse, opts)  # (the tails, exactly)
     return xla.forward(logits, labels, sparse=sparse, opts=opts, autodiff=True, need_lse=need_lse)
 
 
