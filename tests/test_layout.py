@@ -36,4 +36,5 @@ def test_no_kernel_imports_another_kernel_or_the_registry():
 def test_xla_holds_only_the_xla_kernel():
   tree = ast.parse((SRC / "xla.py").read_text())
   public = {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}
-  assert public == {"cpu_fusible", "segments", "label_dot", "forward", "backward"}, public
+  assert public == {"cpu_fusible", "segments", "label_dot", "forward", "backward",
+                    "autodiff_f64"}, public
