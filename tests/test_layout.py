@@ -38,3 +38,13 @@ def test_xla_holds_only_the_xla_kernel():
   public = {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}
   assert public == {"cpu_fusible", "segments", "label_dot", "forward", "backward",
                     "autodiff_f64"}, public
+
+
+def test_import_jxent_loads_neither_keras_nor_pallas():
+  import subprocess
+  import sys
+  code = ("import sys, jxent; jxent.softmax_cross_entropy_with_integer_labels; "
+          "bad = [m for m in ('keras', 'jax.experimental.pallas', 'jxent._src.pallas_triton') "
+          "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+  res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert res.returncode == 0, res.stdout + res.stderr
