@@ -179,3 +179,18 @@ def test_two_processes_merge_their_entries(cache):
   assert all(p.wait(timeout=120) == 0 for p in procs)
   entries = json.loads((cache / "k.json").read_text())["entries"]
   assert {f"{t}{i}" for t in "ab" for i in range(20)} == set(entries)
+
+
+def test_heuristic_from_the_device_properties(monkeypatch):
+  # an unknown GPU (no tuned entry): one program per row, unless the rows cannot fill its SMs,
+  # then the split-row forward (two programs per SM, at most 8 per row)
+  monkeypatch.setattr(tuning, "device_kind", lambda device=None: "some_new_gpu")
+  monkeypatch.setattr(dispatch, "platform", lambda: "gpu")
+  monkeypatch.setattr(dispatch, "sm_count", lambda device=None: 132)
+  k, src = jxent.chosen_implementation("xent", (8192, 128256), "bfloat16")
+  assert (k, src) == (jxent.PallasTritonKernel(), "heuristic")
+  assert jxent.chosen_implementation("xent", (64, 128256), "bfloat16")[0].split_rows == 8
+  assert jxent.chosen_implementation("xent", (100, 128256), "bfloat16")[0].split_rows == 4
+  assert jxent.chosen_implementation("xent", (100, 512), "bfloat16")[0] == jxent.XlaKernel()
+  monkeypatch.setattr(dispatch, "sm_count", lambda device=None: None)
+  assert jxent.chosen_implementation("xent", (64, 128256), "bfloat16")[0].split_rows == 1

@@ -143,14 +143,29 @@ def platform_ok(name: str) -> bool:
   return platform() in kernel.platforms
 
 
+def sm_count(device=None):
+  """The device's streaming multiprocessors (``core_count`` of a JAX GPU device), or None."""
+  device = device or jax.devices()[0]
+  count = getattr(device, "core_count", None)
+  return count if isinstance(count, int) and count > 0 else None
+
+
 def heuristic(sparse: bool, shape, dtype) -> Any:
-  """The default without a tuned entry: ``"pallas_triton"`` on GPU for 2-D rows of >= 1024
-  classes of 16/32-bit logits (faster than XLA there on the H100 for integer labels), ``"xla"``
-  elsewhere."""
+  """The default without a tuned entry, from the device's properties: ``"pallas_triton"`` on
+  GPU for 2-D rows of >= 1024 classes of 16/32-bit logits (faster than XLA there on the H100 for
+  integer labels), ``"xla"`` elsewhere. With fewer rows than twice the GPU's SM count, one
+  program per row leaves SMs idle: the forward then splits each row over enough programs to
+  give every SM two (``split_rows``, at most 8)."""
   plat = platform()
   if plat in ("gpu", "cuda") and jax.numpy.dtype(dtype).itemsize <= 4:
     from jxent._src import pallas_triton
     if pallas_triton.preferred(shape, dtype, sparse):
+      sms, rows = sm_count(), shape[0]
+      if sms and 0 < rows < 2 * sms:
+        split = 1
+        while split < 8 and rows * split < 2 * sms:
+          split *= 2
+        return pallas_triton.PallasTritonKernel(split_rows=split)
       return pallas_triton.PallasTritonKernel()
   return XlaKernel()
 
