@@ -277,6 +277,23 @@ linear_xent_fused.defvjp(_linear_xent_fused_fwd, _linear_xent_fused_bwd)
 # ------------------------------------------------------------------------------------------------
 # Public entry point.
 # ------------------------------------------------------------------------------------------------
+def check_linear_inputs(x, w, labels):
+  """Validates ``x [..., hidden]``, ``w [hidden, num_classes]`` and integer ``labels [...]``
+  (trace time); returns them as arrays."""
+  x = core.check_logits(x, "x")
+  w = core.check_logits(w, "w")
+  labels = jnp.asarray(labels)
+  if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[0]:
+    raise ValueError(f"expected x [..., hidden] and w [hidden, num_classes]; got x {x.shape}, "
+                     f"w {w.shape}.")
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f"`labels` must be integers, got {labels.dtype}.")
+  if labels.shape != x.shape[:-1]:
+    raise ValueError(f"`labels` {labels.shape} must have the shape of x without its last axis "
+                     f"{x.shape[:-1]}.")
+  return x, w, labels
+
+
 def linear_softmax_cross_entropy(
     x: ArrayLike,
     w: ArrayLike,
@@ -325,17 +342,7 @@ def linear_softmax_cross_entropy(
     >>> jxent.linear_softmax_cross_entropy(x, w, y)
     Array(2.3025851, dtype=float32)
   """
-  x = core.check_logits(x, "x")
-  w = core.check_logits(w, "w")
-  labels = jnp.asarray(labels)
-  if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[0]:
-    raise ValueError(f"expected x [..., hidden] and w [hidden, num_classes]; got x {x.shape}, "
-                     f"w {w.shape}.")
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(f"`labels` must be integers, got {labels.dtype}.")
-  if labels.shape != x.shape[:-1]:
-    raise ValueError(f"`labels` {labels.shape} must have the shape of x without its last axis "
-                     f"{x.shape[:-1]}.")
+  x, w, labels = check_linear_inputs(x, w, labels)
   core.check_reduction(reduction)
   opts = make_options(label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap,
                       ignore_index=ignore_index, axis_name=axis_name)

@@ -24,7 +24,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jxent._src import core, rowmath
+from jxent._src import core, dispatch, rowmath
 from jxent._src.chunked import fold_blocks
 from jxent._src.options import XentOptions, make_options
 
@@ -91,13 +91,21 @@ def _dz(z, local, lse, ent, g_lp, g_ent):
   return dz
 
 
-def _cotangents(g_lp, g_ent, labels, lse, opts: XentOptions, local_c: int, keep):
-  """Zero on dropped rows (``keep`` false); NaN log-prob cotangents on out-of-range labels."""
-  g_lp = rowmath.nan_rows(jnp.where(keep, g_lp, 0.0), labels, lse, sparse=True,
-                      opts=dataclasses.replace(opts, ignore_index=None), local_c=local_c)
-  if g_ent is not None:
-    g_ent = jnp.where(keep, g_ent, 0.0)
-  return g_lp, g_ent
+def _cotangents(g, with_entropy, labels, lse, opts: XentOptions, local_c: int, keep, like):
+  """``(g_lp, g_ent | None)``: zero on dropped rows (``keep`` false), NaN log-prob cotangents
+  on out-of-range labels, each whole over the vocab shards (``like``: an input sharded over
+  them, see :func:`rowmath.total_cotangent`)."""
+  g_lp = rowmath.nan_rows(jnp.where(keep, g[0], 0.0), labels, lse, sparse=True,
+                          opts=dataclasses.replace(opts, ignore_index=None), local_c=local_c)
+  g_lp = rowmath.total_cotangent(g_lp, like, opts)
+  if not with_entropy:
+    return g_lp, None
+  return g_lp, rowmath.total_cotangent(jnp.where(keep, g[1], 0.0), like, opts)
+
+
+def _outputs(lp, ent, keep, with_entropy):
+  """The primal outputs: 0 on dropped rows; the entropy only when asked for."""
+  return jnp.where(keep, lp, 0.0), (jnp.where(keep, ent, 0.0) if with_entropy else None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,22 +156,19 @@ def token_stats_2d(logits, labels, inv_t, keep, opts: XentOptions, kernel: Any,
                    with_entropy: bool):
   """``(log_prob [R], entropy [R])`` of ``logits [R, C]`` (entropy None unless asked for)."""
   lp, ent, _ = _logits_forward(logits, labels, inv_t, opts, kernel)
-  return jnp.where(keep, lp, 0.0), (jnp.where(keep, ent, 0.0) if with_entropy else None)
+  return _outputs(lp, ent, keep, with_entropy)
 
 
 def _token_stats_2d_fwd(logits, labels, inv_t, keep, opts, kernel, with_entropy):
   lp, ent, lse = _logits_forward(logits, labels, inv_t, opts, kernel)
-  out = (jnp.where(keep, lp, 0.0), jnp.where(keep, ent, 0.0) if with_entropy else None)
+  out = _outputs(lp, ent, keep, with_entropy)
   return out, (logits, labels, inv_t, keep, lse, ent)
 
 
 def _token_stats_2d_bwd(opts, kernel, with_entropy, res, g):
   logits, labels, inv_t, keep, lse, ent = res
   c = logits.shape[1]
-  g_lp, g_ent = _cotangents(g[0], g[1] if with_entropy else None, labels, lse, opts, c, keep)
-  g_lp = rowmath.total_cotangent(g_lp, logits, opts)
-  if g_ent is not None:
-    g_ent = rowmath.total_cotangent(g_ent, logits, opts)
+  g_lp, g_ent = _cotangents(g, with_entropy, labels, lse, opts, c, keep, logits)
   local = labels - rowmath.class_offset(c, opts)
   if logits.shape[0] == 0:
     dlogits = jnp.zeros(logits.shape, logits.dtype)
@@ -203,7 +208,6 @@ def _kernel_for(implementation, shape, dtype):
   """The walks for these rows: :class:`XlaRows` for ``"xla"`` (whole rows) and
   ``"chunked_xla"`` (class blocks), the kernel itself when it has them (``pallas_triton``);
   ``None`` takes the loss's default where that kernel has them, else ``"xla"``."""
-  from jxent._src import dispatch
   c = max(shape[1], 1)
   if implementation is None:
     kernel = dispatch.resolve(None, sparse=True, shape=shape, dtype=dtype)
@@ -320,22 +324,19 @@ def linear_token_stats(x, w, labels, inv_t, keep, opts: XentOptions, block_v: in
                        with_entropy: bool):
   """``(log_prob [N], entropy [N] | None)`` of ``x [N, D] @ w [D, V]``."""
   lp, ent, _ = _linear_forward(x, w, labels, inv_t, opts, block_v)
-  return jnp.where(keep, lp, 0.0), (jnp.where(keep, ent, 0.0) if with_entropy else None)
+  return _outputs(lp, ent, keep, with_entropy)
 
 
 def _linear_token_stats_fwd(x, w, labels, inv_t, keep, opts, block_v, with_entropy):
   lp, ent, lse = _linear_forward(x, w, labels, inv_t, opts, block_v)
-  out = (jnp.where(keep, lp, 0.0), jnp.where(keep, ent, 0.0) if with_entropy else None)
+  out = _outputs(lp, ent, keep, with_entropy)
   return out, (x, w, labels, inv_t, keep, lse, ent)
 
 
 def _linear_token_stats_bwd(opts, block_v, with_entropy, res, g):
   x, w, labels, inv_t, keep, lse, ent = res
   v = w.shape[1]
-  g_lp, g_ent = _cotangents(g[0], g[1] if with_entropy else None, labels, lse, opts, v, keep)
-  g_lp = rowmath.total_cotangent(g_lp, w, opts)
-  if g_ent is not None:
-    g_ent = rowmath.total_cotangent(g_ent, w, opts)
+  g_lp, g_ent = _cotangents(g, with_entropy, labels, lse, opts, v, keep, w)
   local = labels - rowmath.class_offset(v, opts)
 
   def step(start, size, carry):
@@ -396,18 +397,8 @@ def linear_token_log_probs(
     >>> jxent.linear_token_log_probs(x, w, y)
     Array([-2.0794415, -2.0794415], dtype=float32)
   """
-  from jxent._src.linear import LinearChunked
-  x = core.check_logits(x, "x")
-  w = core.check_logits(w, "w")
-  labels = jnp.asarray(labels)
-  if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[0]:
-    raise ValueError(f"expected x [..., hidden] and w [hidden, num_classes]; got x {x.shape}, "
-                     f"w {w.shape}.")
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(f"`labels` must be integers, got {labels.dtype}.")
-  if labels.shape != x.shape[:-1]:
-    raise ValueError(f"`labels` {labels.shape} must have the shape of x without its last axis "
-                     f"{x.shape[:-1]}.")
+  from jxent._src.linear import LinearChunked, check_linear_inputs
+  x, w, labels = check_linear_inputs(x, w, labels)
   if w.shape[1] == 0:
     raise ValueError(f"`w` {w.shape} has no classes.")
   if implementation is None or implementation in ("linear_chunked", "chunked_xla"):

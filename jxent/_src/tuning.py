@@ -179,15 +179,14 @@ def lookup(key: str, *, memory_budget: Optional[int] = None, kind: Optional[str]
 
 
 def build_kernel(cand: dict):
-  """The implementation object of a stored candidate."""
+  """The implementation object of a stored candidate (None: it cannot run on this backend)."""
   from jxent._src import dispatch, linear
   name, params = cand["implementation"], dict(cand.get("params") or {})
+  if name == "unfused":
+    return name
   if name in linear.ALGORITHMS:
-    return linear.ALGORITHMS[name](**params) if params or name != "unfused" else "unfused"
-  if not params:
-    return dispatch.resolve(name, sparse=True, shape=(1, 1), dtype=jnp.float32) \
-        if dispatch.platform_ok(name) else None
-  return dispatch.kernel_class(name)(**params)
+    return linear.ALGORITHMS[name](**params)
+  return dispatch.kernel_class(name)(**params) if dispatch.platform_ok(name) else None
 
 
 def chosen_implementation(op: str, shape, dtype, *, labels: str = "int",
