@@ -65,7 +65,8 @@ class Run:
     self.out, self.dry = out, dry
     self.deadline = time.monotonic() + budget
     self.log = open(os.path.join(out, "gpu_run.jsonl"), "a")
-    self.reps = 10
+    self.reps = 2 if dry else 10  # (dry-run timings mean nothing; they only show the code runs)
+    self.bw = None  # copy bandwidth, bytes/s, once the device section has measured it
     self.kernel = functools.partial(jxent.PallasTritonKernel, interpret=True) if dry else \
         jxent.PallasTritonKernel
 
@@ -109,7 +110,10 @@ def section_device(run: Run):
   except Exception:  # noqa: BLE001  (torch is optional)
     pass
   run.emit("device", **facts)
-  run.case("device", 20, lambda: dict(copy_gbps=copy_bandwidth(run.reps) / 1e9), what="copy")
+  def copy():
+    run.bw = copy_bandwidth(run.reps)
+    return dict(copy_gbps=run.bw / 1e9)
+  run.case("device", 20, copy, what="copy")
   shapes = [(256, 256, 256)] if run.dry else [(8192, 8192, 8192), (8192, 2304, 256000),
                                               (8192, 4096, 128256)]
   for m, k, n in shapes:
@@ -389,7 +393,7 @@ def main(argv=None) -> int:
         run.emit(s, skipped="the correctness check failed: nothing is timed")
       else:
         if bw is None and s in ("record", "tune"):
-          bw = copy_bandwidth(run.reps)
+          bw = run.bw or copy_bandwidth(run.reps)
         {"record": lambda: section_record(run, bw), "tune": lambda: section_tune(run, bw),
          "linear": lambda: section_linear(run), "peers": lambda: section_peers(run)}[s]()
     except Exception:  # noqa: BLE001  (a crashing section is recorded; the next one runs)
