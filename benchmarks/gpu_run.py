@@ -17,8 +17,10 @@ or a crash loses nothing already measured):
    naive formula, with floors measured in the same run;
 4. ``tune``: Triton launch candidates (``block_c``, ``num_warps``, ``num_stages``,
    ``row_groups``, ``programs``, ``split_rows``) at 8192x128256 bf16, then ``jxent.autotune``
-   there for both label kinds and reductions; every measured candidate is written to
-   ``<out>/gpu_run_config.json`` in the shipped format (copy it to
+   there for both label kinds and reductions; then the same at 32768x32000, where the whole row
+   as one block (the fused kernel's one-load path: two passes over HBM instead of three) is
+   swept against the walks. Every measured candidate is written to
+   ``<out>/gpu_run_config.json`` in the shipped format after each shape (copy it to
    ``jxent/_src/configs/<device kind>.json`` to ship it);
 5. ``linear``: 8192x2304->256000 and 8192x4096->128256 bf16: both algorithms over block sizes
    and ``dw_accumulation``, unfused, and the three bare matmuls; time and temporaries;
@@ -47,6 +49,7 @@ import numpy as np  # noqa: E402
 
 import jxent  # noqa: E402
 from jxent.bench import cases as C  # noqa: E402
+from jxent._src import tuning  # noqa: E402
 from jxent.bench.cli import _compile, _median_ms, copy_bandwidth  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -226,20 +229,62 @@ def section_record(run: Run, bw: float):
 # ------------------------------------------------------------------------------------------------
 # 4. tuning: Triton launch candidates; the winners are written as the config to ship
 # ------------------------------------------------------------------------------------------------
-def section_tune(run: Run, bw: float):
+def _sweep_shapes(run: Run):
+  """``[(n, v, candidates)]``: the launch sweep, the large vocabulary first."""
   K = run.kernel
-  n, v = (32, 3000) if run.dry else (8192, 128256)
   if run.dry:
-    cands = [K(), K(block_c=1024, row_groups=4), K(block_c=512, split_rows=4)]
-  else:
-    cands = [K()]
-    cands += [K(block_c=bc, num_warps=nw, num_stages=st, row_groups=gr)
-              for bc, nw in ((2048, 4), (4096, 8), (8192, 8)) for st in (1, 2, 3) for gr in (1, 64)]
-    cands += [K(programs=p * 132, block_c=bc, num_warps=nw, row_groups=64)
-              for p in (1, 2) for bc, nw in ((4096, 8), (8192, 16))]
-    # split-row forward: several programs per row (the forward only; value_and_grad is fused)
-    cands += [K(split_rows=sp, block_c=bc, num_warps=nw) for sp in (2, 4, 8)
-              for bc, nw in ((4096, 8), (8192, 8))]
+    return [(32, 3000, [K(), K(block_c=1024, row_groups=4), K(block_c=512, split_rows=4)]),
+            (16, 500, [K(block_c=tuning.one_block(500), num_warps=nw) for nw in (8, 16)])]
+  cands = [K()]
+  cands += [K(block_c=bc, num_warps=nw, num_stages=st, row_groups=gr)
+            for bc, nw in ((2048, 4), (4096, 8), (8192, 8)) for st in (1, 2, 3) for gr in (1, 64)]
+  cands += [K(programs=p * 132, block_c=bc, num_warps=nw, row_groups=64)
+            for p in (1, 2) for bc, nw in ((4096, 8), (8192, 16))]
+  # split-row forward: several programs per row (the forward only; value_and_grad is fused)
+  cands += [K(split_rows=sp, block_c=bc, num_warps=nw) for sp in (2, 4, 8)
+            for bc, nw in ((4096, 8), (8192, 8))]
+  # 32000 classes: the whole row as one block (value_and_grad reads it once: two passes, not
+  # three), against the default walk and the best walks above
+  small = [K(), K(block_c=4096, num_warps=8)]
+  small += [K(block_c=tuning.one_block(32000), num_warps=nw) for nw in (8, 16, 32)]
+  return [(8192, 128256, cands), (32768, 32000, small)]
+
+
+def section_tune(run: Run, bw: float):
+  """Per shape (the large vocabulary first): the launch sweep, then the autotuner (all
+  candidates, value_and_grad, temporaries) for both label kinds and reductions. Its entries, with
+  the sweep's launch configurations, are the config to ship; the file is written after each
+  shape, so a deadline keeps what was tuned."""
+  dev = jax.devices()[0]
+  path = os.path.join(run.out, "gpu_run_config.json")
+  source = (f"benchmarks/gpu_run.py on {getattr(dev, 'device_kind', dev.platform)}, "
+            f"jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
+  keys = 0
+  for n, v, cands in _sweep_shapes(run):
+    swept = _sweep(run, bw, n, v, cands)
+    entries = {}
+    for labels in ("int", "dense"):
+      for reduction in ("mean", "none"):
+        def tuned(labels=labels, reduction=reduction):
+          r = tuning.autotune("xent", (n, v), "bfloat16", labels=labels, reduction=reduction,
+                              reps=run.reps, force=True)
+          cands = r["candidates"] + (swept if (labels, reduction) == ("int", "mean") else [])
+          entries[r["key"]] = dict(candidates=cands, rejected=r["rejected"])
+          return dict(key=r["key"], winner=min(cands, key=lambda c: c["ms"]) if cands else None,
+                      rejected=len(r["rejected"]))
+        run.case("tune", 60, tuned, what="autotune", shape=[n, v], labels=labels,
+                 reduction=reduction)
+    if entries:
+      tuning.write_entries(path, entries, device_kind=tuning.device_kind(dev), source=source)
+      os.remove(path + ".lock")
+      keys += len(entries)
+  run.emit("tune", wrote="gpu_run_config.json", keys=keys)
+
+
+def _sweep(run: Run, bw: float, n: int, v: int, cands) -> list:
+  """Times each launch configuration (forward, value_and_grad of the mean) at ``[n, v]`` bf16
+  integer labels after checking its gradient against ``xla``; returns the autotuner's rows."""
+  K = run.kernel
   key = jax.random.key(3)
   xs = [((jax.random.normal(jax.random.fold_in(key, i), (n, v), jnp.float32) * 3)
          .astype(jnp.bfloat16), jax.random.randint(jax.random.fold_in(key, 9 + i), (n,), 0, v))
@@ -274,27 +319,7 @@ def section_tune(run: Run, bw: float):
       params = {k: w for k, w in cfg.items() if w != getattr(K(), k)}
       sweep.append(dict(implementation="pallas_triton", params=params, ms=res["vg_ms"],
                         fwd_ms=res["fwd_ms"], temp_bytes=None))
-  # The autotuner over the same shape (all candidates, value_and_grad, temporaries), for both
-  # label kinds and reductions; with the sweep's launch configurations, the config to ship.
-  from jxent._src import tuning
-  entries = {}
-  for labels in ("int", "dense"):
-    for reduction in ("mean", "none"):
-      def tuned(labels=labels, reduction=reduction):
-        r = tuning.autotune("xent", (n, v), "bfloat16", labels=labels, reduction=reduction,
-                            reps=run.reps, force=True)
-        cands = r["candidates"] + (sweep if (labels, reduction) == ("int", "mean") else [])
-        entries[r["key"]] = dict(candidates=cands, rejected=r["rejected"])
-        return dict(key=r["key"], winner=min(cands, key=lambda c: c["ms"]) if cands else None,
-                    rejected=len(r["rejected"]))
-      run.case("tune", 60, tuned, what="autotune", labels=labels, reduction=reduction)
-  dev = jax.devices()[0]
-  path = os.path.join(run.out, "gpu_run_config.json")
-  tuning.write_entries(path, entries, device_kind=tuning.device_kind(dev),
-                       source=f"benchmarks/gpu_run.py on {getattr(dev, 'device_kind', dev.platform)}"
-                              f", jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
-  os.remove(path + ".lock")
-  run.emit("tune", wrote="gpu_run_config.json", keys=len(entries))
+  return sweep
 
 
 # ------------------------------------------------------------------------------------------------

@@ -27,8 +27,13 @@ def test_dry_run(tmp_path):
   record = [l for l in lines if l["section"] == "record" and "median_ms" in l]
   assert {l["impl"] for l in record} >= {"xla", "optax", "naive"}
   config = json.loads((tmp_path / "gpu_run_config.json").read_text())
-  assert set(config["entries"]) == {f"xent|{lab}|bfloat16|{red}||32x4096"
-                                    for lab in ("int", "dense") for red in ("scalar", "rows")}
+  assert set(config["entries"]) == {f"xent|{lab}|bfloat16|{red}||{bucket}"
+                                    for lab in ("int", "dense") for red in ("scalar", "rows")
+                                    for bucket in ("32x4096", "16x512")}
+  # the second sweep shape tries the whole row as one block (the fused kernel's one-load path)
+  one_load = [l for l in lines if l["section"] == "tune" and l.get("shape") == [16, 500]
+              and l.get("block_c") == 512]
+  assert len(one_load) == 2 and all(l["grad_rel"] <= 2e-2 for l in one_load), one_load
   assert all(e["candidates"] for e in config["entries"].values())
   assert len([p for p in tmp_path.iterdir() if p.name != "cache"]) <= 8
 

@@ -152,3 +152,17 @@ def test_split_row_forward_lowers_for_cuda(sparse, monkeypatch):
   text = _lower(lambda x, y: jax.vjp(lambda x: fn(x, y, implementation=kernel), x)[1](
       jnp.ones(64, x.dtype)), (x, y), "cuda", monkeypatch)
   assert text.count("__gpu$xla.gpu.triton") == 2
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_one_load_fused_lowers_for_cuda(sparse, monkeypatch):
+  """A whole 32000-class row as one block (the autotuner's one-load candidate): value_and_grad of
+  the mean is one fused Triton call (the backward only scales its gradient)."""
+  kernel = pallas_triton.PallasTritonKernel(block_c=32768, num_warps=16)
+  x = jax.ShapeDtypeStruct((256, 32000), jnp.bfloat16)
+  y = jax.ShapeDtypeStruct((256,), jnp.int32) if sparse else x
+  fn = (jxent.softmax_cross_entropy_with_integer_labels if sparse else jxent.softmax_cross_entropy)
+  text = _lower(lambda x, y: jax.value_and_grad(lambda x: fn(x, y, implementation=kernel,
+                                                             reduction="mean"))(x), (x, y), "cuda",
+                monkeypatch)
+  assert text.count("__gpu$xla.gpu.triton") == 1

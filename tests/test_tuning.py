@@ -194,3 +194,16 @@ def test_heuristic_from_the_device_properties(monkeypatch):
   assert jxent.chosen_implementation("xent", (100, 512), "bfloat16")[0] == jxent.XlaKernel()
   monkeypatch.setattr(dispatch, "sm_count", lambda device=None: None)
   assert jxent.chosen_implementation("xent", (64, 128256), "bfloat16")[0].split_rows == 1
+
+
+def test_gpu_candidates_try_the_whole_row_as_one_block(monkeypatch):
+  # value_and_grad of a scalar loss with rows up to 32768 classes: the fused kernel's one-load
+  # path (block_c >= classes) is a candidate; per-row losses take the split-row forwards instead
+  monkeypatch.setattr(dispatch, "platform", lambda: "gpu")
+  one = lambda shape, red: {(k.block_c, k.num_warps) for k in tuning._candidates("xent", shape, red)
+                            if getattr(k, "name", "") == "pallas_triton" and k.block_c >= shape[1]}
+  assert one((32768, 32000), "mean") == {(32768, 8), (32768, 16), (32768, 32)}
+  assert one((64, 5000), "sum") == {(8192, 8), (8192, 16), (8192, 32)}
+  assert one((32768, 32000), "none") == set()
+  assert one((8192, 128256), "mean") == set()
+  assert [tuning.one_block(c) for c in (1, 16, 17, 32000, 32768)] == [16, 16, 32, 32768, 32768]

@@ -221,6 +221,15 @@ def chosen_implementation(op: str, shape, dtype, *, labels: str = "int",
 # ------------------------------------------------------------------------------------------------
 # The autotuner.
 # ------------------------------------------------------------------------------------------------
+# The longest row tried as one block (32768 float32 values: 32 per thread at 32 warps).
+ONE_LOAD_MAX_CLASSES = 32768
+
+
+def one_block(classes: int) -> int:
+  """The Triton ``block_c`` that holds a whole row of ``classes`` (a power of two, >= 16)."""
+  return max(16, 1 << (int(classes) - 1).bit_length())
+
+
 def _candidates(op: str, shape, reduction) -> list:
   from jxent._src import dispatch, linear
   plat = dispatch.platform()
@@ -239,6 +248,10 @@ def _candidates(op: str, shape, reduction) -> list:
                       for g in (1, 64)]
     if reduction not in ("mean", "sum"):  # (the split-row forward: per-row losses only)
       cands += [k(split_rows=s, block_c=4096, num_warps=8) for s in (2, 4, 8)]
+    elif shape[1] <= ONE_LOAD_MAX_CLASSES:
+      # The whole row as one block: the fused kernel reads it once for the loss and the gradient
+      # (two passes over HBM instead of three), if the compiler keeps it in registers.
+      cands += [k(block_c=one_block(shape[1]), num_warps=nw) for nw in (8, 16, 32)]
   if plat == "tpu":
     k = dispatch.kernel_class("pallas_mosaic_tpu")
     cands += [k(), k(block_r=128, block_c=4096)]
