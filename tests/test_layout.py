@@ -4,7 +4,9 @@ kernel, and no import circle between the registry and the kernels."""
 import ast
 import pathlib
 
-SRC = pathlib.Path(__file__).resolve().parents[1] / "jxent" / "_src"
+import jxent
+
+SRC = pathlib.Path(jxent.__file__).resolve().parent / "_src"  # (the installed package's source)
 KERNELS = {"xla", "chunked", "pallas_triton", "pallas_mosaic_tpu"}
 
 

@@ -42,8 +42,10 @@ def _check_sdist(sdist, tmp_path):
     tar.extractall(tmp_path, filter="data")
   for need in ("LICENSE", "pyproject.toml", "README.md", "tests/conftest.py", "tests/helpers.py",
                "tests/peers/test_peer_optax.py", "examples/train_digits.py",
-               "benchmarks/gpu_check.py", "benchmarks/linear_memory.py"):
+               "benchmarks/gpu_check.py", "benchmarks/linear_memory.py", "docs/conf.py",
+               "docs/index.md", ".ci/run"):
     assert need in names, need
+  assert not any(n.startswith("docs/_build") for n in names)
   root = next(tmp_path.iterdir())
   res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p",
                         "no:cacheprovider", "tests"], cwd=root, capture_output=True, text=True,
