@@ -23,7 +23,9 @@ or a crash loses nothing already measured):
    ``<out>/gpu_run_config.json`` in the shipped format after each shape (copy it to
    ``jxent/_src/configs/<device kind>.json`` to ship it);
 5. ``linear``: 8192x2304->256000 and 8192x4096->128256 bf16: both algorithms over block sizes
-   and ``dw_accumulation``, unfused, and the three bare matmuls; time and temporaries;
+   and ``dw_accumulation``, unfused, and the three bare matmuls; each algorithm's loss, dx and dw
+   checked against unfused, then time and temporaries; the checked ones are added to the config
+   (what ``implementation=None`` picks under its memory budget);
 6. ``peers``: ``benchmarks/gpu_peers.py`` (Liger, Cut Cross-Entropy, torch.compile) when torch
    is installed, in a subprocess bounded by the time left.
 
@@ -57,6 +59,7 @@ from gpu_util import rel  # noqa: E402  (|a - b| / |b|, NaN when a is not finite
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OPTS = dict(label_smoothing=0.1, z_loss=1e-4, logit_softcap=30.0)
+CONFIG = "gpu_run_config.json"  # the tuned entries, in the shipped format
 TOL = {"float32": 2e-4, "bfloat16": 2e-2}  # relative error vs xla (Frobenius)
 
 
@@ -255,10 +258,6 @@ def section_tune(run: Run, bw: float):
   candidates, value_and_grad, temporaries) for both label kinds and reductions. Its entries, with
   the sweep's launch configurations, are the config to ship; the file is written after each
   shape, so a deadline keeps what was tuned."""
-  dev = jax.devices()[0]
-  path = os.path.join(run.out, "gpu_run_config.json")
-  source = (f"benchmarks/gpu_run.py on {getattr(dev, 'device_kind', dev.platform)}, "
-            f"jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
   keys = 0
   for n, v, cands in _sweep_shapes(run):
     swept = _sweep(run, bw, n, v, cands)
@@ -274,11 +273,21 @@ def section_tune(run: Run, bw: float):
                       rejected=len(r["rejected"]))
         run.case("tune", 60, tuned, what="autotune", shape=[n, v], labels=labels,
                  reduction=reduction)
-    if entries:
-      tuning.write_entries(path, entries, device_kind=tuning.device_kind(dev), source=source)
-      os.remove(path + ".lock")
-      keys += len(entries)
-  run.emit("tune", wrote="gpu_run_config.json", keys=keys)
+    keys += _ship(run, entries)
+  run.emit("tune", wrote=CONFIG, keys=keys)
+
+
+def _ship(run: Run, entries: dict) -> int:
+  """Merges tuned ``entries`` into ``<out>/gpu_run_config.json`` (the shipped format)."""
+  if not entries:
+    return 0
+  dev = jax.devices()[0]
+  path = os.path.join(run.out, CONFIG)
+  tuning.write_entries(path, entries, device_kind=tuning.device_kind(dev),
+                       source=f"benchmarks/gpu_run.py on {getattr(dev, 'device_kind', dev.platform)}"
+                              f", jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
+  os.remove(path + ".lock")
+  return len(entries)
 
 
 def _sweep(run: Run, bw: float, n: int, v: int, cands) -> list:
@@ -326,7 +335,11 @@ def _sweep(run: Run, bw: float, n: int, v: int, cands) -> list:
 # 5. linear cross-entropy
 # ------------------------------------------------------------------------------------------------
 def section_linear(run: Run):
+  """Each algorithm's value_and_grad (dx, dw) is checked against the unfused one, then timed;
+  the checked ones, with their temporaries, are the config's linear entries (what
+  ``implementation=None`` picks under a memory budget)."""
   shapes = [(64, 32, 1000)] if run.dry else [(8192, 2304, 256000), (8192, 4096, 128256)]
+  entries = {}
   for n, d, v in shapes:
     key = jax.random.key(5)
     x = jax.random.normal(key, (n, d), jnp.float32).astype(jnp.bfloat16)
@@ -338,22 +351,40 @@ def section_linear(run: Run):
                 for b in (512, 1024, 2048) for a in ("float32", "weights")])
     if run.dry:
       algos = [jxent.LinearChunked(block_v=256), jxent.LinearFusedGrad(block_n=16)]
-    fns = {repr(a): (lambda a=a: lambda x, w, y: jxent.linear_softmax_cross_entropy(
-        x, w, y, implementation=a))() for a in algos}
-    fns["unfused"] = lambda x, w, y: jxent.softmax_cross_entropy_with_integer_labels(
-        (x @ w), y, reduction="mean")
+    fns = {"unfused": ("unfused", lambda x, w, y: jxent.softmax_cross_entropy_with_integer_labels(
+        (x @ w), y, reduction="mean"))}
+    fns.update({repr(a): (a, (lambda a=a: lambda x, w, y: jxent.linear_softmax_cross_entropy(
+        x, w, y, implementation=a))()) for a in algos})
 
     def bare(x, w, y):
       z = x @ w
       return z, z @ w.T, x.T @ z
 
-    for name, f in list(fns.items()) + [("three_bare_matmuls", None)]:
-      def one(f=f):
+    ref, good = None, []
+    for name, (algo, f) in list(fns.items()) + [("three_bare_matmuls", (None, None))]:
+      def one(algo=algo, f=f):
+        nonlocal ref
         g = bare if f is None else jax.value_and_grad(f, argnums=(0, 1))
         compiled, compile_ms, temp = _compile(g, (x, w, y))
-        return dict(ms=_median_ms(compiled, [(x, w, y)], run.reps), compile_ms=compile_ms,
-                    temp_MB=None if temp is None else temp / 1e6)
+        res = {}
+        if f is not None:
+          out = compiled(x, w, y)
+          ref = out if ref is None else ref  # (unfused runs first)
+          res = dict(loss_rel=rel(out[0], ref[0]), dx_rel=rel(out[1][0], ref[1][0]),
+                     dw_rel=rel(out[1][1], ref[1][1]))
+          res["ok"] = all(e <= TOL["bfloat16"] for e in res.values())
+          if not res["ok"]:
+            return res
+        res.update(ms=_median_ms(compiled, [(x, w, y)], run.reps), compile_ms=compile_ms,
+                   temp_MB=None if temp is None else temp / 1e6)
+        if f is not None:
+          good.append(dict(tuning.describe(algo), ms=res["ms"], temp_bytes=temp))
+        return res
       run.case("linear", 40, one, shape=[n, d, v], impl=name)
+    if good:
+      entries[tuning.make_key("linear", (n, d, v), "bfloat16", labels="int", reduction="mean")] = \
+          dict(candidates=good, rejected=[])
+  run.emit("linear", wrote=CONFIG, keys=_ship(run, entries))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,7 +29,12 @@ def test_dry_run(tmp_path):
   config = json.loads((tmp_path / "gpu_run_config.json").read_text())
   assert set(config["entries"]) == {f"xent|{lab}|bfloat16|{red}||{bucket}"
                                     for lab in ("int", "dense") for red in ("scalar", "rows")
-                                    for bucket in ("32x4096", "16x512")}
+                                    for bucket in ("32x4096", "16x512")} | {
+                                        "linear|int|bfloat16|scalar||64x32x1024"}
+  linear = [l for l in lines if l["section"] == "linear" and "impl" in l]
+  assert len(linear) == 4 and all(l.get("ok", True) and "ms" in l for l in linear), linear
+  assert {c["implementation"] for c in config["entries"]["linear|int|bfloat16|scalar||64x32x1024"]
+          ["candidates"]} == {"unfused", "linear_chunked", "linear_fused_grad"}
   # the second sweep shape tries the whole row as one block (the fused kernel's one-load path)
   one_load = [l for l in lines if l["section"] == "tune" and l.get("shape") == [16, 500]
               and l.get("block_c") == 512]

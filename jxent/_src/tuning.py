@@ -258,7 +258,9 @@ def _candidates(op: str, shape, reduction) -> list:
   return cands
 
 
-def _describe(kernel) -> dict:
+def describe(kernel) -> dict:
+  """``{"implementation", "params"}`` of a kernel or linear algorithm object (the parameters that
+  differ from its defaults), or of a name such as ``"unfused"``: a candidate's identity."""
   if isinstance(kernel, str):
     return dict(implementation=kernel, params={})
   fields = {f.name: getattr(kernel, f.name) for f in dataclasses.fields(kernel)
@@ -364,7 +366,7 @@ def autotune(op: str, shape, dtype, *, labels: str = "int", reduction: Optional[
   tol = 2e-2 if jnp.dtype(dtype).itemsize < 4 else 1e-4
   good, rejected = [], []
   for kernel in candidates if candidates is not None else _candidates(op, shape, reduction):
-    desc = _describe(kernel)
+    desc = describe(kernel)
     try:
       f = jax.jit(jax.value_and_grad(_loss_fn(op, kernel, labels, reduction, options),
                                      argnums=argnums))
