@@ -41,6 +41,50 @@ def test_dry_run(tmp_path):
   assert len(one_load) == 2 and all(l["grad_rel"] <= 2e-2 for l in one_load), one_load
   assert all(e["candidates"] for e in config["entries"].values())
   assert len([p for p in tmp_path.iterdir() if p.name != "cache"]) <= 8
+  # the report of the run, and its copy into a repository
+  repo = tmp_path / "repo"
+  res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_report.py"), str(tmp_path),
+                        "--ship", "--root", str(repo)], capture_output=True, text=True, timeout=120)
+  assert res.returncode == 0, res.stderr
+  assert "## Targets" in res.stdout and "gate: **pass**" in res.stdout
+  assert "xent\\|int\\|bfloat16\\|scalar" in res.stdout  # (table cells keep their columns)
+  shipped = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file())
+  date = shipped[0].split("/")[-1].split("_")[0]
+  assert shipped == [f"benchmarks/results/{date}_cpu_gpu_run.jsonl",
+                     f"benchmarks/results/{date}_cpu_gpu_run.md", "jxent/_src/configs/cpu.json"]
+  assert json.loads((repo / "jxent/_src/configs/cpu.json").read_text()) == config
+
+
+def _lines(fwd_x, vg_x, dense_x, lin):
+  """gpu_run.jsonl lines as the full run writes them (the fields the report reads)."""
+  sweep = dict(section="tune", shape=[8192, 128256], block_c=4096, num_warps=8, num_stages=1,
+               row_groups=64, programs=None, split_rows=1, fwd_ms=1.0, vg_ms=2.0,
+               fwd_x_floor=fwd_x, vg_x_three_pass_floor=vg_x)
+  rec = dict(section="record", case="8192x128256 bf16 dense", mode="forward_and_vjp", impl="xla",
+             median_ms=3.0, x_floor=dense_x)
+  linear = [dict(section="linear", shape=[8192, 4096, 128256], impl=name, ms=ms, temp_MB=mb, ok=True)
+            for name, ms, mb in lin]
+  return [dict(section="start", argv=[]), sweep, rec] + linear
+
+
+def test_report_targets():
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import gpu_report
+  met = {t.split(":")[0]: (v, m) for t, v, m, _ in gpu_report.targets(_lines(
+      0.95, 0.9, 1.0, [("unfused", 45.0, 12000), ("LinearFusedGrad(block_n=1024)", 38.0, 2000)]))}
+  assert met["integer labels forward 8192x128256"] == (0.95, True)
+  assert met["value_and_grad of the mean 8192x128256"] == (0.9, False)
+  assert met["dense labels value_and_grad 8192x128256 bf16 dense"] == (1.0, True)
+  assert met["linear 8192x4096->128256"] == (38.0, True)
+  assert met["linear implementation=None never slower than unfused (memory allowing)"] == (38.0, True)
+  # over the memory bound: not met, even when fast; nothing measured: None
+  met = {t.split(":")[0]: (v, m) for t, v, m, _ in gpu_report.targets(_lines(
+      1.2, 0.8, 1.1, [("unfused", 45.0, 12000), ("LinearChunked(block_v=4096)", 30.0, 3000)]))}
+  assert met["linear 8192x4096->128256"] == (None, None)
+  assert met["value_and_grad of the mean 8192x128256"] == (0.8, True)
+  assert met["integer labels forward 8192x128256"] == (1.2, False)
+  text = gpu_report.report(_lines(1.2, 0.8, 1.1, []))
+  assert "| value_and_grad of the mean 8192x128256: <= 0.85x the three-pass floor | 0.8 | yes |" in text
 
 
 def test_deadline_skips_and_refuses_cpu_without_dry_run(tmp_path):
