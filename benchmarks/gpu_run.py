@@ -29,12 +29,17 @@ or a crash loses nothing already measured):
 6. ``peers``: ``benchmarks/gpu_peers.py`` (Liger, Cut Cross-Entropy, torch.compile) when torch
    is installed, in a subprocess bounded by the time left.
 
+The check, the record and the launch sweep trace their programs first and compile them together
+on ``--compile-threads`` threads (XLA and Triton compile outside the GIL), then run them in turn:
+compiling is most of a short run's time.
+
 At most three files are written under ``--out`` (the device tool returns up to 8).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import functools
 import json
 import os
@@ -52,7 +57,7 @@ import numpy as np  # noqa: E402
 import jxent  # noqa: E402
 from jxent.bench import cases as C  # noqa: E402
 from jxent._src import tuning  # noqa: E402
-from jxent.bench.cli import _compile, _median_ms, copy_bandwidth  # noqa: E402
+from jxent.bench.cli import _compile, _median_ms, copy_bandwidth, row_function, run_row  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_util import rel  # noqa: E402  (|a - b| / |b|, NaN when a is not finite)
@@ -66,13 +71,14 @@ TOL = {"float32": 2e-4, "bfloat16": 2e-2}  # relative error vs xla (Frobenius)
 class Run:
   """The log, the deadline and the sizes of one run (full or dry)."""
 
-  def __init__(self, out: str, budget: float, dry: bool):
+  def __init__(self, out: str, budget: float, dry: bool, threads: int = 8):
     os.makedirs(out, exist_ok=True)
     self.out, self.dry = out, dry
     self.deadline = time.monotonic() + budget
     self.log = open(os.path.join(out, "gpu_run.jsonl"), "a")
     self.reps = 2 if dry else 10  # (dry-run timings mean nothing; they only show the code runs)
     self.bw = None  # copy bandwidth, bytes/s, once the device section has measured it
+    self.threads = threads  # compile threads (the check and the sweep compile ahead, together)
     self.kernel = functools.partial(jxent.PallasTritonKernel, interpret=True) if dry else \
         jxent.PallasTritonKernel
 
@@ -147,12 +153,14 @@ def _np_reference(x, y, sparse: bool, rows):
 
 
 def section_check(run: Run) -> bool:
+  """Every case's programs (forward, row VJP, mean value_and_grad; ``xla`` and each kernel) are
+  traced here, compiled together on ``run.threads`` threads, then run and compared in order."""
   K = run.kernel
   kernels = {"pallas_triton": K(), "pallas_triton_persistent_groups": K(programs=4 if run.dry else 264,
                                                                          block_c=4096, row_groups=64)}
   shapes = [(16, 1000)] if run.dry else [(256, 128256), (128, 256000), (512, 32003)]
-  ok = True
   key = jax.random.key(0)
+  cases = []
   for (n, v) in shapes:
     for dt in ("float32",) if run.dry else ("float32", "bfloat16"):
       k1, k2 = jax.random.split(jax.random.fold_in(key, n * v))
@@ -164,43 +172,89 @@ def section_check(run: Run) -> bool:
                             ("dense", yd, jxent.softmax_cross_entropy)):
         for opts in ({}, OPTS):
           kw = dict(opts, ignore_index=-100) if labels == "int" else dict(opts)
+          progs = {}
+          for name, impl in [("xla", "xla")] + list(kernels.items()):
+            f = functools.partial(fn, implementation=impl, **kw)
+            progs[name] = [
+                _lower(f, x, y),
+                _lower(lambda x, y, g, f=f: jax.vjp(lambda x: f(x, y), x)[1](g)[0], x, y, g),
+                _lower(jax.value_and_grad(lambda x, y, f=f: f(x, y, reduction="mean")), x, y)]
+          cases.append(dict(n=n, v=v, dt=dt, labels=labels, opts=opts, x=x, y=y, g=g, progs=progs))
+  t0 = time.monotonic()
+  flat = compile_all(run, [p for c in cases for ps in c["progs"].values() for p in ps])
+  run.emit("check", compiled=len(flat), compile_s=round(time.monotonic() - t0, 1),
+           threads=run.threads)
+  for c in cases:
+    for name in c["progs"]:
+      c["progs"][name], flat = flat[:3], flat[3:]
+  ok = True
+  for c in cases:
+    n, dt, labels, x, y, g = c["n"], c["dt"], c["labels"], c["x"], c["y"], c["g"]
 
-          def outs(impl):
-            fo = jax.jit(lambda x, y: fn(x, y, implementation=impl, **kw))
-            fr = jax.jit(lambda x, y, g: jax.vjp(lambda x: fn(x, y, implementation=impl, **kw), x)[1](g)[0])
-            fm = jax.jit(jax.value_and_grad(lambda x, y: fn(x, y, implementation=impl,
-                                                            reduction="mean", **kw)))
-            return (fo(x, y), fr(x, y, g)) + tuple(fm(x, y))
+    def outs(progs):
+      bad = [p for p in progs if isinstance(p, Exception)]
+      if bad:
+        raise bad[0]
+      return (progs[0](x, y), progs[1](x, y, g)) + tuple(progs[2](x, y))
 
-          ref = outs("xla")
-          rows = np.arange(2, min(n, 8))
-          ref64 = None if opts else _np_reference(x, yi if labels == "int" else yd,
-                                                   labels == "int", rows)
-          for name, k in kernels.items():
-            def check(k=k, ref=ref, ref64=ref64):
-              got = outs(k)
-              errs = dict(loss_rel=rel(got[0], ref[0]), dlogits_rel=rel(got[1], ref[1]),
-                          mean_rel=rel(got[2], ref[2]), mean_grad_rel=rel(got[3], ref[3]))
-              if ref64 is not None:
-                errs["loss_rel_f64"] = rel(np.asarray(jnp.asarray(got[0], jnp.float32))[rows], ref64)
-                errs["xla_loss_rel_f64"] = rel(np.asarray(jnp.asarray(ref[0], jnp.float32))[rows],
-                                               ref64)
-              tol = TOL[dt]
-              errs["ok"] = all(e <= tol for e in errs.values())  # (NaN fails)
-              return errs
-            res = run.case("check", 30, check, impl=name, shape=[n, v], dtype=dt, labels=labels,
-                           options=bool(opts))
-            ok = ok and bool(res and res.get("ok"))
+    try:
+      ref = outs(c["progs"]["xla"])
+    except Exception as e:  # noqa: BLE001  (recorded; the kernels' cases then fail)
+      run.emit("check", impl="xla", shape=[n, c["v"]], error=f"{type(e).__name__}: {e}"[:300])
+      ok = False
+      continue
+    rows = np.arange(2, min(n, 8))
+    ref64 = None if c["opts"] else _np_reference(x, y, labels == "int", rows)
+    for name in kernels:
+      def check(progs=c["progs"][name], ref=ref, ref64=ref64):
+        got = outs(progs)
+        errs = dict(loss_rel=rel(got[0], ref[0]), dlogits_rel=rel(got[1], ref[1]),
+                    mean_rel=rel(got[2], ref[2]), mean_grad_rel=rel(got[3], ref[3]))
+        if ref64 is not None:
+          errs["loss_rel_f64"] = rel(np.asarray(jnp.asarray(got[0], jnp.float32))[rows], ref64)
+          errs["xla_loss_rel_f64"] = rel(np.asarray(jnp.asarray(ref[0], jnp.float32))[rows],
+                                         ref64)
+        errs["ok"] = all(e <= TOL[dt] for e in errs.values())  # (NaN fails)
+        return errs
+      res = run.case("check", 30, check, impl=name, shape=[n, c["v"]], dtype=dt, labels=labels,
+                     options=bool(c["opts"]))
+      ok = ok and bool(res and res.get("ok"))
   run.emit("check", gate="pass" if ok else "fail")
   return ok
+
+
+def _lower(fn, *args):
+  """``jax.jit(fn).lower(*args)``, or the exception it raised (the case that needs it records
+  it; the others go on)."""
+  try:
+    return jax.jit(fn).lower(*args)
+  except Exception as e:  # noqa: BLE001
+    return e
+
+
+def compile_all(run: Run, lowered: list) -> list:
+  """Compiles traced programs on ``run.threads`` threads (XLA and Triton compile outside the
+  GIL), in order; a program that failed to trace or compile is returned as its exception."""
+  def one(prog):
+    if isinstance(prog, Exception):
+      return prog
+    try:
+      return prog.compile()
+    except Exception as e:  # noqa: BLE001  (the case that needs it records the error)
+      return e
+  if run.threads <= 1:
+    return [one(p) for p in lowered]
+  with concurrent.futures.ThreadPoolExecutor(run.threads) as pool:
+    return list(pool.map(one, lowered))
 
 
 # ------------------------------------------------------------------------------------------------
 # 3. the record
 # ------------------------------------------------------------------------------------------------
-def _row(run: Run, name: str, case: C.Case, mode: str, inputs, bw: float):
-  from jxent.bench.cli import run_row
-  r = run_row(name, case, mode, inputs, run.reps)
+def _row(run: Run, name: str, case: C.Case, mode: str, inputs, bw: float, compiled):
+  if isinstance(compiled, Exception):
+    raise compiled
+  r = run_row(name, case, mode, inputs, run.reps, compiled=compiled)
   fb = C.floor_bytes(case, mode)
   if fb is not None:
     r["floor_ms"] = fb / bw * 1e3
@@ -209,6 +263,7 @@ def _row(run: Run, name: str, case: C.Case, mode: str, inputs, bw: float):
 
 
 def section_record(run: Run, bw: float):
+  """Per shape and label kind: every row's program compiled together, then each timed."""
   shapes = [(64, 4099)] if run.dry else [(8192, 128256), (32768, 32000),
                                                        (4096, 256000), (8192, 151936)]
   impls = ["pallas_triton", "xla", "optax", "naive"]
@@ -219,14 +274,14 @@ def section_record(run: Run, bw: float):
         run.emit("record", case=f"{n}x{v} {labels}", skipped="deadline")
         continue
       inputs = [C.make_inputs(case, jax.random.key(r)) for r in range(2)]
-      for mode in C.MODES:
-        for name in impls:
-          if not C.applies(name, case):
-            continue
-          if run.dry and name == "pallas_triton":
-            continue  # (interpret-mode timings mean nothing; the check section ran it)
-          run.case("record", 25, lambda: _row(run, name, case, mode, inputs, bw),
-                   case=f"{n}x{v} bf16 {labels}", mode=mode, impl=name)
+      # (in a dry run pallas_triton's interpret-mode timings mean nothing; the check ran it)
+      rows = [(mode, name) for mode in C.MODES for name in impls if C.applies(name, case)
+              and not (run.dry and name == "pallas_triton")]
+      progs = compile_all(run, [_lower(row_function(name, case, mode), *inputs[0])
+                                for mode, name in rows])
+      for (mode, name), prog in zip(rows, progs):
+        run.case("record", 25, lambda: _row(run, name, case, mode, inputs, bw, prog),
+                 case=f"{n}x{v} bf16 {labels}", mode=mode, impl=name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -300,20 +355,23 @@ def _sweep(run: Run, bw: float, n: int, v: int, cands) -> list:
         for i in range(2)]
   nbytes = n * v * 2
   sweep = []
-  ref = None
-  for k in cands:
+  f = jxent.softmax_cross_entropy_with_integer_labels
+  ref = jax.jit(jax.value_and_grad(lambda x, y: f(x, y, implementation="xla", reduction="mean")))(
+      *xs[0])
+  # every candidate's forward and value_and_grad, traced here and compiled together
+  progs = compile_all(run, [p for k in cands for p in (
+      _lower(lambda x, y, k=k: f(x, y, implementation=k), *xs[0]),
+      _lower(jax.value_and_grad(lambda x, y, k=k: f(x, y, implementation=k, reduction="mean")),
+             *xs[0]))])
+  for i, k in enumerate(cands):
     cfg = dict(block_c=k.block_c, num_warps=k.num_warps, num_stages=k.num_stages,
                row_groups=k.row_groups, programs=k.programs, split_rows=k.split_rows)
 
-    def one(k=k):
-      nonlocal ref
-      fwd = jax.jit(lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(x, y, implementation=k))
-      vg = jax.jit(jax.value_and_grad(lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(
-          x, y, implementation=k, reduction="mean")))
+    def one(fwd=progs[2 * i], vg=progs[2 * i + 1]):
+      for prog in (fwd, vg):
+        if isinstance(prog, Exception):
+          raise prog
       out = vg(*xs[0])
-      if ref is None:
-        ref = jax.jit(jax.value_and_grad(lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(
-            x, y, implementation="xla", reduction="mean")))(*xs[0])
       err = rel(out[1], ref[1])
       if not err <= TOL["bfloat16"]:
         return dict(wrong=True, grad_rel=err)
@@ -423,6 +481,8 @@ def main(argv=None) -> int:
   p.add_argument("--out", default=os.environ.get("OUT", "gpu_out"), help="output folder")
   p.add_argument("--budget", type=float, default=480.0, help="global deadline in seconds")
   p.add_argument("--dry-run", action="store_true", help="CPU: interpret mode, tiny shapes")
+  p.add_argument("--compile-threads", type=int, default=min(8, os.cpu_count() or 1),
+                 help="threads compiling the check's and the sweep's programs ahead (1: in turn)")
   p.add_argument("--sections", default=",".join(SECTIONS),
                  help=f"comma list, in this order: {','.join(SECTIONS)}")
   args = p.parse_args(argv)
@@ -434,7 +494,7 @@ def main(argv=None) -> int:
   if not args.dry_run and jax.default_backend() == "cpu":
     print("gpu_run: error: no GPU here; use --dry-run on CPU", file=sys.stderr)
     return 2
-  run = Run(args.out, args.budget, args.dry_run)
+  run = Run(args.out, args.budget, args.dry_run, threads=max(1, args.compile_threads))
   run.emit("start", sections=sections, budget_s=args.budget, dry_run=args.dry_run, argv=sys.argv[1:])
   bw = None
   gate = True

@@ -99,3 +99,18 @@ def test_deadline_skips_and_refuses_cpu_without_dry_run(tmp_path):
                         str(tmp_path)], env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True,
                        text=True, timeout=300)
   assert res.returncode == 2 and "--dry-run" in res.stderr
+
+
+def test_compile_all_keeps_order_and_records_failures(tmp_path):
+  # the check and the sweep compile their programs together on threads: results come back in
+  # order, and a program that fails to trace or compile comes back as its exception
+  import jax.numpy as jnp
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import gpu_run
+  run = gpu_run.Run(str(tmp_path), 60, True, threads=3)
+  x = jnp.arange(4.0)
+  progs = [gpu_run._lower(lambda x, k=k: x * k, x) for k in range(5)]
+  progs.insert(2, gpu_run._lower(lambda x: x.reshape(3), x))  # fails to trace
+  out = gpu_run.compile_all(run, progs)
+  assert isinstance(out[2], TypeError)
+  assert [float(c(x)[1]) for c in out[:2] + out[3:]] == [0.0, 1.0, 2.0, 3.0, 4.0]

@@ -175,19 +175,34 @@ def _compile(fn, args):
   t0 = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()
   compile_ms = (time.perf_counter() - t0) * 1e3
+  return compiled, compile_ms, temp_bytes(compiled)
+
+
+def temp_bytes(compiled) -> Optional[int]:
+  """The compiled program's temporary allocation in bytes (None where not reported)."""
   try:
-    temp = int(compiled.memory_analysis().temp_size_in_bytes)
+    return int(compiled.memory_analysis().temp_size_in_bytes)
   except Exception:  # noqa: BLE001  (not every backend reports it)
-    temp = None
-  return compiled, compile_ms, temp
+    return None
 
 
-def run_row(name: str, case: C.Case, mode: str, inputs, reps: int) -> dict:
+def row_function(name: str, case: C.Case, mode: str):
+  """The function one table row times: the loss, or its ``value_and_grad``."""
   f = C.loss_fn(name, case)
   if mode == "forward_and_vjp":
     argnums = (0, 1) if case.kind == "linear" else 0
     f = jax.value_and_grad(f, argnums=argnums)
-  compiled, compile_ms, temp = _compile(f, inputs[0])
+  return f
+
+
+def run_row(name: str, case: C.Case, mode: str, inputs, reps: int, compiled=None) -> dict:
+  """Compiles (unless ``compiled`` is given: its compile time is then not measured) and times
+  one row."""
+  compile_ms = None
+  if compiled is None:
+    compiled, compile_ms, temp = _compile(row_function(name, case, mode), inputs[0])
+  else:
+    temp = temp_bytes(compiled)
   ms = _median_ms(compiled, inputs, reps)
   return dict(median_ms=ms, compile_ms=compile_ms, temp_bytes=temp)
 
