@@ -114,3 +114,15 @@ def test_compile_all_keeps_order_and_records_failures(tmp_path):
   out = gpu_run.compile_all(run, progs)
   assert isinstance(out[2], TypeError)
   assert [float(c(x)[1]) for c in out[:2] + out[3:]] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_full_run_sweep_candidates_are_valid_and_distinct(tmp_path):
+  # (the dry run sweeps tiny shapes: the H200 run's candidates are at least built and checked here)
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import gpu_run
+  run = gpu_run.Run(str(tmp_path), 60, False)
+  shapes = gpu_run._sweep_shapes(run)
+  assert [(n, v) for n, v, _ in shapes] == [(8192, 128256), (32768, 32000)]
+  for _, _, cands in shapes:
+    assert len(set(cands)) == len(cands) and not any(k.interpret for k in cands)
+  assert any(k.block_c >= 32000 for k in shapes[1][2])  # the one-load candidates
