@@ -27,7 +27,12 @@ or a crash loses nothing already measured):
    checked against unfused, then time and temporaries; the checked ones are added to the config
    (what ``implementation=None`` picks under its memory budget);
 6. ``peers``: ``benchmarks/gpu_peers.py`` (Liger, Cut Cross-Entropy, torch.compile) when torch
-   is installed, in a subprocess bounded by the time left.
+   is installed, in a subprocess bounded by the time left. The GPU machine has torch and triton
+   but neither Liger nor CCE, and no network: download their pure-Python wheels here into the
+   ignored ``.whl/`` folder and carry it (``carry: [".whl"]``); they are installed offline into
+   a temporary folder for the subprocess:
+
+     python3 -m pip download --no-deps --only-binary=:all: -d .whl liger-kernel cut-cross-entropy
 
 The check, the record and the launch sweep trace their programs first and compile them together
 on ``--compile-threads`` threads (XLA and Triton compile outside the GIL), then run them in turn:
@@ -45,6 +50,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -449,6 +455,25 @@ def section_linear(run: Run):
 # ------------------------------------------------------------------------------------------------
 # 6. PyTorch peers
 # ------------------------------------------------------------------------------------------------
+WHEELS = os.path.join(os.path.dirname(HERE), ".whl")  # the peers' wheels, carried (see below)
+
+
+def peer_site(wheels: str = WHEELS):
+  """Installs the carried peer wheels (``<repo>/.whl/*.whl``: Liger, Cut Cross-Entropy, pure
+  Python) into a fresh folder, offline; ``(folder | None, names or the error)``."""
+  found = sorted(f for f in (os.listdir(wheels) if os.path.isdir(wheels) else [])
+                 if f.endswith(".whl"))
+  if not found:
+    return None, "no wheels carried in .whl/"
+  site = tempfile.mkdtemp(prefix="jxent-peers-")
+  res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                        "--target", site] + [os.path.join(wheels, f) for f in found],
+                       capture_output=True, text=True, timeout=300)
+  if res.returncode:
+    return None, f"pip install failed: {res.stderr.strip()[-300:]}"
+  return site, found
+
+
 def section_peers(run: Run):
   try:
     import torch  # noqa: F401
@@ -462,9 +487,15 @@ def section_peers(run: Run):
   if left < 60:
     run.emit("peers", skipped=f"deadline ({left:.0f} s left)")
     return
+  site, what = peer_site()
+  run.emit("peers", wheels=what)  # (without them gpu_peers.py times torch.compile and eager only)
+  env = dict(os.environ)
+  if site:
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (site, env.get("PYTHONPATH")) if p)
+  left = run.left() - 5
   try:
     res = subprocess.run([sys.executable, os.path.join(HERE, "gpu_peers.py")], capture_output=True,
-                         text=True, timeout=left)
+                         text=True, timeout=left, env=env)
     for line in res.stdout.splitlines():
       if line.startswith("{"):
         run.emit("peers", **json.loads(line))

@@ -126,3 +126,34 @@ def test_full_run_sweep_candidates_are_valid_and_distinct(tmp_path):
   for _, _, cands in shapes:
     assert len(set(cands)) == len(cands) and not any(k.interpret for k in cands)
   assert any(k.block_c >= 32000 for k in shapes[1][2])  # the one-load candidates
+
+
+def _tiny_wheel(folder: pathlib.Path) -> str:
+  import zipfile
+  folder.mkdir()
+  name = "tinypeer-1.0-py3-none-any.whl"
+  files = {"tinypeer/__init__.py": "VALUE = 7\n",
+           "tinypeer-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: tinypeer\nVersion: 1.0\n",
+           "tinypeer-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                           "Tag: py3-none-any\n"}
+  record = "".join(f"{p},,\n" for p in files) + "tinypeer-1.0.dist-info/RECORD,,\n"
+  with zipfile.ZipFile(folder / name, "w") as z:
+    for p, text in dict(files, **{"tinypeer-1.0.dist-info/RECORD": record}).items():
+      z.writestr(p, text)
+  return name
+
+
+def test_carried_peer_wheels_are_installed_offline(tmp_path):
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import gpu_run
+  assert gpu_run.peer_site(str(tmp_path / "none")) == (None, "no wheels carried in .whl/")
+  name = _tiny_wheel(tmp_path / "whl")
+  site, names = gpu_run.peer_site(str(tmp_path / "whl"))
+  assert names == [name]
+  res = subprocess.run([sys.executable, "-c", "import tinypeer; print(tinypeer.VALUE)"],
+                       env=dict(os.environ, PYTHONPATH=site), capture_output=True, text=True)
+  assert res.stdout.strip() == "7", res.stderr
+  (tmp_path / "bad").mkdir()
+  (tmp_path / "bad" / "broken-1.0-py3-none-any.whl").write_bytes(b"not a zip")
+  site, err = gpu_run.peer_site(str(tmp_path / "bad"))
+  assert site is None and err.startswith("pip install failed")
