@@ -54,8 +54,9 @@ def _table(header, rows) -> list:
 
 
 def _cfg(l) -> str:
-  keys = ("block_c", "num_warps", "num_stages", "row_groups", "programs", "split_rows")
-  return ", ".join(f"{k}={l[k]}" for k in keys if l.get(k) is not None)
+  keys = ("block_c", "num_warps", "num_stages", "row_groups", "programs", "split_rows",
+          "reverse_grad")
+  return ", ".join(f"{k}={l[k]}" for k in keys if l.get(k) not in (None, False))
 
 
 def _best(rows, field):

@@ -16,7 +16,7 @@ or a crash loses nothing already measured):
    32768x32000, 4096x256000 and 8192x151936 bf16, for ``pallas_triton``, ``xla``, optax and the
    naive formula, with floors measured in the same run;
 4. ``tune``: Triton launch candidates (``block_c``, ``num_warps``, ``num_stages``,
-   ``row_groups``, ``programs``, ``split_rows``) at 8192x128256 bf16, then ``jxent.autotune``
+   ``row_groups``, ``programs``, ``split_rows``, ``reverse_grad``) at 8192x128256 bf16, then ``jxent.autotune``
    there for both label kinds and reductions; then the same at 32768x32000, where the whole row
    as one block (the fused kernel's one-load path: two passes over HBM instead of three) is
    swept against the walks. Every measured candidate is written to
@@ -297,13 +297,16 @@ def _sweep_shapes(run: Run):
   """``[(n, v, candidates)]``: the launch sweep, the large vocabulary first."""
   K = run.kernel
   if run.dry:
-    return [(32, 3000, [K(), K(block_c=1024, row_groups=4), K(block_c=512, split_rows=4)]),
+    return [(32, 3000, [K(), K(block_c=1024, row_groups=4), K(block_c=512, split_rows=4),
+                        K(block_c=512, programs=4, reverse_grad=True)]),
             (16, 500, [K(block_c=tuning.one_block(500), num_warps=nw) for nw in (8, 16)])]
   cands = [K()]
   cands += [K(block_c=bc, num_warps=nw, num_stages=st, row_groups=gr)
             for bc, nw in ((2048, 4), (4096, 8), (8192, 8)) for st in (1, 2, 3) for gr in (1, 64)]
-  cands += [K(programs=p * 132, block_c=bc, num_warps=nw, row_groups=64)
-            for p in (1, 2) for bc, nw in ((4096, 8), (8192, 16))]
+  cands += [K(programs=p * 132, block_c=bc, num_warps=nw, row_groups=64, reverse_grad=rev)
+            for p in (1, 2) for bc, nw in ((4096, 8), (8192, 16)) for rev in (False, True)]
+  # the gradient walk from the row's last block, one program per row
+  cands += [K(reverse_grad=True), K(block_c=4096, num_warps=8, row_groups=64, reverse_grad=True)]
   # split-row forward: several programs per row (the forward only; value_and_grad is fused)
   cands += [K(split_rows=sp, block_c=bc, num_warps=nw) for sp in (2, 4, 8)
             for bc, nw in ((4096, 8), (8192, 8))]
@@ -372,7 +375,8 @@ def _sweep(run: Run, bw: float, n: int, v: int, cands) -> list:
              *xs[0]))])
   for i, k in enumerate(cands):
     cfg = dict(block_c=k.block_c, num_warps=k.num_warps, num_stages=k.num_stages,
-               row_groups=k.row_groups, programs=k.programs, split_rows=k.split_rows)
+               row_groups=k.row_groups, programs=k.programs, split_rows=k.split_rows,
+               reverse_grad=k.reverse_grad)
 
     def one(fwd=progs[2 * i], vg=progs[2 * i + 1]):
       for prog in (fwd, vg):

@@ -72,9 +72,10 @@ def kernels():
       pytest.param(jxent.XlaAutodiffKernel(), id="xla_autodiff"),
       pytest.param(jxent.ChunkedXlaKernel(block=16), id="chunked_xla"),
       pytest.param(pallas_triton.PallasTritonKernel(interpret=True, block_c=16), id="pallas_triton"),
-      # block_c=64: rows up to 64 classes take the fused kernel's one-load path
+      # block_c=64: rows up to 64 classes take the fused kernel's one-load path; longer rows
+      # walk their gradient from the last block (the default kernel above: from the first)
       pytest.param(pallas_triton.PallasTritonKernel(interpret=True, block_c=64, programs=3,
-                                                    row_groups=4),
+                                                    row_groups=4, reverse_grad=True),
                    id="pallas_triton_persistent_groups"),
       pytest.param(pallas_mosaic_tpu.PallasMosaicTpuKernel(interpret=True, block_r=8, block_c=128),
                    id="pallas_mosaic_tpu"),

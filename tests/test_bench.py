@@ -9,6 +9,7 @@ import sys
 import jax
 import pytest
 
+from jxent.bench import cases as C
 from jxent.bench import cli
 
 FIELDS = {"implementation", "mode", "shape", "dtype", "median_ms", "compile_ms", "temp_bytes",
@@ -63,6 +64,13 @@ def test_kernel_parameters_in_implementation_names(tmp_path):
   names = {r["implementation"] for r in json.loads(out.read_text())}
   assert names == {"chunked_xla", "chunked_xla[block=64]", "linear_chunked[block_v=128]",
                    "linear_fused_grad[block_n=8]"}
+
+
+def test_boolean_kernel_parameters():
+  assert C.parse_implementation("pallas_triton[reverse_grad=True,block_c=4096]") == (
+      "pallas_triton", {"reverse_grad": True, "block_c": 4096})
+  with pytest.raises(ValueError, match="reverse_grad must be a bool"):
+    C.parse_implementation("pallas_triton[reverse_grad=1]")
 
 
 @pytest.mark.parametrize("argv", [

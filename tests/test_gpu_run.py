@@ -23,7 +23,9 @@ def test_dry_run(tmp_path):
   checks = [l for l in lines if l["section"] == "check" and "ok" in l]
   assert checks and all(l["ok"] for l in checks), [l for l in checks if not l["ok"]]
   assert lines[-1] == {"section": "end", "gate": "pass"}
-  assert not [l for l in lines if "crashed" in l or "error" in l]
+  assert not [l for l in lines if "crashed" in l or "error" in l or l.get("wrong")]
+  reverse = [l["grad_rel"] for l in lines if l.get("reverse_grad")]
+  assert len(reverse) == 1 and reverse[0] <= 2e-2, reverse
   record = [l for l in lines if l["section"] == "record" and "median_ms" in l]
   assert {l["impl"] for l in record} >= {"xla", "optax", "naive"}
   config = json.loads((tmp_path / "gpu_run_config.json").read_text())

@@ -154,13 +154,19 @@ def test_split_row_forward_lowers_for_cuda(sparse, monkeypatch):
   assert text.count("__gpu$xla.gpu.triton") == 2
 
 
+@pytest.mark.parametrize("kernel,shape", [
+    # the gradient walk reversed, with persistent programs and row groups
+    (pallas_triton.PallasTritonKernel(block_c=4096, num_warps=8, programs=264, row_groups=64,
+                                      reverse_grad=True), (512, 128256)),
+    # a whole 32000-class row as one block (the autotuner's one-load candidate)
+    (pallas_triton.PallasTritonKernel(block_c=32768, num_warps=16), (256, 32000))],
+    ids=["reverse_grad", "one_load"])
 @pytest.mark.parametrize("sparse", [True, False])
-def test_one_load_fused_lowers_for_cuda(sparse, monkeypatch):
-  """A whole 32000-class row as one block (the autotuner's one-load candidate): value_and_grad of
-  the mean is one fused Triton call (the backward only scales its gradient)."""
-  kernel = pallas_triton.PallasTritonKernel(block_c=32768, num_warps=16)
-  x = jax.ShapeDtypeStruct((256, 32000), jnp.bfloat16)
-  y = jax.ShapeDtypeStruct((256,), jnp.int32) if sparse else x
+def test_fused_candidates_lower_for_cuda(kernel, shape, sparse, monkeypatch):
+  """The fused-kernel candidates of the sweep: value_and_grad of the mean is one Triton call (the
+  backward only scales its gradient)."""
+  x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  y = jax.ShapeDtypeStruct(shape[:1], jnp.int32) if sparse else x
   fn = (jxent.softmax_cross_entropy_with_integer_labels if sparse else jxent.softmax_cross_entropy)
   text = _lower(lambda x, y: jax.value_and_grad(lambda x: fn(x, y, implementation=kernel,
                                                              reduction="mean"))(x), (x, y), "cuda",

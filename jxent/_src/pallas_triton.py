@@ -172,16 +172,22 @@ def _grad_coef(lse, sum_t, *, sparse, opts):
   return coef
 
 
-def _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, lse, g, sum_t, *, sparse, opts, block_c, n_cls):
+def _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, lse, g, sum_t, *, sparse, opts, block_c, n_cls,
+               reverse=False):
   """Writes ``dlogits`` (and ``dlabels``) for one row; ``g`` already includes masking/scaling.
 
-  ``label`` is this row's local class id; ``n_cls`` the global class count (vocab parallel)."""
+  ``label`` is this row's local class id; ``n_cls`` the global class count (vocab parallel).
+  ``reverse``: the blocks from the last to the first (after a statistics walk, the row's last
+  blocks are the likeliest still in L2)."""
   c = x_ref.size
   lanes = jnp.arange(block_c)
   coef = _grad_coef(lse, sum_t, sparse=sparse, opts=opts)
+  n = pl.cdiv(c, block_c)
 
-  @pl.loop(0, pl.cdiv(c, block_c))
+  @pl.loop(0, n)
   def _(i):
+    if reverse:
+      i = n - 1 - i
     idx = i * block_c + lanes
     mask = idx < c
     x = rowmath.prep_logits(x_ref.load(idx, mask, 0.0), opts)
@@ -252,7 +258,7 @@ def _bwd_kernel(*refs, sparse, opts, block_c, n_cls):
              block_c=block_c, n_cls=n_cls)
 
 
-def _fused_kernel(*refs, sparse, opts, block_c, groups):
+def _fused_kernel(*refs, sparse, opts, block_c, groups, reverse=False):
   """Loss and pre-scaled gradient of one row. A row that fits one block (``C <= block_c``) is
   loaded once and both passes use it: one HBM read and one write. Longer rows are walked twice
   (the second walk hits L2 when few enough rows are in flight)."""
@@ -276,7 +282,7 @@ def _fused_kernel(*refs, sparse, opts, block_c, groups):
   g = _row_weight(label, w, opts) if sparse else w
   if block is None:
     _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, lse, g, sum_t, sparse=sparse, opts=opts,
-               block_c=block_c, n_cls=c)
+               block_c=block_c, n_cls=c, reverse=reverse)
   else:
     coef = _grad_coef(lse, sum_t, sparse=sparse, opts=opts)
     _grad_block(block[0], block[1], idx, mask, dx_ref, dy_ref, label, lse, g, coef,
@@ -363,6 +369,9 @@ class PallasTritonKernel:
       ...``: it bounds the rows in flight, so that the fused kernel's second walk over a row can
       still find it in L2 (``programs * row bytes`` below the L2 size).
 
+    reverse_grad: the fused kernel's second walk (the gradient) goes from the row's last block
+      to its first, so that it starts on the blocks the statistics walk read last, the likeliest
+      still in L2.
     split_rows: the forward kernel's programs per row (a power of two): each walks one of
       ``split_rows`` equal segments of the row and the segments' statistics are merged per row
       in XLA, so that a few long rows still fill the GPU (QuACK's cooperative forward). The
@@ -389,8 +398,11 @@ class PallasTritonKernel:
   programs: Optional[int] = None
   row_groups: int = 1
   split_rows: int = 1
+  reverse_grad: bool = False
 
   def __post_init__(self):
+    if not isinstance(self.reverse_grad, bool):
+      raise ValueError(f"PallasTritonKernel: reverse_grad must be a bool, got {self.reverse_grad!r}.")
     for field in ("block_c", "num_warps", "num_stages", "row_groups", "split_rows"):
       value = getattr(self, field)
       if not isinstance(value, int) or value < 1:
@@ -495,7 +507,7 @@ class PallasTritonKernel:
       return rowmath.empty_rows(logits, labels, sparse=sparse, want_dlabels=want_dlabels, fused=True)
     block = self._block(c)
     kernel = functools.partial(_fused_kernel, sparse=sparse, opts=opts, block_c=block,
-                               groups=min(self.row_groups, block))
+                               groups=min(self.row_groups, block), reverse=self.reverse_grad)
     out = [rowmath.out_struct((), jnp.float32, logits), rowmath.out_struct((c,), logits.dtype, logits)]
     if not sparse and want_dlabels:
       out.append(rowmath.out_struct((c,), labels.dtype, logits))

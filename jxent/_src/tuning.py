@@ -248,7 +248,10 @@ def _candidates(op: str, shape, reduction) -> list:
                       for g in (1, 64)]
     if reduction not in ("mean", "sum"):  # (the split-row forward: per-row losses only)
       cands += [k(split_rows=s, block_c=4096, num_warps=8) for s in (2, 4, 8)]
-    elif shape[1] <= ONE_LOAD_MAX_CLASSES:
+    elif shape[1] > ONE_LOAD_MAX_CLASSES:
+      # the fused kernel's gradient walk from the row's last block (the likeliest in L2)
+      cands += [k(block_c=4096, num_warps=8, row_groups=64, reverse_grad=True)]
+    else:
       # The whole row as one block: the fused kernel reads it once for the loss and the gradient
       # (two passes over HBM instead of three), if the compiler keeps it in registers.
       cands += [k(block_c=one_block(shape[1]), num_warps=nw) for nw in (8, 16, 32)]

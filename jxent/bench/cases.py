@@ -76,8 +76,8 @@ def split_implementations(names: str) -> tuple[str, ...]:
 
 def parse_implementation(name: str) -> tuple[str, dict]:
   """``"pallas_triton[programs=264,block_c=4096]"`` -> ``("pallas_triton", {...})``: a jxent
-  implementation with kernel-object parameters (ints, floats, None or strings), validated by
-  the kernel object. Raises ValueError."""
+  implementation with kernel-object parameters (ints, floats, None, True/False or strings),
+  validated by the kernel object. Raises ValueError."""
   base, _, rest = name.partition("[")
   if not rest:
     return name, {}
@@ -93,7 +93,9 @@ def parse_implementation(name: str) -> tuple[str, dict]:
     if not eq:
       raise ValueError(f"implementation {name!r}: {item!r} is not key=value")
     try:
-      params[key] = None if value == "None" else (float(value) if "." in value else int(value))
+      consts = {"None": None, "True": True, "False": False}
+      params[key] = consts[value] if value in consts else (float(value) if "." in value
+                                                           else int(value))
     except ValueError:
       params[key] = value  # a string option, e.g. dw_accumulation=weights
   fields = {f.name for f in dataclasses.fields(kernel)} - {"interpret"}
