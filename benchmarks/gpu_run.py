@@ -34,9 +34,9 @@ or a crash loses nothing already measured):
 
      python3 -m pip download --no-deps --only-binary=:all: -d .whl liger-kernel cut-cross-entropy
 
-The check, the record and the launch sweep trace their programs first and compile them together
-on ``--compile-threads`` threads (XLA and Triton compile outside the GIL), then run them in turn:
-compiling is most of a short run's time.
+The check, the record, the launch sweep and linear trace their programs first and compile them
+together on ``--compile-threads`` threads (XLA and Triton compile outside the GIL), then run them
+in turn: compiling is most of a short run's time.
 
 At most three files are written under ``--out`` (the device tool returns up to 8).
 """
@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import functools
 import json
 import os
@@ -63,7 +64,8 @@ import numpy as np  # noqa: E402
 import jxent  # noqa: E402
 from jxent.bench import cases as C  # noqa: E402
 from jxent._src import tuning  # noqa: E402
-from jxent.bench.cli import _compile, _median_ms, copy_bandwidth, row_function, run_row  # noqa: E402
+from jxent.bench.cli import (_median_ms, copy_bandwidth, row_function, run_row,  # noqa: E402
+                             temp_bytes)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_util import rel  # noqa: E402  (|a - b| / |b|, NaN when a is not finite)
@@ -84,7 +86,7 @@ class Run:
     self.log = open(os.path.join(out, "gpu_run.jsonl"), "a")
     self.reps = 2 if dry else 10  # (dry-run timings mean nothing; they only show the code runs)
     self.bw = None  # copy bandwidth, bytes/s, once the device section has measured it
-    self.threads = threads  # compile threads (the check and the sweep compile ahead, together)
+    self.threads = threads  # compile threads (the sections compile their programs ahead, together)
     self.kernel = functools.partial(jxent.PallasTritonKernel, interpret=True) if dry else \
         jxent.PallasTritonKernel
 
@@ -190,9 +192,9 @@ def section_check(run: Run) -> bool:
   flat = compile_all(run, [p for c in cases for ps in c["progs"].values() for p in ps])
   run.emit("check", compiled=len(flat), compile_s=round(time.monotonic() - t0, 1),
            threads=run.threads)
+  compiled = iter(flat)  # (in the order they were traced)
   for c in cases:
-    for name in c["progs"]:
-      c["progs"][name], flat = flat[:3], flat[3:]
+    c["progs"] = {name: [next(compiled) for _ in ps] for name, ps in c["progs"].items()}
   ok = True
   for c in cases:
     n, dt, labels, x, y, g = c["n"], c["dt"], c["labels"], c["x"], c["y"], c["g"]
@@ -358,7 +360,6 @@ def _ship(run: Run, entries: dict) -> int:
 def _sweep(run: Run, bw: float, n: int, v: int, cands) -> list:
   """Times each launch configuration (forward, value_and_grad of the mean) at ``[n, v]`` bf16
   integer labels after checking its gradient against ``xla``; returns the autotuner's rows."""
-  K = run.kernel
   key = jax.random.key(3)
   xs = [((jax.random.normal(jax.random.fold_in(key, i), (n, v), jnp.float32) * 3)
          .astype(jnp.bfloat16), jax.random.randint(jax.random.fold_in(key, 9 + i), (n,), 0, v))
@@ -374,9 +375,7 @@ def _sweep(run: Run, bw: float, n: int, v: int, cands) -> list:
       _lower(jax.value_and_grad(lambda x, y, k=k: f(x, y, implementation=k, reduction="mean")),
              *xs[0]))])
   for i, k in enumerate(cands):
-    cfg = dict(block_c=k.block_c, num_warps=k.num_warps, num_stages=k.num_stages,
-               row_groups=k.row_groups, programs=k.programs, split_rows=k.split_rows,
-               reverse_grad=k.reverse_grad)
+    cfg = {f.name: getattr(k, f.name) for f in dataclasses.fields(k) if f.name != "interpret"}
 
     def one(fwd=progs[2 * i], vg=progs[2 * i + 1]):
       for prog in (fwd, vg):
@@ -394,9 +393,7 @@ def _sweep(run: Run, bw: float, n: int, v: int, cands) -> list:
 
     res = run.case("tune", 20, one, shape=[n, v], **cfg)
     if res and not res.get("wrong") and "vg_ms" in res:
-      params = {k: w for k, w in cfg.items() if w != getattr(K(), k)}
-      sweep.append(dict(implementation="pallas_triton", params=params, ms=res["vg_ms"],
-                        fwd_ms=res["fwd_ms"], temp_bytes=None))
+      sweep.append(dict(tuning.describe(k), ms=res["vg_ms"], fwd_ms=res["fwd_ms"], temp_bytes=None))
   return sweep
 
 
@@ -429,12 +426,16 @@ def section_linear(run: Run):
       z = x @ w
       return z, z @ w.T, x.T @ z
 
+    rows = list(fns.items()) + [("three_bare_matmuls", (None, None))]
+    progs = compile_all(run, [_lower(bare if f is None else jax.value_and_grad(f, argnums=(0, 1)),
+                                     x, w, y) for _, (_, f) in rows])
     ref, good = None, []
-    for name, (algo, f) in list(fns.items()) + [("three_bare_matmuls", (None, None))]:
-      def one(algo=algo, f=f):
+    for (name, (algo, f)), compiled in zip(rows, progs):
+      def one(algo=algo, f=f, compiled=compiled):
         nonlocal ref
-        g = bare if f is None else jax.value_and_grad(f, argnums=(0, 1))
-        compiled, compile_ms, temp = _compile(g, (x, w, y))
+        if isinstance(compiled, Exception):
+          raise compiled
+        temp = temp_bytes(compiled)
         res = {}
         if f is not None:
           out = compiled(x, w, y)
@@ -444,7 +445,7 @@ def section_linear(run: Run):
           res["ok"] = all(e <= TOL["bfloat16"] for e in res.values())
           if not res["ok"]:
             return res
-        res.update(ms=_median_ms(compiled, [(x, w, y)], run.reps), compile_ms=compile_ms,
+        res.update(ms=_median_ms(compiled, [(x, w, y)], run.reps),
                    temp_MB=None if temp is None else temp / 1e6)
         if f is not None:
           good.append(dict(tuning.describe(algo), ms=res["ms"], temp_bytes=temp))
@@ -518,7 +519,7 @@ def main(argv=None) -> int:
   p.add_argument("--budget", type=float, default=480.0, help="global deadline in seconds")
   p.add_argument("--dry-run", action="store_true", help="CPU: interpret mode, tiny shapes")
   p.add_argument("--compile-threads", type=int, default=min(8, os.cpu_count() or 1),
-                 help="threads compiling the check's and the sweep's programs ahead (1: in turn)")
+                 help="threads compiling each section's programs ahead (1: in turn)")
   p.add_argument("--sections", default=",".join(SECTIONS),
                  help=f"comma list, in this order: {','.join(SECTIONS)}")
   args = p.parse_args(argv)

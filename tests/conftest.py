@@ -38,7 +38,8 @@ def _accepted(flags) -> bool:
 
 def _set_xla_flags():
   flags = os.environ.get("XLA_FLAGS", "").split()
-  flags += [f for f in ["--xla_force_host_platform_device_count=8"] if f not in flags]
+  if "--xla_force_host_platform_device_count=8" not in flags:
+    flags.append("--xla_force_host_platform_device_count=8")
   # The controller probes; xdist workers and subprocesses inherit the result through the marker.
   if os.environ.get("JXENT_TEST_XLA_OPT") != "1" and "JXENT_TEST_FAST_COMPILE" not in os.environ:
     fast = list(_FAST_COMPILE) if _accepted(_FAST_COMPILE) else [f for f in _FAST_COMPILE

@@ -87,13 +87,12 @@ def parse_implementation(name: str) -> tuple[str, dict]:
   if kernel is None:
     raise ValueError(f"implementation {name!r}: only jxent kernels take parameters "
                      f"({', '.join(sorted(_kernel_classes()))})")
-  params = {}
+  params, consts = {}, {"None": None, "True": True, "False": False}
   for item in filter(None, rest[:-1].split(",")):
     key, eq, value = item.partition("=")
     if not eq:
       raise ValueError(f"implementation {name!r}: {item!r} is not key=value")
     try:
-      consts = {"None": None, "True": True, "False": False}
       params[key] = consts[value] if value in consts else (float(value) if "." in value
                                                            else int(value))
     except ValueError:
