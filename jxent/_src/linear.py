@@ -155,9 +155,7 @@ def _pad_rows(n: int, block_n: int, *arrays):
 def _chunked_backward(x, w, labels, lse, g, opts, block_v, block_n=None):
   v = w.shape[1]
   v_total = rowmath.num_classes(v, opts)
-  if opts.ignore_index is not None:
-    g = jnp.where(labels == opts.ignore_index, 0.0, g)
-  g = g.astype(_F32)
+  g = rowmath.zero_ignored(labels, g, opts).astype(_F32)
   labels = labels - rowmath.class_offset(v, opts)
 
   def one_pass(xs, ys, ls, gs, dw, accumulate):

@@ -93,12 +93,6 @@ def _grad_tile(x, y, col, lse, g, sum_t, *, sparse, opts, n_cls):
   return g * (coef * p - target) * rowmath.softcap_factor(x, opts), dy
 
 
-def _row_weight(y, g, *, sparse, opts):
-  if sparse and opts.ignore_index is not None:
-    g = jnp.where(y == opts.ignore_index, 0.0, g)
-  return g
-
-
 # ------------------------------------------------------------------------------------------------
 # Kernels.
 # ------------------------------------------------------------------------------------------------
@@ -145,8 +139,8 @@ def _bwd_kernel(*refs, sparse, opts, block_c, n_cls):
   col = _cols(pl.program_id(1) * block_c, x_ref.shape)
   y = y_ref[...]
   g = g_ref[...]
-  if opts.axis_name is None:
-    g = _row_weight(y, g, sparse=sparse, opts=opts)
+  if sparse and opts.axis_name is None:
+    g = rowmath.zero_ignored(y, g, opts)
   sum_t = None if (st_ref is None or opts.tf_grad) else st_ref[...]
   dx, dy = _grad_tile(x_ref[...], y, col, lse_ref[...], g, sum_t, sparse=sparse, opts=opts,
                       n_cls=n_cls)
@@ -189,7 +183,7 @@ def _fused_kernel(*refs, sparse, opts, chunk, c):
   loss, lse = rowmath.loss_from_stats(*stats, y_row, sparse=sparse, opts=opts, local_c=c)
   w = w_ref[...]
   loss_ref[...] = jnp.where(w == 0, 0.0, loss * w)
-  g = _row_weight(y_row, w, sparse=sparse, opts=opts)
+  g = rowmath.zero_ignored(y_row, w, opts) if sparse else w
   sum_t = None
   if not sparse and not opts.tf_grad:
     sum_t = (1.0 - opts.label_smoothing) * stats[2] + opts.label_smoothing

@@ -208,12 +208,6 @@ def _sum_target(y_ref, *, opts, block_c):
   return (1.0 - opts.label_smoothing) * s + opts.label_smoothing
 
 
-def _row_weight(label, g, opts):
-  if opts.ignore_index is not None:
-    g = jnp.where(label == opts.ignore_index, 0.0, g)
-  return g
-
-
 # ------------------------------------------------------------------------------------------------
 # Kernels (one row each; vmapped over rows, which becomes the grid).
 # ------------------------------------------------------------------------------------------------
@@ -253,7 +247,7 @@ def _bwd_kernel(*refs, sparse, opts, block_c, n_cls):
       sum_t = st_ref[()] if sharded else _sum_target(y_ref, opts=opts, block_c=block_c)
   g = g_ref[()].astype(jnp.float32)
   if sparse and not sharded:
-    g = _row_weight(label, g, opts)
+    g = rowmath.zero_ignored(label, g, opts)
   _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, lse_ref[()], g, sum_t, sparse=sparse, opts=opts,
              block_c=block_c, n_cls=n_cls)
 
@@ -279,7 +273,7 @@ def _fused_kernel(*refs, sparse, opts, block_c, groups, reverse=False):
   loss_ref[()] = jnp.where(w == 0, 0.0, loss * w)
   a = stats[2]
   sum_t = None if (sparse or opts.tf_grad) else (1.0 - opts.label_smoothing) * a + opts.label_smoothing
-  g = _row_weight(label, w, opts) if sparse else w
+  g = rowmath.zero_ignored(label, w, opts) if sparse else w
   if block is None:
     _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, lse, g, sum_t, sparse=sparse, opts=opts,
                block_c=block_c, n_cls=c, reverse=reverse)

@@ -81,11 +81,19 @@ def total_cotangent(g, like, opts: XentOptions):
   return lax.psum(g, opts.axis_name)
 
 
+def zero_ignored(labels, g, opts: XentOptions):
+  """``g`` with 0 where the integer label is ``ignore_index`` (shapes that broadcast; in XLA and
+  inside the Pallas kernels)."""
+  if opts.ignore_index is None:
+    return g
+  return jnp.where(labels == opts.ignore_index, 0.0, g)
+
+
 def local_rows(labels, g, opts: XentOptions, local_c: int):
   """Vocab parallel, integer labels: ``(labels as this shard's class ids, g with the
   ignore_index rows zeroed)``; ``ignore_index`` compares the global ids. ``g`` may be None."""
-  if g is not None and opts.ignore_index is not None:
-    g = jnp.where(labels == opts.ignore_index, 0.0, g)
+  if g is not None:
+    g = zero_ignored(labels, g, opts)
   return labels - class_offset(local_c, opts), g
 
 
@@ -252,9 +260,7 @@ def finish_sparse(loss, labels, n_classes, opts: XentOptions):
   if opts.ignore_index is not None:
     ok = ok | (labels == opts.ignore_index)
   loss = loss * jnp.where(ok, jnp.ones_like(loss), jnp.full_like(loss, jnp.nan))
-  if opts.ignore_index is not None:
-    loss = jnp.where(labels == opts.ignore_index, 0.0, loss)
-  return loss
+  return zero_ignored(labels, loss, opts)
 
 
 def nan_rows(g, labels, lse, *, sparse: bool, opts: XentOptions, local_c: int):
