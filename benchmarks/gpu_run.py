@@ -63,17 +63,23 @@ import numpy as np  # noqa: E402
 
 import jxent  # noqa: E402
 from jxent.bench import cases as C  # noqa: E402
-from jxent._src import tuning  # noqa: E402
+from jxent._src import autotune, configs  # noqa: E402
 from jxent.bench.cli import (_median_ms, copy_bandwidth, row_function, run_row,  # noqa: E402
                              temp_bytes)
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_util import rel  # noqa: E402  (|a - b| / |b|, NaN when a is not finite)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OPTS = dict(label_smoothing=0.1, z_loss=1e-4, logit_softcap=30.0)
 CONFIG = "gpu_run_config.json"  # the tuned entries, in the shipped format
 TOL = {"float32": 2e-4, "bfloat16": 2e-2}  # relative error vs xla (Frobenius)
+
+
+def rel(a, b):
+  """``|a - b| / |b|`` (Frobenius) in float64; NaN when ``a`` is not finite."""
+  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+  if not np.all(np.isfinite(a)):
+    return float("nan")
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 class Run:
@@ -301,7 +307,7 @@ def _sweep_shapes(run: Run):
   if run.dry:
     return [(32, 3000, [K(), K(block_c=1024, row_groups=4), K(block_c=512, split_rows=4),
                         K(block_c=512, programs=4, reverse_grad=True)]),
-            (16, 500, [K(block_c=tuning.one_block(500), num_warps=nw) for nw in (8, 16)])]
+            (16, 500, [K(block_c=autotune.one_block(500), num_warps=nw) for nw in (8, 16)])]
   cands = [K()]
   cands += [K(block_c=bc, num_warps=nw, num_stages=st, row_groups=gr)
             for bc, nw in ((2048, 4), (4096, 8), (8192, 8)) for st in (1, 2, 3) for gr in (1, 64)]
@@ -315,7 +321,7 @@ def _sweep_shapes(run: Run):
   # 32000 classes: the whole row as one block (value_and_grad reads it once: two passes, not
   # three), against the default walk and the best walks above
   small = [K(), K(block_c=4096, num_warps=8)]
-  small += [K(block_c=tuning.one_block(32000), num_warps=nw) for nw in (8, 16, 32)]
+  small += [K(block_c=autotune.one_block(32000), num_warps=nw) for nw in (8, 16, 32)]
   # (the defaults are also a grid point: each configuration is timed once)
   return [(8192, 128256, list(dict.fromkeys(cands))), (32768, 32000, small)]
 
@@ -332,8 +338,8 @@ def section_tune(run: Run, bw: float):
     for labels in ("int", "dense"):
       for reduction in ("mean", "none"):
         def tuned(labels=labels, reduction=reduction):
-          r = tuning.autotune("xent", (n, v), "bfloat16", labels=labels, reduction=reduction,
-                              reps=run.reps, force=True)
+          r = autotune.autotune("xent", (n, v), "bfloat16", labels=labels, reduction=reduction,
+                                reps=run.reps, force=True)
           cands = r["candidates"] + (swept if (labels, reduction) == ("int", "mean") else [])
           entries[r["key"]] = dict(candidates=cands, rejected=r["rejected"])
           return dict(key=r["key"], winner=min(cands, key=lambda c: c["ms"]) if cands else None,
@@ -350,7 +356,7 @@ def _ship(run: Run, entries: dict) -> int:
     return 0
   dev = jax.devices()[0]
   path = os.path.join(run.out, CONFIG)
-  tuning.write_entries(path, entries, device_kind=tuning.device_kind(dev),
+  configs.write_entries(path, entries, device_kind=configs.device_kind(dev),
                        source=f"benchmarks/gpu_run.py on {getattr(dev, 'device_kind', dev.platform)}"
                               f", jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
   os.remove(path + ".lock")
@@ -393,7 +399,7 @@ def _sweep(run: Run, bw: float, n: int, v: int, cands) -> list:
 
     res = run.case("tune", 20, one, shape=[n, v], **cfg)
     if res and not res.get("wrong") and "vg_ms" in res:
-      sweep.append(dict(tuning.describe(k), ms=res["vg_ms"], fwd_ms=res["fwd_ms"], temp_bytes=None))
+      sweep.append(dict(autotune.describe(k), ms=res["vg_ms"], fwd_ms=res["fwd_ms"], temp_bytes=None))
   return sweep
 
 
@@ -448,11 +454,11 @@ def section_linear(run: Run):
         res.update(ms=_median_ms(compiled, [(x, w, y)], run.reps),
                    temp_MB=None if temp is None else temp / 1e6)
         if f is not None:
-          good.append(dict(tuning.describe(algo), ms=res["ms"], temp_bytes=temp))
+          good.append(dict(autotune.describe(algo), ms=res["ms"], temp_bytes=temp))
         return res
       run.case("linear", 40, one, shape=[n, d, v], impl=name)
     if good:
-      entries[tuning.make_key("linear", (n, d, v), "bfloat16", labels="int", reduction="mean")] = \
+      entries[configs.make_key("linear", (n, d, v), "bfloat16", labels="int", reduction="mean")] = \
           dict(candidates=good, rejected=[])
   run.emit("linear", wrote=CONFIG, keys=_ship(run, entries))
 

@@ -18,8 +18,8 @@ from jxent._src.linear import LinearFusedGrad as LinearFusedGrad
 from jxent._src.linear import linear_softmax_cross_entropy as linear_softmax_cross_entropy
 from jxent._src.logprobs import linear_token_log_probs as linear_token_log_probs
 from jxent._src.logprobs import token_log_probs as token_log_probs
-from jxent._src.tuning import autotune as autotune
-from jxent._src.tuning import chosen_implementation as chosen_implementation
+from jxent._src.autotune import autotune as autotune
+from jxent._src.autotune import chosen_implementation as chosen_implementation
 from jxent._version import __version__ as __version__
 
 __all__ = [
@@ -46,8 +46,8 @@ __all__ = [
 ]
 
 _LAZY = {
-    "PallasTritonKernel": "jxent._src.pallas_triton",
-    "PallasMosaicTpuKernel": "jxent._src.pallas_mosaic_tpu",
+    "PallasTritonKernel": "jxent._src.kernels.pallas_triton",
+    "PallasMosaicTpuKernel": "jxent._src.kernels.pallas_mosaic_tpu",
 }
 
 

@@ -67,7 +67,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 def kernels():
   """Every implementation, runnable on CPU (Pallas kernels in interpret mode)."""
-  from jxent._src import pallas_mosaic_tpu, pallas_triton
+  from jxent._src.kernels import pallas_mosaic_tpu, pallas_triton
   return [
       pytest.param(jxent.XlaKernel(), id="xla"),
       pytest.param(jxent.XlaAutodiffKernel(), id="xla_autodiff"),

@@ -190,7 +190,7 @@ class TestMosaicFused:
   @pytest.mark.parametrize("vmem", [24 << 20, 1])
   @pytest.mark.parametrize("sparse", [True, False])
   def test_value_and_grads(self, vmem, sparse):
-    from jxent._src.pallas_mosaic_tpu import PallasMosaicTpuKernel
+    from jxent._src.kernels.pallas_mosaic_tpu import PallasMosaicTpuKernel
     kernel = PallasMosaicTpuKernel(interpret=True, block_r=16, block_c=128, fused_vmem_bytes=vmem)
     assert (kernel.fused_rows(300, [jnp.float32] * 2) == 0) == (vmem == 1)
     rng = np.random.default_rng(21)
@@ -216,7 +216,7 @@ class TestMosaicFused:
 
 
   def test_row_blocks_are_sublane_aligned(self):
-    from jxent._src.pallas_mosaic_tpu import PallasMosaicTpuKernel
+    from jxent._src.kernels.pallas_mosaic_tpu import PallasMosaicTpuKernel
     k = PallasMosaicTpuKernel(block_r=8)
     assert k._grid(3, 300, jnp.float32)[0] == 8
     assert k._grid(3, 300, jnp.bfloat16)[0] == 16  # 16-bit rows pack two per sublane

@@ -6,8 +6,9 @@ import re
 
 import pytest
 
-from jxent._src import (api, dispatch, keras_losses, linear, logprobs, pallas_mosaic_tpu, tuning,
-                        pallas_triton, tf_losses, tf_nn)
+from jxent._src import (api, autotune, configs, dispatch, keras_losses, linear, logprobs,
+                        tf_losses, tf_nn)
+from jxent._src.kernels import pallas_mosaic_tpu, pallas_triton
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -27,7 +28,7 @@ def test_readme_python_blocks_run(i):
 
 @pytest.mark.parametrize(
     "module",
-    [api, dispatch, tf_nn, tf_losses, keras_losses, linear, logprobs, tuning, pallas_triton,
+    [api, dispatch, tf_nn, tf_losses, keras_losses, linear, logprobs, autotune, pallas_triton,
      pallas_mosaic_tpu])
 def test_docstring_examples(module):
   failures, tried = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import pytest
 
 import jxent
-from jxent._src import dispatch, pallas_mosaic_tpu, pallas_triton
+from jxent._src import dispatch
+from jxent._src.kernels import pallas_mosaic_tpu, pallas_triton
 
 TARGETS = {
     "pallas_triton": ("cuda", "__gpu$xla.gpu.triton"),

@@ -23,12 +23,12 @@ def smap(f, m, in_specs, out_specs, check_vma=True):
 
 
 def _triton(**kw):
-  from jxent._src.pallas_triton import PallasTritonKernel
+  from jxent._src.kernels.pallas_triton import PallasTritonKernel
   return PallasTritonKernel(interpret=True, block_c=16, **kw)
 
 
 def _mosaic():
-  from jxent._src.pallas_mosaic_tpu import PallasMosaicTpuKernel
+  from jxent._src.kernels.pallas_mosaic_tpu import PallasMosaicTpuKernel
   return PallasMosaicTpuKernel(interpret=True, block_r=8, block_c=128)
 
 

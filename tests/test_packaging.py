@@ -42,7 +42,7 @@ def _check_sdist(sdist, tmp_path):
     tar.extractall(tmp_path, filter="data")
   for need in ("LICENSE", "pyproject.toml", "README.md", "tests/conftest.py", "tests/helpers.py",
                "tests/peers/test_peer_optax.py", "examples/train_digits.py",
-               "benchmarks/gpu_check.py", "benchmarks/linear_memory.py", "docs/conf.py",
+               "benchmarks/gpu_run.py", "benchmarks/linear_memory.py", "docs/conf.py",
                "docs/index.md", ".ci/run"):
     assert need in names, need
   assert not any(n.startswith("docs/_build") for n in names)

@@ -206,7 +206,7 @@ def test_float64_autodiff_exact_tails_every_mode(x64):
 
 
 def test_pallas_refuses_float64(x64):
-  from jxent._src.pallas_triton import PallasTritonKernel
+  from jxent._src.kernels.pallas_triton import PallasTritonKernel
   with pytest.raises(ValueError, match="float64"):
     jxent.softmax_cross_entropy(jnp.ones((2, 3)), jnp.ones((2, 3)),
                                 implementation=PallasTritonKernel(interpret=True))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jxent
-from jxent._src import dispatch, tuning
+from jxent._src import autotune, configs, dispatch
 from helpers import assert_close
 
 H100 = "nvidia_h100_80gb_hbm3"
@@ -26,16 +26,16 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_keys_and_bad_input():
-  k = tuning.make_key("xent", (8192, 128256), "bfloat16", reduction="mean", z_loss=1e-4)
+  k = configs.make_key("xent", (8192, 128256), "bfloat16", reduction="mean", z_loss=1e-4)
   assert k == "xent|int|bfloat16|scalar|z_loss|8192x131072"
-  assert tuning.make_key("linear", (8192, 2304, 256000), jnp.bfloat16, reduction="none") == \
+  assert configs.make_key("linear", (8192, 2304, 256000), jnp.bfloat16, reduction="none") == \
       "linear|int|bfloat16|rows||8192x4096x262144"
   for bad in (dict(op="conv", shape=(2, 3)), dict(op="xent", shape=(2, 3, 4)),
               dict(op="xent", shape=(0, 3)), dict(op="linear", shape=(2, 3, 4), labels="dense"),
               dict(op="xent", shape=(2, 3), dtype="float77")):
     kw = dict(dict(dtype="float32"), **bad)
     with pytest.raises(ValueError):
-      tuning.make_key(kw.pop("op"), kw.pop("shape"), kw.pop("dtype"), **kw)
+      configs.make_key(kw.pop("op"), kw.pop("shape"), kw.pop("dtype"), **kw)
   with pytest.raises(ValueError, match="op"):
     jxent.chosen_implementation("conv", (2, 3), "float32")
   with pytest.raises(ValueError, match="memory_budget"):
@@ -46,7 +46,7 @@ def test_keys_and_bad_input():
 
 
 def test_shipped_h100_file_is_used_on_that_device(monkeypatch):
-  monkeypatch.setattr(tuning, "device_kind", lambda device=None: H100)
+  monkeypatch.setattr(configs, "device_kind", lambda device=None: H100)
   monkeypatch.setattr(dispatch, "platform", lambda: "gpu")
   # integer labels: the Triton kernel measured faster; dense labels: XLA measured faster
   k, src = jxent.chosen_implementation("xent", (8192, 128256), "bfloat16")
@@ -67,10 +67,10 @@ def test_shipped_h100_file_is_used_on_that_device(monkeypatch):
 
 
 def test_cache_beats_shipped_and_round_trips(cache, monkeypatch):
-  monkeypatch.setattr(tuning, "device_kind", lambda device=None: H100)
+  monkeypatch.setattr(configs, "device_kind", lambda device=None: H100)
   monkeypatch.setattr(dispatch, "platform", lambda: "gpu")
-  key = tuning.make_key("xent", (8192, 128256), "bfloat16")
-  tuning.write_entries(tuning.cache_path(), {key: {"candidates": [
+  key = configs.make_key("xent", (8192, 128256), "bfloat16")
+  configs.write_entries(configs.cache_path(), {key: {"candidates": [
       dict(implementation="chunked_xla", params={"block": 8192}, ms=1.0, temp_bytes=0)]}})
   k, src = jxent.chosen_implementation("xent", (8192, 128256), "bfloat16")
   assert k == jxent.ChunkedXlaKernel(block=8192) and src == "user cache"
@@ -116,7 +116,7 @@ def test_negative_entry_is_not_swept_again(monkeypatch):
   assert res["winner"] is None and res["candidates"] == []
   assert jxent.chosen_implementation("xent", (16, 64), "float32") == (
       jxent.XlaKernel(), "user cache (none viable)")
-  monkeypatch.setattr(tuning, "_candidates", lambda *a: pytest.fail("swept again"))
+  monkeypatch.setattr(autotune, "_candidates", lambda *a: pytest.fail("swept again"))
   again = jxent.autotune("xent", (16, 64), "float32", reps=3)
   assert again["source"] == "user cache" and again["winner"] is None
 
@@ -163,7 +163,7 @@ def test_unwritable_cache_warns_and_the_loss_still_runs(tmp_path, monkeypatch):
   # an unreadable cache file: a warning, and the heuristic
   monkeypatch.setenv("JXENT_CACHE_DIR", str(tmp_path / "bad"))
   (tmp_path / "bad").mkdir()
-  (tmp_path / "bad" / f"{tuning.device_kind()}.json").write_text("{not json")
+  (tmp_path / "bad" / f"{configs.device_kind()}.json").write_text("{not json")
   with warnings.catch_warnings(record=True):
     warnings.simplefilter("always")
     out = jxent.softmax_cross_entropy_with_integer_labels(jnp.ones((2, 3)), jnp.array([0, 1]))
@@ -171,8 +171,8 @@ def test_unwritable_cache_warns_and_the_loss_still_runs(tmp_path, monkeypatch):
 
 
 def test_two_processes_merge_their_entries(cache):
-  code = ("import sys; from jxent._src import tuning; "
-          "[tuning.write_entries(tuning.cache_path('k'), {f'{sys.argv[1]}{i}': {'candidates': []}})"
+  code = ("import sys; from jxent._src import configs; "
+          "[configs.write_entries(configs.cache_path('k'), {f'{sys.argv[1]}{i}': {'candidates': []}})"
           " for i in range(20)]")
   procs = [subprocess.Popen([sys.executable, "-c", code, tag], env=dict(os.environ))
            for tag in ("a", "b")]
@@ -184,7 +184,7 @@ def test_two_processes_merge_their_entries(cache):
 def test_heuristic_from_the_device_properties(monkeypatch):
   # an unknown GPU (no tuned entry): one program per row, unless the rows cannot fill its SMs,
   # then the split-row forward (two programs per SM, at most 8 per row)
-  monkeypatch.setattr(tuning, "device_kind", lambda device=None: "some_new_gpu")
+  monkeypatch.setattr(configs, "device_kind", lambda device=None: "some_new_gpu")
   monkeypatch.setattr(dispatch, "platform", lambda: "gpu")
   monkeypatch.setattr(dispatch, "sm_count", lambda device=None: 132)
   k, src = jxent.chosen_implementation("xent", (8192, 128256), "bfloat16")
@@ -200,10 +200,10 @@ def test_gpu_candidates_try_the_whole_row_as_one_block(monkeypatch):
   # value_and_grad of a scalar loss with rows up to 32768 classes: the fused kernel's one-load
   # path (block_c >= classes) is a candidate; per-row losses take the split-row forwards instead
   monkeypatch.setattr(dispatch, "platform", lambda: "gpu")
-  one = lambda shape, red: {(k.block_c, k.num_warps) for k in tuning._candidates("xent", shape, red)
+  one = lambda shape, red: {(k.block_c, k.num_warps) for k in autotune._candidates("xent", shape, red)
                             if getattr(k, "name", "") == "pallas_triton" and k.block_c >= shape[1]}
   assert one((32768, 32000), "mean") == {(32768, 8), (32768, 16), (32768, 32)}
   assert one((64, 5000), "sum") == {(8192, 8), (8192, 16), (8192, 32)}
   assert one((32768, 32000), "none") == set()
   assert one((8192, 128256), "mean") == set()
-  assert [tuning.one_block(c) for c in (1, 16, 17, 32000, 32768)] == [16, 16, 32, 32768, 32768]
+  assert [autotune.one_block(c) for c in (1, 16, 17, 32000, 32768)] == [16, 16, 32, 32768, 32768]

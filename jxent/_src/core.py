@@ -16,7 +16,7 @@ import numpy as np
 
 from jxent._src import dispatch
 from jxent._src.options import XentOptions
-from jxent._src.rowmath import match_vma, nan_rows, total_cotangent
+from jxent._src.kernels.rowmath import match_vma, nan_rows, total_cotangent
 
 
 # --------------------------------------------------------------------------------------------

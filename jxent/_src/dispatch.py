@@ -1,7 +1,7 @@
 """Implementation registry: ``implementation=None | str | kernel instance`` -> a kernel object.
 
 A kernel object is hashable (a frozen dataclass) and has ``forward`` / ``backward`` with the
-signatures documented in :mod:`jxent._src.xla`, plus ``platforms`` (where it can run compiled) and
+signatures documented in :mod:`jxent._src.kernels.xla`, plus ``platforms`` (where it can run compiled) and
 ``interpret`` (Pallas kernels only: run in interpret mode on any backend).
 """
 
@@ -13,7 +13,8 @@ from typing import Any, Callable, ClassVar
 
 import jax
 
-from jxent._src import chunked, xla
+from jxent._src import configs
+from jxent._src.kernels import chunked, xla
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +102,8 @@ _REGISTRY: dict[str, Callable[[], Any]] = {
 # The Pallas kernels, imported on first use (so that `import jxent` does not load Pallas); the
 # registry knows them, the kernel modules do not know the registry.
 _LAZY: dict[str, tuple[str, str]] = {
-    "pallas_triton": ("jxent._src.pallas_triton", "PallasTritonKernel"),
-    "pallas_mosaic_tpu": ("jxent._src.pallas_mosaic_tpu", "PallasMosaicTpuKernel"),
+    "pallas_triton": ("jxent._src.kernels.pallas_triton", "PallasTritonKernel"),
+    "pallas_mosaic_tpu": ("jxent._src.kernels.pallas_mosaic_tpu", "PallasMosaicTpuKernel"),
 }
 
 
@@ -158,7 +159,8 @@ def heuristic(sparse: bool, shape, dtype) -> Any:
   give every SM two (``split_rows``, at most 8)."""
   plat = platform()
   if plat in ("gpu", "cuda") and jax.numpy.dtype(dtype).itemsize <= 4:
-    from jxent._src import pallas_triton
+    # (imported here, not at the top: loading Pallas is heavy and only GPU defaults need it)
+    from jxent._src.kernels import pallas_triton
     if pallas_triton.preferred(shape, dtype, sparse):
       sms, rows = sm_count(), shape[0]
       if sms and 0 < rows < 2 * sms:
@@ -170,23 +172,37 @@ def heuristic(sparse: bool, shape, dtype) -> Any:
   return XlaKernel()
 
 
-def _default(sparse: bool, shape, dtype, reduction=None, opts=None) -> Any:
-  """``implementation=None``: the tuned choice for this device and call (user cache, then the
-  shipped config), else :func:`heuristic`. A miss never raises and never tunes."""
-  from jxent._src import tuning
-  try:
-    options = {} if opts is None else dict(label_smoothing=opts.label_smoothing,
-                                           z_loss=opts.z_loss, logit_softcap=opts.logit_softcap)
-    key = tuning.make_key("xent", shape, dtype, labels="int" if sparse else "dense",
-                          reduction=reduction, **options)
-    cand, _ = tuning.lookup(key)
-    kernel = None if cand is None else tuning.build_kernel(cand)
-  except Exception:  # noqa: BLE001  (a broken tuning file must never break the loss)
-    kernel = None
+def build_kernel(cand: dict):
+  """The kernel object of a stored candidate ``{implementation, params}``; None where it cannot
+  run on this backend."""
+  name = cand["implementation"]
+  if name not in names():
+    return None
+  return kernel_class(name)(**dict(cand.get("params") or {})) if platform_ok(name) else None
+
+
+def tuned_kernel(key: str, sparse: bool, shape, dtype):
+  """``(kernel, source)`` for a call keyed ``key`` (:func:`jxent._src.configs.make_key`): the
+  tuned choice (user cache, then the shipped config) where it can run here and takes ``dtype``,
+  else :func:`heuristic`. A miss never raises and never tunes."""
+  cand, source = configs.lookup(key)
+  kernel = None if cand is None else build_kernel(cand)
   if kernel is not None and jax.numpy.dtype(dtype) in (getattr(kernel, "dtypes", None) or
                                                        (jax.numpy.dtype(dtype),)):
-    return kernel
-  return heuristic(sparse, shape, dtype)
+    return kernel, source
+  return heuristic(sparse, shape, dtype), source
+
+
+def _default(sparse: bool, shape, dtype, reduction=None, opts=None) -> Any:
+  """``implementation=None``: :func:`tuned_kernel` for this device and call."""
+  options = {} if opts is None else dict(label_smoothing=opts.label_smoothing,
+                                         z_loss=opts.z_loss, logit_softcap=opts.logit_softcap)
+  try:
+    key = configs.make_key("xent", shape, dtype, labels="int" if sparse else "dense",
+                           reduction=reduction, **options)
+    return tuned_kernel(key, sparse, shape, dtype)[0]
+  except Exception:  # noqa: BLE001  (a broken tuning file must never break the loss)
+    return heuristic(sparse, shape, dtype)
 
 
 def resolve(implementation, *, sparse: bool, shape, dtype, reduction=None, opts=None) -> Any:

@@ -24,8 +24,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jxent._src import core, rowmath, xla
-from jxent._src.chunked import fold_blocks
+from jxent._src import configs, core
+from jxent._src.kernels import rowmath, xla
+from jxent._src.kernels.rowmath import fold_blocks
 from jxent._src.options import XentOptions, make_options
 
 _F32 = jnp.float32
@@ -275,6 +276,24 @@ linear_xent_fused.defvjp(_linear_xent_fused_fwd, _linear_xent_fused_bwd)
 # ------------------------------------------------------------------------------------------------
 # Public entry point.
 # ------------------------------------------------------------------------------------------------
+def build_algorithm(cand: dict):
+  """The linear algorithm of a stored candidate ``{implementation, params}``: an object, or the
+  name ``"unfused"``."""
+  name = cand["implementation"]
+  if name == "unfused":
+    return name
+  return ALGORITHMS[name](**dict(cand.get("params") or {}))
+
+
+def tuned_algorithm(key: str, memory_budget: Optional[int] = None):
+  """``(algorithm, source)`` for a linear call keyed ``key``: the fastest tuned candidate whose
+  compiled temporaries fit ``memory_budget`` (default: a quarter of the device's memory), else
+  the lean :class:`LinearChunked`."""
+  budget = configs.default_memory_budget() if memory_budget is None else memory_budget
+  cand, source = configs.lookup(key, memory_budget=budget)
+  return (LinearChunked() if cand is None else build_algorithm(cand)), source
+
+
 def check_linear_inputs(x, w, labels):
   """Validates ``x [..., hidden]``, ``w [hidden, num_classes]`` and integer ``labels [...]``
   (trace time); returns them as arrays."""
@@ -347,12 +366,12 @@ def linear_softmax_cross_entropy(
   if memory_budget is not None and (isinstance(memory_budget, bool) or not memory_budget > 0):
     raise ValueError(f"`memory_budget` must be a positive number of bytes, got {memory_budget!r}.")
   if implementation is None:
-    from jxent._src import tuning
     try:
-      algo, _ = tuning.chosen_implementation(
+      key = configs.make_key(
           "linear", (max(1, x.size // max(x.shape[-1], 1)), x.shape[-1], w.shape[1]), x.dtype,
-          reduction=reduction, memory_budget=memory_budget, label_smoothing=label_smoothing,
-          z_loss=z_loss, logit_softcap=logit_softcap)
+          reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+          logit_softcap=logit_softcap)
+      algo, _ = tuned_algorithm(key, memory_budget)
     except Exception:  # noqa: BLE001  (a broken tuning file must never break the loss)
       algo = LinearChunked()
     if (isinstance(algo, LinearFusedGrad) and (reduction not in ("mean", "sum") or axis_name)) or (

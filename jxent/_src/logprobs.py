@@ -24,8 +24,9 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jxent._src import core, dispatch, rowmath
-from jxent._src.chunked import fold_blocks
+from jxent._src import core, dispatch, linear
+from jxent._src.kernels import rowmath
+from jxent._src.kernels.rowmath import fold_blocks
 from jxent._src.options import XentOptions, make_options
 
 
@@ -397,13 +398,12 @@ def linear_token_log_probs(
     >>> jxent.linear_token_log_probs(x, w, y)
     Array([-2.0794415, -2.0794415], dtype=float32)
   """
-  from jxent._src.linear import LinearChunked, check_linear_inputs
-  x, w, labels = check_linear_inputs(x, w, labels)
+  x, w, labels = linear.check_linear_inputs(x, w, labels)
   if w.shape[1] == 0:
     raise ValueError(f"`w` {w.shape} has no classes.")
   if implementation is None or implementation in ("linear_chunked", "chunked_xla"):
-    algo = LinearChunked(block_v=BLOCK_V)
-  elif isinstance(implementation, LinearChunked):
+    algo = linear.LinearChunked(block_v=BLOCK_V)
+  elif isinstance(implementation, linear.LinearChunked):
     algo = implementation
   else:
     raise ValueError(f"linear_token_log_probs runs on implementation None or 'linear_chunked' (or a "

@@ -23,6 +23,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from jxent._src import autotune, configs
 from jxent.bench import cases as C
 
 
@@ -272,7 +273,6 @@ def table_notes(floor_shown: bool, missing: list[str]) -> list[str]:
 
 def chosen_notes(cases) -> list[str]:
   """What ``implementation=None`` picks for each case on this device, and from where."""
-  from jxent._src import tuning
   notes = []
   for case in cases:
     if case.labels == "logprobs":
@@ -280,7 +280,7 @@ def chosen_notes(cases) -> list[str]:
     op, shape = ("linear", (case.n, case.d, case.v)) if case.kind == "linear" else (
         "xent", (case.n, case.v))
     try:
-      kernel, source = tuning.chosen_implementation(op, shape, case.dtype, labels=case.labels)
+      kernel, source = autotune.chosen_implementation(op, shape, case.dtype, labels=case.labels)
     except Exception as e:  # noqa: BLE001  (a note, never a failure)
       kernel, source = f"? ({e})", "error"
     name = kernel if isinstance(kernel, str) else repr(kernel)
@@ -292,8 +292,7 @@ def chosen_notes(cases) -> list[str]:
 def tune(cases, args) -> int:
   """``--tune``: autotune each case (mean, and per-row losses for logits cases), then write the
   results in the shipped config format."""
-  from jxent._src import tuning
-  kind = tuning.device_kind()
+  kind = configs.device_kind()
   out = args.tune_out or f"jxent-tuning-{kind}.json"
   entries, lines = {}, []
   for case in cases:
@@ -302,21 +301,21 @@ def tune(cases, args) -> int:
     op, shape = ("linear", (case.n, case.d, case.v)) if case.kind == "linear" else (
         "xent", (case.n, case.v))
     for reduction in (("mean",) if op == "linear" else ("mean", "none")):
-      res = tuning.autotune(op, shape, case.dtype, labels=case.labels, reduction=reduction,
-                            reps=args.reps, force=True)
+      res = autotune.autotune(op, shape, case.dtype, labels=case.labels, reduction=reduction,
+                              reps=args.reps, force=True)
       entries[res["key"]] = dict(candidates=res["candidates"], rejected=res["rejected"])
       w = res["winner"]
       lines.append(f"{res['key']}: " + ("no viable candidate" if w is None else
                                         f"{w['implementation']} {w['params']} {w['ms']:.3f} ms"))
   try:
-    tuning.write_entries(os.path.abspath(out), entries, device_kind=kind,
-                         source=f"jxent-bench --tune, jax {jax.__version__}")
+    configs.write_entries(os.path.abspath(out), entries, device_kind=kind,
+                          source=f"jxent-bench --tune, jax {jax.__version__}")
     os.remove(os.path.abspath(out) + ".lock")
   except OSError as e:
     print(f"jxent-bench: error: cannot write {out}: {e}", file=sys.stderr)
     return 2
   print("\n".join(lines))
-  print(f"wrote {out} (and the user cache {tuning.cache_path()})")
+  print(f"wrote {out} (and the user cache {configs.cache_path()})")
   return 0
 
 

@@ -11,28 +11,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jxent._src import rowmath
+from jxent._src.kernels import rowmath
 from jxent._src.options import XentOptions
 
 BLOCK = 4096
-
-
-def fold_blocks(step, size: int, block: int, state, *, peel: bool = True):
-  """``state = step(start, block_size, state)`` over ``[0, size)`` in blocks of ``block``.
-
-  With ``peel`` the first block is peeled off the loop so that the carry takes the sharding type
-  (under ``shard_map``) of what the blocks produce; a single block is always a straight step, and
-  the last, shorter block is a static step.
-  """
-  nb, tail = divmod(size, block)
-  first = 1 if nb and (peel or nb == 1) else 0  # blocks before the loop
-  if first:
-    state = step(0, block, state)
-  if nb > first:
-    state = lax.fori_loop(first, nb, lambda i, st: step(i * block, block, st), state)
-  if tail:
-    state = step(nb * block, tail, state)
-  return state
 
 
 def _block_stats(xb, yb, start, labels, sparse, opts, want_sum_x):
@@ -84,7 +66,7 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
 
   zero = jnp.zeros((rows,), dt)
   state = (jnp.full((rows,), -jnp.inf, dt), zero, zero, zero, zero)
-  state = fold_blocks(lambda start, size, st: _merge(st, stats(start, size)), c, block, state)
+  state = rowmath.fold_blocks(lambda start, size, st: _merge(st, stats(start, size)), c, block, state)
   m, z, a, b, sum_x = state
   m = jnp.where(jnp.isneginf(m), 0.0, m)
   return rowmath.loss_from_stats(m, z, a, b, sum_x, glabels, sparse=sparse, opts=opts, local_c=c)

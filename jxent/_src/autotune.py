@@ -1,33 +1,14 @@
-"""Tuned choices as data: per-device config files, a user cache, and the autotuner.
-
-A *key* is ``(op, labels, dtype, reduction, options, bucket)``:
-
-* ``op``: ``"xent"`` (logits ``[rows, classes]``) or ``"linear"`` (``x [N, D] @ w [D, V]``);
-* ``labels``: ``"int"`` or ``"dense"`` (``"int"`` for linear);
-* ``reduction``: ``"scalar"`` (``"mean"``/``"sum"``: the fused kernels apply) or ``"rows"``;
-* ``options``: the options that change a kernel (``label_smoothing``, ``z_loss``,
-  ``logit_softcap`` present or not), as a sorted string, ``""`` for none;
-* ``bucket``: each dimension rounded up to a power of two.
-
-An *entry* holds the measured candidates of a key, ``[{implementation, params, ms, temp_bytes}]``
-(``[]`` when none was viable: such a key is not swept again). The choice is the fastest candidate
-whose compiled temporaries fit the memory budget.
-
-Lookup order (:func:`lookup`): the user's cache (``$JXENT_CACHE_DIR`` or ``~/.cache/jxent``,
-one file per device kind), the shipped file for this device kind (``jxent/_src/configs/``), then
-the heuristic (``None``: the caller's default). A miss never raises and never tunes.
+"""The autotuner: the top of the package. It times candidate implementations for one call shape on
+this device and stores them in the user cache (:mod:`jxent._src.configs`), which
+``implementation=None`` then reads. It imports the losses it times (:mod:`jxent._src.api`,
+:mod:`jxent._src.linear`) and the registry, never the ``jxent`` package; nothing below imports
+it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
-import math
-import os
-import re
 import statistics
-import tempfile
 import time
 import warnings
 from typing import Optional
@@ -36,157 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
-OPS = ("xent", "linear")
-ALGORITHM_NAMES = ("linear_chunked", "linear_fused_grad", "unfused")
-FALLBACK_MEMORY_BUDGET = 4 << 30  # bytes, where the device does not report its memory
-
-
-def default_memory_budget(device=None) -> int:
-  """The linear choice's default budget of compiled temporaries: a quarter of the device's
-  memory where it reports it (20 GB on an 80 GB H100), else 4 GiB."""
-  device = device or jax.devices()[0]
-  try:
-    limit = (device.memory_stats() or {}).get("bytes_limit")
-  except Exception:  # noqa: BLE001  (not every backend reports it)
-    limit = None
-  return int(limit) // 4 if limit else FALLBACK_MEMORY_BUDGET
-
-
-# ------------------------------------------------------------------------------------------------
-# Keys.
-# ------------------------------------------------------------------------------------------------
-def device_kind(device=None) -> str:
-  """This device's kind as a file name: ``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia_h100_80gb_hbm3"``."""
-  device = device or jax.devices()[0]
-  kind = getattr(device, "device_kind", None) or device.platform
-  if device.platform == "cpu":
-    kind = "cpu"
-  return re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_")
-
-
-def _bucket(n: int) -> int:
-  return 1 << max(0, math.ceil(math.log2(max(int(n), 1))))
-
-
-def make_key(op: str, shape, dtype, *, labels: str = "int", reduction: Optional[str] = "mean",
-             **options) -> str:
-  """The key string of a call (see the module docstring). Raises ``ValueError`` on bad input."""
-  if op not in OPS:
-    raise ValueError(f"unknown op {op!r}: expected one of {OPS}.")
-  shape = tuple(shape)
-  if len(shape) != (2 if op == "xent" else 3) or any(
-      not isinstance(d, (int, np.integer)) or d < 1 for d in shape):
-    raise ValueError(f"op {op!r} takes shape={'(rows, classes)' if op == 'xent' else '(N, D, V)'} "
-                     f"of positive ints, got {shape!r}.")
-  if labels not in ("int", "dense") or (op == "linear" and labels != "int"):
-    raise ValueError(f"labels must be 'int' or 'dense' ('int' for linear), got {labels!r}.")
-  try:
-    dt = jnp.dtype(dtype).name
-  except TypeError:
-    raise ValueError(f"unknown dtype {dtype!r}.") from None
-  red = "scalar" if reduction in ("mean", "sum") else "rows"
-  opts = ",".join(sorted(k for k in ("label_smoothing", "z_loss", "logit_softcap")
-                         if options.get(k) not in (None, 0, 0.0)))
-  bucket = "x".join(str(_bucket(d)) for d in shape)
-  return f"{op}|{labels}|{dt}|{red}|{opts}|{bucket}"
-
-
-# ------------------------------------------------------------------------------------------------
-# Files: shipped configs and the user cache.
-# ------------------------------------------------------------------------------------------------
-def cache_dir() -> str:
-  return os.environ.get("JXENT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                           "jxent")
-
-
-def cache_path(kind: Optional[str] = None) -> str:
-  return os.path.join(cache_dir(), f"{kind or device_kind()}.json")
-
-
-def shipped_path(kind: Optional[str] = None) -> str:
-  return os.path.join(CONFIG_DIR, f"{kind or device_kind()}.json")
-
-
-_MEMO: dict = {}
-
-
-def _read(path: str) -> dict:
-  """The entries of a tuning file (``{}`` if absent or unreadable), memoised on its mtime so
-  that a loss traced many times reads it once."""
-  try:
-    stamp = os.stat(path).st_mtime_ns
-  except OSError:
-    return {}
-  hit = _MEMO.get(path)
-  if hit and hit[0] == stamp:
-    return hit[1]
-  try:
-    with open(path) as fh:
-      data = json.load(fh)
-    entries = data.get("entries", {}) if isinstance(data, dict) else {}
-  except (OSError, ValueError) as e:
-    warnings.warn(f"jxent: ignoring unreadable tuning file {path}: {e}", stacklevel=3)
-    entries = {}
-  _MEMO[path] = (stamp, entries)
-  return entries
-
-
-@contextlib.contextmanager
-def _locked(path: str):
-  """An exclusive lock beside ``path`` (two processes merge their results, not overwrite)."""
-  import fcntl
-  with open(path + ".lock", "w") as fh:
-    fcntl.flock(fh, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def write_entries(path: str, entries: dict, **meta) -> None:
-  """Merges ``entries`` into the file at ``path`` atomically (temporary file, then rename)."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with _locked(path):
-    merged = dict(_read(path))
-    merged.update(entries)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-      json.dump(dict(meta, entries=merged), fh, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
-# ------------------------------------------------------------------------------------------------
-# Lookup.
-# ------------------------------------------------------------------------------------------------
-def _pick(entry: dict, memory_budget: Optional[int]):
-  cands = [c for c in entry.get("candidates", [])
-           if memory_budget is None or (c.get("temp_bytes") or 0) <= memory_budget]
-  return min(cands, key=lambda c: c["ms"]) if cands else None
-
-
-def lookup(key: str, *, memory_budget: Optional[int] = None, kind: Optional[str] = None):
-  """``(candidate | None, source)``: the user cache, the shipped file, or ``(None,
-  "heuristic")``. A key stored with no viable candidate gives ``(None, "<source> (none
-  viable)")``; the caller then uses its heuristic default."""
-  for source, path in (("user cache", cache_path(kind)), ("shipped", shipped_path(kind))):
-    entries = _read(path)
-    if key in entries:
-      label = source if source == "user cache" else f"shipped:{os.path.basename(path)}"
-      cand = _pick(entries[key], memory_budget)
-      return cand, (label if cand else f"{label} (none viable)")
-  return None, "heuristic"
-
-
-def build_kernel(cand: dict):
-  """The implementation object of a stored candidate (None: it cannot run on this backend)."""
-  from jxent._src import dispatch, linear
-  name, params = cand["implementation"], dict(cand.get("params") or {})
-  if name == "unfused":
-    return name
-  if name in linear.ALGORITHMS:
-    return linear.ALGORITHMS[name](**params)
-  return dispatch.kernel_class(name)(**params) if dispatch.platform_ok(name) else None
+from jxent._src import api, configs, dispatch, linear
 
 
 def chosen_implementation(op: str, shape, dtype, *, labels: str = "int",
@@ -201,25 +32,14 @@ def chosen_implementation(op: str, shape, dtype, *, labels: str = "int",
     >>> kernel.name, source
     ('xla', 'heuristic')
   """
-  key = make_key(op, shape, dtype, labels=labels, reduction=reduction, **options)
+  key = configs.make_key(op, shape, dtype, labels=labels, reduction=reduction, **options)
   if op == "linear":
-    budget = default_memory_budget() if memory_budget is None else memory_budget
-    cand, source = lookup(key, memory_budget=budget)
-    if cand is not None:
-      return build_kernel(cand), source
-    from jxent._src import linear
-    return linear.LinearChunked(), source
-  cand, source = lookup(key)
-  if cand is not None:
-    kernel = build_kernel(cand)
-    if kernel is not None:
-      return kernel, source
-  from jxent._src import dispatch
-  return dispatch.heuristic(labels == "int", tuple(shape), dtype), source
+    return linear.tuned_algorithm(key, memory_budget)
+  return dispatch.tuned_kernel(key, labels == "int", tuple(shape), dtype)
 
 
 # ------------------------------------------------------------------------------------------------
-# The autotuner.
+# Candidates.
 # ------------------------------------------------------------------------------------------------
 # The longest row tried as one block (32768 float32 values: 32 per thread at 32 warps).
 ONE_LOAD_MAX_CLASSES = 32768
@@ -231,7 +51,6 @@ def one_block(classes: int) -> int:
 
 
 def _candidates(op: str, shape, reduction) -> list:
-  from jxent._src import dispatch, linear
   plat = dispatch.platform()
   if op == "linear":
     cands = [linear.LinearChunked(block_v=b) for b in (1024, 2048, 4096)]
@@ -261,6 +80,9 @@ def _candidates(op: str, shape, reduction) -> list:
   return cands
 
 
+# ------------------------------------------------------------------------------------------------
+# Timing and the sweep.
+# ------------------------------------------------------------------------------------------------
 def describe(kernel) -> dict:
   """``{"implementation", "params"}`` of a kernel or linear algorithm object (the parameters that
   differ from its defaults), or of a name such as ``"unfused"``: a candidate's identity."""
@@ -274,12 +96,11 @@ def describe(kernel) -> dict:
 
 
 def _loss_fn(op, kernel, labels, reduction, options):
-  import jxent
   if op == "linear":
-    return lambda x, w, y: jxent.linear_softmax_cross_entropy(
+    return lambda x, w, y: linear.linear_softmax_cross_entropy(
         x, w, y, reduction=reduction, implementation=kernel, **options).astype(jnp.float32).sum()
-  fn = (jxent.softmax_cross_entropy_with_integer_labels if labels == "int" else
-        jxent.softmax_cross_entropy)
+  fn = (api.softmax_cross_entropy_with_integer_labels if labels == "int" else
+        api.softmax_cross_entropy)
   return lambda x, y: fn(x, y, reduction=reduction, implementation=kernel,
                          **options).astype(jnp.float32).sum()
 
@@ -355,12 +176,12 @@ def autotune(op: str, shape, dtype, *, labels: str = "int", reduction: Optional[
                        "before, outside the traced function.")
   if memory_budget is not None and not memory_budget > 0:
     raise ValueError(f"memory_budget must be > 0 bytes, got {memory_budget}.")
-  key = make_key(op, shape, dtype, labels=labels, reduction=reduction, **options)
-  path = cache_path()
-  if not force and key in _read(path):
-    cand = _pick(_read(path)[key], memory_budget)
+  key = configs.make_key(op, shape, dtype, labels=labels, reduction=reduction, **options)
+  path = configs.cache_path()
+  if not force and key in configs.read_entries(path):
+    cand = configs.pick(configs.read_entries(path)[key], memory_budget)
     return dict(key=key, source="user cache", winner=cand,
-                candidates=_read(path)[key].get("candidates", []), rejected=[])
+                candidates=configs.read_entries(path)[key].get("candidates", []), rejected=[])
   sets = [_inputs(op, tuple(shape), dtype, labels, s) for s in range(2)]
   argnums = (0, 1) if op == "linear" else (0,)
   ref_impl = "unfused" if op == "linear" else "xla"
@@ -390,9 +211,9 @@ def autotune(op: str, shape, dtype, *, labels: str = "int", reduction: Optional[
   entry = dict(candidates=good, rejected=rejected, date=time.strftime("%Y-%m-%d"),
                jax=jax.__version__)
   try:
-    write_entries(path, {key: entry}, device_kind=device_kind())
+    configs.write_entries(path, {key: entry}, device_kind=configs.device_kind())
   except OSError as e:
     warnings.warn(f"jxent.autotune: could not write the cache {path} ({e}); the result is "
                   f"returned but not stored.", stacklevel=2)
-  return dict(key=key, source="tuned", winner=_pick(entry, memory_budget), candidates=good,
+  return dict(key=key, source="tuned", winner=configs.pick(entry, memory_budget), candidates=good,
               rejected=rejected)

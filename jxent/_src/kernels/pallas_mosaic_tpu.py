@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jxent._src import rowmath
+from jxent._src.kernels import rowmath
 
 _NEG = float(jnp.finfo(jnp.float32).min)
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jxent._src.options import XentOptions
-from jxent._src.rowmath import (combine, finish_sparse, gather_label, ignored_rows, local_label,
+from jxent._src.kernels.rowmath import (combine, finish_sparse, gather_label, ignored_rows, local_label,
                                 num_classes, pmax, prep_logits, psum, safe_max, softcap_factor,
                                 sum_target, tail_grad, tail_log_z)
 

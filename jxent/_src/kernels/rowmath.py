@@ -290,3 +290,21 @@ def merge_stats(m, z, a, b, sum_x, *, sparse: bool):
   else:
     a, b = jnp.sum(a, axis=-1), jnp.sum(b + (m - mg[..., None]) * a, axis=-1)
   return mg, z, a, b, jnp.sum(sum_x, axis=-1)
+
+
+def fold_blocks(step, size: int, block: int, state, *, peel: bool = True):
+  """``state = step(start, block_size, state)`` over ``[0, size)`` in blocks of ``block``.
+
+  With ``peel`` the first block is peeled off the loop so that the carry takes the sharding type
+  (under ``shard_map``) of what the blocks produce; a single block is always a straight step, and
+  the last, shorter block is a static step.
+  """
+  nb, tail = divmod(size, block)
+  first = 1 if nb and (peel or nb == 1) else 0  # blocks before the loop
+  if first:
+    state = step(0, block, state)
+  if nb > first:
+    state = lax.fori_loop(first, nb, lambda i, st: step(i * block, block, st), state)
+  if tail:
+    state = step(nb * block, tail, state)
+  return state

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jxent._src import rowmath
+from jxent._src.kernels import rowmath
 
 _NEG = float(jnp.finfo(jnp.float32).min)
 
@@ -386,7 +386,7 @@ class PallasTritonKernel:
   # float32 accumulation: float64 logits are refused (use XLA)
   dtypes: ClassVar[tuple] = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
   interpret: bool = False
-  block_c: int = 2048  # tuned on an H100 (benchmarks/results/*gpu_check.jsonl)
+  block_c: int = 2048  # tuned on an H100 (benchmarks/results/2026-11-22_h100_gpu_check.jsonl)
   num_warps: int = 4
   num_stages: int = 1
   programs: Optional[int] = None
