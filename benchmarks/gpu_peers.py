@@ -1,7 +1,7 @@
 """The PyTorch peers (Liger, Cut Cross-Entropy, torch.compile, eager) on this GPU, for comparison
 with a jxent-bench run on the same machine in the same call.
 
-Cases as in DESIGN.md: bf16 logits 8192x128256, 32768x32000, 4096x256000 (integer labels; forward,
+Cases as in docs/benchmarks.md (the targets in docs/architecture.md): bf16 logits 8192x128256, 32768x32000, 4096x256000 (integer labels; forward,
 forward+backward); linear 8192x2304 -> 256000 (forward+backward). CUDA events, median of 20 (10
 for linear), 3 warm-up calls; peak extra memory of forward+backward.
 

@@ -12,7 +12,7 @@ from jxent._src.api import (
 from jxent._src.dispatch import ChunkedXlaKernel as ChunkedXlaKernel
 from jxent._src.dispatch import XlaAutodiffKernel as XlaAutodiffKernel
 from jxent._src.dispatch import XlaKernel as XlaKernel
-from jxent._src.dispatch import names as implementations
+from jxent._src.api import implementations as implementations
 from jxent._src.linear import LinearChunked as LinearChunked
 from jxent._src.linear import LinearFusedGrad as LinearFusedGrad
 from jxent._src.linear import linear_softmax_cross_entropy as linear_softmax_cross_entropy

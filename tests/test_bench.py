@@ -9,11 +9,14 @@ import sys
 import jax
 import pytest
 
+import jxent
+
 from jxent.bench import cases as C
 from jxent.bench import cli
 
 FIELDS = {"implementation", "mode", "shape", "dtype", "median_ms", "compile_ms", "temp_bytes",
-          "gbps", "x_floor", "device", "jax_version"}
+          "gbps", "x_floor", "device", "jax_version", "jxent_version", "reduction", "q1_ms",
+          "q3_ms", "min_ms", "max_ms", "spread", "noisy", "x_optax", "default", "reps"}
 
 
 def test_small_run_writes_json_csv_plot(tmp_path, capsys):
@@ -59,7 +62,7 @@ def test_kernel_parameters_in_implementation_names(tmp_path):
   rc = cli.main(["--shape", "32,700", "--shape", "32,16,300", "--implementations",
                  "chunked_xla,chunked_xla[block=64],"
                  "linear_chunked[block_v=128],linear_fused_grad[block_n=8]", "--reps", "10",
-                 "--modes", "forward_and_vjp", "--no-progress", "--json", str(out)])
+                 "--modes", "value_and_grad", "--no-progress", "--json", str(out)])
   assert rc == 0
   names = {r["implementation"] for r in json.loads(out.read_text())}
   assert names == {"chunked_xla", "chunked_xla[block=64]", "linear_chunked[block_v=128]",
@@ -88,6 +91,7 @@ def test_boolean_kernel_parameters():
     ["--shape", "8,8", "--dtype", "float77"],
     ["--shape", "8,8", "--dtype", "float32,int32"],
     ["--dtype", "bfloat16,float32x"],
+    ["--labels", "dense"],  # (without --shape: the presets have their own label kinds)
 ])
 def test_bad_input_exit_2(argv, capsys):
   with pytest.raises(SystemExit) as e:
@@ -119,10 +123,10 @@ def test_outputs_checked_before_measuring(tmp_path, capsys, monkeypatch):
                  "--reps", "10", "--no-progress", "--json", str(out)])
   assert rc == 0 and json.loads(out.read_text())
   text = capsys.readouterr().out
-  assert text.startswith("jxent-bench on cpu") and "x floor is left out on CPU" in text
+  assert text.startswith(f"jxent-bench {jxent.__version__} on cpu") and "x floor is left out on CPU" in text
   # an unwritable path is refused at once (nothing measured), as is --plot without matplotlib
   calls = []
-  monkeypatch.setattr(cli, "run_row", lambda *a, **k: calls.append(a))
+  monkeypatch.setattr(cli, "run_group", lambda *a, **k: calls.append(a))
   (tmp_path / "afile").write_text("")
   for argv in (["--json", str(tmp_path / "afile" / "sub" / "x.json")],
                ["--csv", str(tmp_path)]):
@@ -172,7 +176,126 @@ def test_tune_writes_a_shipped_format_config(tmp_path, monkeypatch, capsys):
                                   "xent|int|float32|rows||32x4096",
                                   "linear|int|float32|scalar||16x8x512"}
   assert all(e["candidates"] for e in data["entries"].values())
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "tuned.json"]  # (no .lock)
+  assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".json")]
   # the next run names the tuned choice under the table
   cli.main(["--shape", "32,2500", "--implementations", "xla", "--modes", "forward", "--reps", "10",
             "--no-progress"])
   assert "[user cache]" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------
+# Numbers a user can trust, and output that explains itself.
+# ------------------------------------------------------------------------------------------------
+def test_samples_are_taken_round_robin_and_paired():
+  calls = []
+  fns = {name: (lambda name: lambda x: calls.append(name) or x)(name) for name in "abc"}
+  samples = cli.time_round_robin(fns, [(jax.numpy.ones(()),)], reps=4, inner=1)
+  assert {k: len(v) for k, v in samples.items()} == {"a": 4, "b": 4, "c": 4}
+  timed = calls[3:]  # (after a warm-up call each, one per input set)
+  rounds = [timed[i:i + 3] for i in range(0, 12, 3)]
+  assert rounds == [list("abc"), list("bca"), list("cab"), list("abc")]  # each round has them all
+  # the ratio is taken per round: a slow round slows both rows and cancels
+  assert cli.paired_ratio([1.0, 10.0, 1.0], [2.0, 20.0, 2.0]) == 0.5
+  stats = cli.summarize([1.0, 1.0, 1.0, 2.0, 5.0])
+  assert stats["median_ms"] == 1.0 and stats["max_ms"] == 5.0 and stats["noisy"]
+  assert not cli.summarize([1.0, 1.01, 0.99, 1.0])["noisy"]
+
+
+def test_rows_explain_themselves(tmp_path, capsys):
+  out = tmp_path / "rows.json"
+  rc = cli.main(["--shape", "64,1000", "--shape", "32,16,300", "--implementations",
+                 "xla,chunked_xla,optax,linear_chunked,unfused", "--modes", "value_and_grad",
+                 "--reps", "10", "--no-progress", "--json", str(out), "--csv", str(tmp_path / "r.csv")])
+  assert rc == 0
+  rows = json.loads(out.read_text())
+  for r in rows:
+    assert FIELDS <= set(r), FIELDS - set(r)
+    assert r["jxent_version"] == jxent.__version__ and r["reduction"] == "mean"
+    assert r["min_ms"] <= r["q1_ms"] <= r["median_ms"] <= r["q3_ms"] <= r["max_ms"]
+  by = {(r["kind"], r["implementation"]): r for r in rows}
+  assert by[("logits", "optax")]["x_optax"] == 1.0 and by[("linear", "unfused")]["x_optax"] == 1.0
+  assert by[("logits", "xla")]["default"] and by[("linear", "linear_chunked")]["default"]
+  assert not by[("logits", "chunked_xla")]["default"]
+  assert ("linear", "optax") not in by  # (the same code as unfused: one row)
+  text = capsys.readouterr().out
+  assert text.count(f"jxent-bench {jxent.__version__} on") == 1  # the header, once
+  assert "reduction 'mean'" in text.splitlines()[0]
+  assert " xla *" in text and "legend:" in text and "value_and_grad: jax.value_and_grad" in text
+  assert text.strip().splitlines()[-1].startswith("summary: 5 rows measured")
+  header = (tmp_path / "r.csv").read_text().splitlines()[0].split(",")
+  assert {"spread", "x_optax", "jxent_version", "reduction"} <= set(header)
+
+
+def test_forward_and_vjp_is_value_and_grad():
+  args = cli.build_parser().parse_args(["--shape", "8,16", "--modes", "forward_and_vjp,value_and_grad"])
+  assert cli.resolve(args)[1] == ("value_and_grad",)
+
+
+def test_ctrl_c_keeps_the_finished_rows(tmp_path, monkeypatch, capsys):
+  real, seen = cli.run_group, []
+
+  def interrupted_second(*a, **k):
+    if seen:
+      raise KeyboardInterrupt
+    seen.append(1)
+    return real(*a, **k)
+
+  monkeypatch.setattr(cli, "run_group", interrupted_second)
+  out, csv_path = tmp_path / "rows.json", tmp_path / "rows.csv"
+  rc = cli.main(["--shape", "16,300", "--implementations", "xla,optax", "--reps", "10",
+                 "--no-progress", "--json", str(out), "--csv", str(csv_path)])
+  assert rc == 130
+  rows = json.loads(out.read_text())
+  assert {r["mode"] for r in rows} == {"forward"} and len(rows) == 2
+  assert len(csv_path.read_text().splitlines()) == 3
+  captured = capsys.readouterr()
+  assert "interrupted" in captured.err and "interrupted" in captured.out.splitlines()[-1]
+
+
+def test_a_closed_pipe_ends_without_a_traceback():
+  code = ("import sys; from jxent.bench import cli; "
+          "sys.exit(cli.main(['--shape', '16,300', '--implementations', 'xla', '--modes', "
+          "'forward', '--reps', '10', '--no-progress']))")
+  proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+  proc.stdout.readline()  # the header, as `| head -1` reads it
+  proc.stdout.close()     # then the reader goes away
+  err = proc.stderr.read().decode()
+  assert proc.wait(timeout=300) == 1
+  assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_a_missing_optax_is_said_in_the_header(monkeypatch, capsys):
+  real = C.why_not_here
+  monkeypatch.setattr(C, "why_not_here", lambda name: (
+      'optax is not installed (pip install "jxent[bench]")' if name == "optax" else real(name)))
+  assert cli.main(["--shape", "16,300", "--modes", "forward", "--reps", "10", "--no-progress"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[1].startswith("note: optax is not installed") and '"jxent[bench]"' in lines[1]
+
+
+def test_the_keras_hint_names_an_extra_with_keras(monkeypatch):
+  import tomllib
+  monkeypatch.setattr(C.importlib.util, "find_spec", lambda name: None)
+  hint = C.why_not_here("keras")
+  extras = tomllib.loads((pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml")
+                         .read_text())["project"]["optional-dependencies"]
+  named = [e for e in extras if f'"jxent[{e}]"' in hint]
+  assert named and all(any(d.startswith("keras") for d in extras[e]) for e in named), hint
+
+
+def test_the_plot_draws_no_floor_where_it_is_not_a_bound(tmp_path, monkeypatch):
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib.axes import Axes
+  lines = []
+  real = Axes.axvline
+  monkeypatch.setattr(Axes, "axvline", lambda self, *a, **k: lines.append(a) or real(self, *a, **k))
+  rows = [dict(case="8x16 float32 int", mode="forward", implementation=n, median_ms=ms,
+               floor_ms=0.5, device="cpu:cpu", jax_version="x", jxent_version="y", default=d)
+          for n, ms, d in (("xla", 1.0, True), ("optax", 2.0, False))]
+  cli.write_plot(rows, str(tmp_path / "cpu.png"), floor_shown=False)
+  assert not lines and (tmp_path / "cpu.png").stat().st_size > 1000
+  cli.write_plot(rows, str(tmp_path / "gpu.png"), floor_shown=True)
+  assert len(lines) == 1

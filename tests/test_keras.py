@@ -181,3 +181,48 @@ def test_keras3_compile_and_fit():
   assert len(hist.history["loss"]) == 3 and np.isfinite(hist.history["loss"]).all()
   ref = float(jxent.keras.CategoricalCrossentropy(from_logits=True)(ys, model.predict(xs, verbose=0)))
   assert abs(model.evaluate(xs, ys, verbose=0)[0] - ref) < 1e-4
+
+
+_SAVE = """
+import keras, jxent
+m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+m.compile(optimizer="adam", loss=jxent.keras.SparseCategoricalCrossentropy(from_logits=True))
+m.save(PATH)
+"""
+_LOAD = """
+import sys
+m = keras.models.load_model(PATH)
+assert type(m.loss).__module__.startswith("jxent"), type(m.loss)
+assert type(m.loss).__name__ == "SparseCategoricalCrossentropy"
+assert not [f for f in sys.meta_path if type(f).__name__ == "_AfterKerasImport"]  # (removed)
+print("loaded")
+"""
+
+
+@pytest.mark.parametrize("imports", [
+    "import jxent\nimport keras",          # isort order: jxent before keras
+    "import keras\nimport jxent",
+    "import jxent.keras\nimport keras",
+    "import jxent\nfrom keras import models\nimport keras",  # keras first reached by a submodule
+])
+def test_saved_model_loads_in_a_fresh_process_whatever_the_import_order(imports, tmp_path):
+  """A `.keras` model compiled with a jxent loss loads without custom_objects in a new process:
+  jxent registers its classes when Keras is imported, before or after jxent."""
+  import subprocess
+  import sys
+  pytest.importorskip("keras")
+  env = dict(os.environ, KERAS_BACKEND="jax")
+  path = repr(str(tmp_path / "m.keras"))
+  run = lambda code: subprocess.run([sys.executable, "-c", f"PATH = {path}\n{code}"], env=env,
+                                    capture_output=True, text=True, timeout=300)
+  saved = run(_SAVE)
+  assert saved.returncode == 0, saved.stderr[-3000:]
+  loaded = run(imports + "\n" + _LOAD)
+  assert loaded.returncode == 0 and "loaded" in loaded.stdout, loaded.stderr[-3000:]
+
+
+def test_import_jxent_alone_does_not_import_keras():
+  import subprocess
+  import sys
+  code = "import sys, jxent, jxent.keras; sys.exit('keras' in sys.modules)"
+  assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

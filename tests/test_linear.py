@@ -190,3 +190,14 @@ def test_bad_input():
     jxent.LinearChunked(block_v=-1)
   with pytest.raises(ValueError, match="dw_accumulation must be 'float32' or 'weights', got 'bf16'"):
     jxent.LinearFusedGrad(dw_accumulation="bf16")
+
+
+def test_implementations_name_the_linear_algorithms():
+  assert jxent.implementations("linear") == ("linear_chunked", "linear_fused_grad", "unfused")
+  assert set(jxent.implementations()) == set(jxent.implementations("logits")) | set(
+      jxent.implementations("linear"))
+  with pytest.raises(ValueError, match="kind"):
+    jxent.implementations("conv")
+  with pytest.raises(ValueError, match=r"\['linear_chunked', 'linear_fused_grad', 'unfused'\]"):
+    jxent.linear_softmax_cross_entropy(jnp.ones((2, 4)), jnp.ones((4, 8)), jnp.array([0, 1]),
+                                       implementation="nope")

@@ -7,13 +7,17 @@ the Pallas lowering. What remains for the device is the backend's own compile (T
 Mosaic to TPU code) and the timing.
 """
 
+import sys
+import warnings
+
 import jax
 import jax.numpy as jnp
 import pytest
 
 import jxent
-from jxent._src import dispatch
+from jxent._src import configs, dispatch
 from jxent._src.kernels import pallas_mosaic_tpu, pallas_triton
+from helpers import abstract_gpu, abstract_gpu_mesh
 
 TARGETS = {
     "pallas_triton": ("cuda", "__gpu$xla.gpu.triton"),
@@ -26,6 +30,11 @@ OPTIONS = [
 
 
 def _lower(fn, args, platform, monkeypatch):
+  """Lowers ``fn`` for ``platform``: CUDA for an abstract H200 (the kernels are then chosen for
+  that GPU, as on one), TPU by telling the registry it is on a TPU."""
+  if platform == "cuda":
+    with abstract_gpu():
+      return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
   monkeypatch.setattr(dispatch, "platform", lambda: platform)
   return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
@@ -102,6 +111,8 @@ def test_vocab_parallel_lowers_under_shard_map(kernel, sparse, monkeypatch):
   from jax.sharding import Mesh, PartitionSpec as P
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
   platform, call = TARGETS[kernel.name]
+  if platform == "cuda":
+    mesh = abstract_gpu_mesh(mesh)  # (the mesh's own device is the kernels' target)
   opts = dict(axis_name="model", implementation=kernel, reduction="sum", label_smoothing=0.1)
 
   def body(x, y):
@@ -173,3 +184,79 @@ def test_fused_candidates_lower_for_cuda(kernel, shape, sparse, monkeypatch):
                                                              reduction="mean"))(x), (x, y), "cuda",
                 monkeypatch)
   assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+def _mean_value_and_grad(implementation):
+  def fn(x, y):
+    return jax.value_and_grad(lambda x: jxent.softmax_cross_entropy_with_integer_labels(
+        x, y, reduction="mean", implementation=implementation))(x)
+  return fn, (jax.ShapeDtypeStruct((64, 4099), jnp.bfloat16), jax.ShapeDtypeStruct((64,), jnp.int32))
+
+
+def test_triton_lowering_warns_of_its_deprecation_and_nothing_else(monkeypatch):
+  """JAX deprecates the Pallas Triton backend from 0.11: its lowering warns with one message,
+  which the suite filters by that message alone (pyproject.toml), never the whole class."""
+  fn, args = _mean_value_and_grad(pallas_triton.PallasTritonKernel())
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    text = _lower(fn, args, "cuda", monkeypatch)
+  assert "__gpu$xla.gpu.triton" in text
+  other = [f"{w.category.__name__}: {w.message}" for w in caught
+           if pallas_triton.DEPRECATION not in str(w.message)]
+  assert not other, other
+  deprecated = [w for w in caught if pallas_triton.DEPRECATION in str(w.message)]
+  assert all(issubclass(w.category, DeprecationWarning) for w in deprecated)
+  if jax.__version_info__ >= (0, 11):
+    assert deprecated, "jax >= 0.11 no longer warns that Pallas Triton is deprecated"
+
+
+@pytest.fixture
+def no_triton(monkeypatch):
+  """This jax without its Pallas Triton backend, as when JAX removes it."""
+  import jax.experimental.pallas as pallas
+  monkeypatch.delattr(pallas, "triton", raising=False)
+  monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)
+  monkeypatch.setattr(dispatch, "_WARNED", set())
+  pallas_triton.unavailable.cache_clear()
+  yield
+  pallas_triton.unavailable.cache_clear()
+
+
+def test_gpu_default_falls_back_to_xla_when_triton_is_gone(no_triton, monkeypatch):
+  fn, args = _mean_value_and_grad(None)
+  with pytest.warns(RuntimeWarning, match="uses 'xla' instead of 'pallas_triton'.*no Pallas Triton"):
+    text = _lower(fn, args, "cuda", monkeypatch)
+  assert "triton" not in text and "custom_call" not in text  # (the XLA kernel)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # one warning per cause, not one per call
+    _lower(fn, args, "cuda", monkeypatch)
+  # the tuned choice (the shipped H100 config names pallas_triton here) falls back the same way
+  monkeypatch.setattr(configs, "device_kind", lambda device=None: "nvidia_h100_80gb_hbm3")
+  with abstract_gpu():
+    kernel, source = jxent.chosen_implementation("xent", (8192, 128256), "bfloat16")
+  assert kernel == jxent.XlaKernel() and source.startswith("shipped:")
+
+
+def test_explicit_triton_raises_a_clear_error_when_it_is_gone(no_triton, monkeypatch):
+  fn, args = _mean_value_and_grad("pallas_triton")
+  with pytest.raises(ValueError, match="'pallas_triton' cannot be built here: jax .* has no Pallas "
+                                       "Triton backend"):
+    _lower(fn, args, "cuda", monkeypatch)
+
+
+def test_a_triton_lowering_failure_also_falls_back(monkeypatch):
+  class Broken:
+    def CompilerParams(self, **kw):  # noqa: N802  (plgpu's name)
+      raise NotImplementedError("no Triton lowering rule for pallas_call")
+
+  monkeypatch.setattr(pallas_triton, "_plgpu", lambda: Broken())
+  monkeypatch.setattr(dispatch, "_WARNED", set())
+  pallas_triton.unavailable.cache_clear()
+  try:
+    fn, args = _mean_value_and_grad(None)
+    with pytest.warns(RuntimeWarning, match="does not lower for CUDA.*no Triton lowering rule"):
+      _lower(fn, args, "cuda", monkeypatch)
+    with pytest.raises(ValueError, match="cannot be built here.*does not lower for CUDA"):
+      _lower(*_mean_value_and_grad("pallas_triton"), "cuda", monkeypatch)
+  finally:
+    pallas_triton.unavailable.cache_clear()

@@ -1,6 +1,7 @@
 """The wheel and the sdist build, hold what they should, and the sdist's tests collect from it."""
 
 import pathlib
+import re
 import subprocess
 import sys
 import tarfile
@@ -32,7 +33,11 @@ def _check_wheel(wheel):
   assert not any(n.startswith(("tests/", "examples/", "benchmarks/")) for n in names)
   meta = next(zipfile.ZipFile(wheel).read(n).decode() for n in names if n.endswith("METADATA"))
   assert "License-Expression: Apache-2.0" in meta and "Classifier:" in meta
-  assert "Keywords:" in meta and "Requires-Dist: jax>=0.10" in meta
+  assert "Keywords:" in meta and "Author: the jxent developers" in meta
+  for label in ("Source", "Documentation", "Issues"):
+    assert f"Project-URL: {label}, https://" in meta, label
+  assert "Programming Language :: Python :: 3.13" in meta
+  assert re.search(r"^Requires-Dist: jax(<0\.13,>=0\.10\.2|>=0\.10\.2,<0\.13)$", meta, re.M), meta[:2000]
 
 
 def _check_sdist(sdist, tmp_path):
@@ -52,3 +57,12 @@ def _check_sdist(sdist, tmp_path):
                        timeout=600)
   assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
   assert "error" not in res.stdout.lower().split("\n")[-2]
+
+
+def test_the_jax_version_check_matches_the_declared_range():
+  """scripts/check_jax_versions.sh parses, and its oldest jax is pyproject's lower bound."""
+  script = ROOT / "scripts" / "check_jax_versions.sh"
+  subprocess.run(["bash", "-n", str(script)], check=True, timeout=60)
+  oldest = re.search(r"^OLDEST=(\S+)", script.read_text(), re.M).group(1)
+  pyproject = (ROOT / "pyproject.toml").read_text()
+  assert re.search(rf'"jax>={re.escape(oldest)},<0\.13"', pyproject), oldest

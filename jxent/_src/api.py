@@ -7,8 +7,33 @@ from typing import Any, Optional, Union
 import jax
 from jax.typing import ArrayLike
 
-from jxent._src import core
+from jxent._src import core, dispatch, linear
 from jxent._src.options import make_options
+
+def implementations(kind: Optional[str] = None) -> tuple[str, ...]:
+  """The names ``implementation=`` takes (not all run on every backend).
+
+  Args:
+    kind: ``None`` for all of them, ``"logits"`` for the logits losses (and
+      :func:`jxent.token_log_probs`), ``"linear"`` for :func:`jxent.linear_softmax_cross_entropy`.
+
+  Returns:
+    A sorted tuple of names.
+
+  Example:
+    >>> import jxent
+    >>> jxent.implementations("logits")
+    ('chunked_xla', 'pallas_mosaic_tpu', 'pallas_triton', 'xla', 'xla_autodiff')
+    >>> jxent.implementations("linear")
+    ('linear_chunked', 'linear_fused_grad', 'unfused')
+  """
+  kinds = {"logits": dispatch.names(), "linear": linear.names()}
+  if kind is None:
+    return tuple(sorted(set(kinds["logits"]) | set(kinds["linear"])))
+  if kind not in kinds:
+    raise ValueError(f"`kind` must be None, 'logits' or 'linear', got {kind!r}.")
+  return kinds[kind]
+
 
 def softmax_cross_entropy(
     logits: ArrayLike,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import warnings
 from typing import Any, Callable, ClassVar
 
 import jax
@@ -113,13 +114,8 @@ def register(name: str, factory: Callable[[], Any]) -> None:
 
 
 def names() -> tuple[str, ...]:
-  """Every registered implementation name (not all run on every backend).
-
-  Example:
-    >>> import jxent
-    >>> jxent.implementations()
-    ('chunked_xla', 'pallas_mosaic_tpu', 'pallas_triton', 'xla', 'xla_autodiff')
-  """
+  """Every registered implementation name of the logits losses (not all run on every backend);
+  :func:`jxent.implementations` adds the linear algorithms."""
   return tuple(sorted(set(_REGISTRY) | set(_LAZY)))
 
 
@@ -131,7 +127,10 @@ def _factory(name: str) -> Callable[[], Any]:
 
 
 def platform() -> str:
-  return jax.default_backend()
+  """The platform a kernel is chosen for: the abstract device's while one is set (lowering for a
+  GPU from a CPU host, :func:`jxent._src.configs.abstract_device`), else JAX's default backend."""
+  device = configs.abstract_device()
+  return device.platform if device is not None else jax.default_backend()
 
 
 def kernel_class(name: str):
@@ -146,9 +145,25 @@ def platform_ok(name: str) -> bool:
 
 def sm_count(device=None):
   """The device's streaming multiprocessors (``core_count`` of a JAX GPU device), or None."""
-  device = device or jax.devices()[0]
-  count = getattr(device, "core_count", None)
+  device = device or configs.abstract_device() or jax.devices()[0]
+  count = getattr(device, "core_count", None) or getattr(device, "num_cores", None)
   return count if isinstance(count, int) and count > 0 else None
+
+
+_WARNED: set = set()
+
+
+def _buildable(kernel) -> bool:
+  """Whether a default's kernel can be built with this jax (``kernel.unavailable()``); if not,
+  one warning per cause, naming it, and the caller takes the next best path (``xla``)."""
+  reason = kernel.unavailable(configs.abstract_device()) if hasattr(kernel, "unavailable") else None
+  if reason is None:
+    return True
+  if (kernel.name, reason) not in _WARNED:
+    _WARNED.add((kernel.name, reason))
+    warnings.warn(f"jxent: implementation=None uses 'xla' instead of {kernel.name!r} on this GPU: "
+                  f"{reason}.", RuntimeWarning, stacklevel=4)
+  return False
 
 
 def heuristic(sparse: bool, shape, dtype) -> Any:
@@ -161,7 +176,7 @@ def heuristic(sparse: bool, shape, dtype) -> Any:
   if plat in ("gpu", "cuda") and jax.numpy.dtype(dtype).itemsize <= 4:
     # (imported here, not at the top: loading Pallas is heavy and only GPU defaults need it)
     from jxent._src.kernels import pallas_triton
-    if pallas_triton.preferred(shape, dtype, sparse):
+    if pallas_triton.preferred(shape, dtype, sparse) and _buildable(pallas_triton.PallasTritonKernel()):
       sms, rows = sm_count(), shape[0]
       if sms and 0 < rows < 2 * sms:
         split = 1
@@ -188,7 +203,7 @@ def tuned_kernel(key: str, sparse: bool, shape, dtype):
   cand, source = configs.lookup(key)
   kernel = None if cand is None else build_kernel(cand)
   if kernel is not None and jax.numpy.dtype(dtype) in (getattr(kernel, "dtypes", None) or
-                                                       (jax.numpy.dtype(dtype),)):
+                                                       (jax.numpy.dtype(dtype),)) and _buildable(kernel):
     return kernel, source
   return heuristic(sparse, shape, dtype), source
 
@@ -231,4 +246,8 @@ def resolve(implementation, *, sparse: bool, shape, dtype, reduction=None, opts=
         f"implementation {kernel.name!r} cannot run on the {plat!r} backend (it runs on "
         f"{', '.join(kernel.platforms)}); pass implementation=None or 'xla', or an interpret-mode "
         f"kernel object for testing.")
+  reason = kernel.unavailable(configs.abstract_device()) if hasattr(kernel, "unavailable") else None
+  if reason is not None:
+    raise ValueError(f"implementation {kernel.name!r} cannot be built here: {reason}. Pass "
+                     f"implementation=None (which falls back to 'xla') or 'xla'.")
   return kernel

@@ -9,6 +9,7 @@ no JAX equivalent: pass logits with ``from_logits=True``.
 from __future__ import annotations
 
 import enum
+import importlib.abc
 import sys
 import warnings
 from typing import Any, Optional
@@ -232,6 +233,63 @@ def register_serializable() -> bool:
     if f"jxent>{cls.__name__}" not in known:
       saving.register_keras_serializable(package="jxent")(cls)
   return True
+
+
+class _AfterKerasImport(importlib.abc.MetaPathFinder):
+  """A post-import hook: when ``keras`` is first imported (after jxent), the loss classes are
+  registered as soon as its package has run, so that ``keras.models.load_model`` finds them
+  whatever the import order. It wraps the loader of the ``keras`` package's own spec (found by
+  the other finders) and removes itself once it has fired; it never imports Keras."""
+
+  def find_spec(self, fullname, path=None, target=None):
+    if fullname != "keras":
+      return None
+    for finder in sys.meta_path:
+      if finder is self or not hasattr(finder, "find_spec"):
+        continue
+      spec = finder.find_spec(fullname, path, target)
+      if spec is not None and spec.loader is not None:
+        spec.loader = _RegisteringLoader(spec.loader)
+        return spec
+    return None
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+  """``loader``, then :func:`register_serializable`; the module keeps the real loader."""
+
+  def __init__(self, loader):
+    self.loader = loader
+
+  def create_module(self, spec):
+    return self.loader.create_module(spec)
+
+  def exec_module(self, module):
+    try:
+      self.loader.exec_module(module)
+    finally:
+      module.__loader__ = self.loader
+      if getattr(module, "__spec__", None) is not None:
+        module.__spec__.loader = self.loader
+      _remove_hook()
+    register_serializable()
+
+  def __getattr__(self, name):  # (resource readers and the like: the real loader's)
+    return getattr(self.loader, name)
+
+
+def _remove_hook():
+  sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _AfterKerasImport)]
+
+
+def register_now_or_when_keras_loads() -> bool:
+  """:func:`register_serializable` now if Keras is imported, else as soon as it is (see
+  :class:`_AfterKerasImport`). Keras 3 has no entry point for custom objects, so this is how a
+  model saved with a jxent loss loads without ``custom_objects`` in a fresh process."""
+  if register_serializable():
+    return True
+  if not any(isinstance(f, _AfterKerasImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _AfterKerasImport())
+  return False
 
 
 class _LossBase:

@@ -85,6 +85,11 @@ ALGORITHMS = {"linear_chunked": LinearChunked, "linear_fused_grad": LinearFusedG
               "unfused": None}
 
 
+def names() -> tuple[str, ...]:
+  """The names ``linear_softmax_cross_entropy(implementation=...)`` takes."""
+  return tuple(sorted(ALGORITHMS))
+
+
 def _in_shard_map(*arrays) -> bool:
   """Whether the block loops must peel their first block (see :func:`fold_blocks`): only when
   an input varies over manual mesh axes. Elsewhere the loops start at block 0, so two blocks
@@ -382,7 +387,8 @@ def linear_softmax_cross_entropy(
   elif isinstance(implementation, str):
     if implementation not in _LINEAR:
       raise ValueError(f"Unknown implementation {implementation!r} for linear_softmax_cross_entropy; "
-                       f"expected one of {sorted(_LINEAR)} or None.")
+                       f"expected one of {list(names())} (or the earlier names 'chunked_xla', "
+                       f"'fused_grad_xla'), a LinearChunked / LinearFusedGrad object, or None.")
     algo = _LINEAR[implementation]()
   elif isinstance(implementation, (LinearChunked, LinearFusedGrad)):
     algo = implementation

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jxent._src import autotune, configs
+from jxent._version import __version__ as _VERSION
 from jxent.bench import cases as C
 
 
@@ -53,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", default=None,
                  help="comma list of logits dtypes (float32, bfloat16, float16); default float32, "
                       "or a preset's own")
-  p.add_argument("--labels", default="int", help="label kinds of custom logits cases: int,dense,logprobs (logprobs: RL per-token "
-                      "log-probs and entropy, token_log_probs)")
+  p.add_argument("--labels", default=None,
+                 help="label kinds of custom logits cases (with --shape): int,dense,logprobs "
+                      "(logprobs: RL per-token log-probs and entropy, token_log_probs); default int")
   p.add_argument("--tune", action="store_true",
                  help="run jxent.autotune over the cases (the user cache gets the winners) and "
                       "write them as a config file in the shipped format (--tune-out)")
@@ -65,8 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                       + ", ".join(C.all_implementations())
                       + ". A jxent kernel takes parameters as NAME[key=value,...], e.g. "
                         "'pallas_triton[programs=264,block_c=4096]'")
-  p.add_argument("--modes", default=None, help="comma list of " + ", ".join(C.MODES))
-  p.add_argument("--reps", type=int, default=10, help="timed runs per row (median; >= 10)")
+  p.add_argument("--modes", default=None,
+                 help="comma list of " + ", ".join(C.MODES) + " (forward_and_vjp: the earlier "
+                      "name of value_and_grad)")
+  p.add_argument("--reps", type=int, default=10,
+                 help="timed samples per row, taken round-robin across a case's implementations "
+                      "(median and spread; >= 10)")
   p.add_argument("--json", metavar="PATH", help="write rows as a JSON list")
   p.add_argument("--csv", metavar="PATH", help="write rows as CSV")
   p.add_argument("--plot", metavar="PATH.png", help="bar chart (needs matplotlib: the bench extra)")
@@ -90,8 +96,11 @@ def _parse_dtypes(text) -> tuple[str, ...]:
 
 def resolve(args) -> tuple[list[C.Case], tuple[str, ...], tuple[str, ...]]:
   dtypes = _parse_dtypes(args.dtype)
+  if args.labels is not None and not args.shape:
+    raise UsageError("--labels applies to --shape cases; the presets have their own label kinds "
+                     "(add --shape N,V to choose them)")
   if args.shape:
-    labels = [s for s in args.labels.split(",") if s]
+    labels = [s for s in (args.labels or "int").split(",") if s]
     for lab in labels:
       if lab not in C.LABEL_KINDS:
         raise UsageError(f"unknown --labels {lab!r}: expected one of {', '.join(C.LABEL_KINDS)}")
@@ -111,10 +120,11 @@ def resolve(args) -> tuple[list[C.Case], tuple[str, ...], tuple[str, ...]]:
     if dtypes:
       cases = [dataclasses.replace(c, dtype=d) for c in cases for d in dtypes]
   if args.modes:
-    modes = tuple(m for m in args.modes.split(",") if m)
+    modes = tuple(C.MODE_ALIASES.get(m, m) for m in args.modes.split(",") if m)
     for m in modes:
       if m not in C.MODES:
         raise UsageError(f"unknown mode {m!r}: expected one of {', '.join(C.MODES)}")
+    modes = tuple(dict.fromkeys(modes))
   if args.implementations:
     impls = C.split_implementations(args.implementations)
     for i in impls:
@@ -154,6 +164,51 @@ def _median_ms(fn, arg_sets, reps: int, inner: int = 0) -> float:
   return statistics.median(times) * 1e3
 
 
+def _inner() -> int:
+  return 1 if jax.default_backend() == "cpu" else 5
+
+
+def time_round_robin(fns: dict, arg_sets, reps: int, inner: int = 0) -> dict:
+  """``{name: [ms, ...]}``: ``reps`` samples of each function, taken round-robin (sample ``i`` of
+  every function, in an order rotated by ``i``, before sample ``i + 1`` of any), so that a slow
+  spell of the machine falls on all of them alike and the samples pair up across functions.
+  Each sample is the mean of ``inner`` back-to-back calls (rotating inputs) ended by a device
+  sync; each function is warmed up first."""
+  inner = inner or _inner()
+  names = list(fns)
+  for name in names:
+    for args in arg_sets[:2]:
+      jax.block_until_ready(fns[name](*args))
+  samples = {name: [] for name in names}
+  k = 0
+  for i in range(reps):
+    for name in names[i % len(names):] + names[:i % len(names)]:
+      t0 = time.perf_counter()
+      for _ in range(inner):
+        out = fns[name](*arg_sets[k % len(arg_sets)])
+        k += 1
+      jax.block_until_ready(out)
+      samples[name].append((time.perf_counter() - t0) / inner * 1e3)
+  return samples
+
+
+NOISY = 0.10  # a row whose spread (IQR / median) exceeds this is flagged
+
+
+def summarize(ms: list) -> dict:
+  """Median, quartiles, extremes and the spread ``(q3 - q1) / median`` of a row's samples."""
+  q1, med, q3 = statistics.quantiles(ms, n=4, method="inclusive")
+  spread = (q3 - q1) / med if med > 0 else 0.0
+  return dict(median_ms=med, q1_ms=q1, q3_ms=q3, min_ms=min(ms), max_ms=max(ms), spread=spread,
+              noisy=spread > NOISY)
+
+
+def paired_ratio(ms: list, base: list) -> float:
+  """The median of the per-sample ratios of two round-robin rows (sample ``i`` of each was taken
+  in the same round): steadier than the ratio of two medians."""
+  return statistics.median(a / b for a, b in zip(ms, base))
+
+
 def _rotations(nbytes: int) -> int:
   """Rotate among input copies when one set would sit in cache (< 256 MB), up to 4 copies."""
   if nbytes >= 256 << 20:
@@ -190,7 +245,7 @@ def temp_bytes(compiled) -> Optional[int]:
 def row_function(name: str, case: C.Case, mode: str):
   """The function one table row times: the loss, or its ``value_and_grad``."""
   f = C.loss_fn(name, case)
-  if mode == "forward_and_vjp":
+  if C.MODE_ALIASES.get(mode, mode) == "value_and_grad":
     argnums = (0, 1) if case.kind == "linear" else 0
     f = jax.value_and_grad(f, argnums=argnums)
   return f
@@ -208,15 +263,20 @@ def run_row(name: str, case: C.Case, mode: str, inputs, reps: int, compiled=None
   return dict(median_ms=ms, compile_ms=compile_ms, temp_bytes=temp)
 
 
+def matmul_floor_fn(mode: str):
+  """Linear cases' floor: the matmuls alone (1 forward, 3 for value_and_grad)."""
+  if mode == "forward":
+    return lambda x, w, y: (x @ w)
+
+  def f(x, w, y):
+    z = x @ w
+    return z, z @ w.T, x.T @ z
+  return f
+
+
 def matmul_floor_ms(case: C.Case, mode: str, inputs, reps: int) -> float:
   """Linear cases: the matmuls alone (1 forward, 3 forward+backward), measured now."""
-  if mode == "forward":
-    f = lambda x, w, y: (x @ w)
-  else:
-    def f(x, w, y):
-      z = x @ w
-      return z, z @ w.T, x.T @ z
-  compiled, _, _ = _compile(f, inputs[0])
+  compiled, _, _ = _compile(matmul_floor_fn(mode), inputs[0])
   return _median_ms(compiled, inputs, reps)
 
 
@@ -235,33 +295,72 @@ def _progress(i: int, total: int, label: str, enabled: bool):
 
 
 FLOOR_NOTE = ("x floor: the median over the floor, the time to move the bytes that must cross "
-              "memory (forward: the logits once; forward+backward: read twice, the gradient "
+              "memory (forward: the logits once; value_and_grad: read twice, the gradient "
               "written) at the copy bandwidth measured in this run; for linear cases, the bare "
-              "matmuls timed in this run.")
+              "matmuls timed in this run, round-robin with the rows.")
 CPU_FLOOR_NOTE = ("x floor is left out on CPU: the copy bandwidth measured there varies between "
                   "runs (2-8 GB/s seen) and is not a lower bound; the JSON/CSV keep floor_ms.")
+HEAD = ["case", "mode", "implementation", "median ms", "spread", "x floor", "x optax", "GB/s",
+        "TFLOP/s", "temp MB", "compile ms"]
+
+
+def legend(floor_shown: bool) -> list[str]:
+  """What the table's modes and columns mean, and which direction is better."""
+  lines = ["legend:"]
+  lines += [f"  {m}: {what}" for m, what in C.MODE_LEGEND.items()]
+  lines += [
+      "  median ms: per call, lower is better; spread: (q3 - q1) / median of the samples, "
+      f"'!' above {NOISY:.0%} (a noisy row: rerun on a quieter machine)",
+      "  x optax: this row's time over optax's in the same case and mode (the median of the "
+      "per-round ratios of the round-robin samples); < 1 is faster than optax. Linear cases: "
+      "over unfused (x @ w, then optax's loss)",
+      "  '*': the row implementation=None picks for that case (see the notes)",
+      "  temp MB: the compiled program's temporaries (lower is leaner); compile ms: jit compile",
+  ]
+  if floor_shown:
+    lines.append("  x floor: >= 1, lower is better (1 is the floor); GB/s: floor bytes over the "
+                 "median; TFLOP/s: linear cases' matmul rate")
+  return lines
+
+
+def _cells(r: dict) -> list:
+  if "error" in r:
+    return [r["case"], r["mode"], r["implementation"], "error: " + r["error"][:60]] + [""] * 7
+  f = lambda v, fmt: "-" if v is None else format(v, fmt)
+  name = r["implementation"] + (" *" if r.get("default") else "")
+  spread = f"{r['spread']:.0%}" + (" !" if r["noisy"] else "")
+  return [r["case"], r["mode"], name, f(r["median_ms"], ".3f"), spread, f(r["x_floor"], ".2f"),
+          f(r.get("x_optax"), ".2f"), f(r["gbps"], ".0f"), f(r["tflops"], ".1f"),
+          f(None if r["temp_bytes"] is None else r["temp_bytes"] / 1e6, ".1f"),
+          f(r["compile_ms"], ".0f")]
 
 
 def format_table(rows: list[dict], floor: bool = True) -> str:
-  head = ["case", "mode", "implementation", "median ms", "x floor", "x optax", "GB/s", "TFLOP/s",
-          "temp MB", "compile ms"]
-  lines = []
-  for r in rows:
-    if "error" in r:
-      lines.append([r["case"], r["mode"], r["implementation"], "error: " + r["error"][:60],
-                    "", "", "", "", "", ""])
-      continue
-    f = lambda v, fmt: "-" if v is None else format(v, fmt)
-    lines.append([r["case"], r["mode"], r["implementation"], f(r["median_ms"], ".3f"),
-                  f(r["x_floor"], ".2f"), f(r["x_optax"], ".2f"), f(r["gbps"], ".0f"),
-                  f(r["tflops"], ".1f"),
-                  f(None if r["temp_bytes"] is None else r["temp_bytes"] / 1e6, ".1f"),
-                  f(r["compile_ms"], ".0f")])
+  head, lines = HEAD, [_cells(r) for r in rows]
   if not floor:
-    head, lines = head[:4] + head[5:], [l[:4] + l[5:] for l in lines]
+    drop = HEAD.index("x floor")
+    head, lines = head[:drop] + head[drop + 1:], [l[:drop] + l[drop + 1:] for l in lines]
   widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-  fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths))
+  fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip()
   return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines])
+
+
+def summary_line(rows: list[dict], interrupted: bool = False) -> str:
+  """One line: rows measured, how the default path compares with optax, noisy rows."""
+  ok = [r for r in rows if "error" not in r]
+  parts = [f"summary: {len(ok)} rows measured"]
+  if len(ok) < len(rows):
+    parts.append(f"{len(rows) - len(ok)} failed")
+  vs = [r["x_optax"] for r in ok if r.get("default") and r.get("x_optax") is not None]
+  if vs:
+    wins = sum(v <= 1.0 for v in vs)
+    parts.append(f"the implementation=None rows are at or below optax in {wins} of {len(vs)} "
+                 f"(x optax {min(vs):.2f} to {max(vs):.2f}, median {statistics.median(vs):.2f})")
+  noisy = sum(r["noisy"] for r in ok)
+  parts.append(f"{noisy} noisy (spread > {NOISY:.0%})")
+  if interrupted:
+    parts.append("interrupted: the rows above are those finished")
+  return "; ".join(parts)
 
 
 def table_notes(floor_shown: bool, missing: list[str]) -> list[str]:
@@ -269,6 +368,25 @@ def table_notes(floor_shown: bool, missing: list[str]) -> list[str]:
   if missing:
     notes.append("not run here: " + "; ".join(missing))
   return notes
+
+
+def default_names(cases) -> dict:
+  """``{case: row name}`` of what ``implementation=None`` picks for each case, where the pick is
+  a row jxent-bench can time (a kernel with its parameters, ``NAME[key=value,...]``)."""
+  out = {}
+  for case in cases:
+    if case.labels == "logprobs":
+      continue
+    op, shape = ("linear", (case.n, case.d, case.v)) if case.kind == "linear" else (
+        "xent", (case.n, case.v))
+    try:
+      kernel, _ = autotune.chosen_implementation(op, shape, case.dtype, labels=case.labels)
+      desc = autotune.describe(kernel)
+    except Exception:  # noqa: BLE001  (a mark, never a failure)
+      continue
+    params = ",".join(f"{k}={v}" for k, v in sorted(desc["params"].items()))
+    out[case] = desc["implementation"] + (f"[{params}]" if params else "")
+  return out
 
 
 def chosen_notes(cases) -> list[str]:
@@ -310,7 +428,6 @@ def tune(cases, args) -> int:
   try:
     configs.write_entries(os.path.abspath(out), entries, device_kind=kind,
                           source=f"jxent-bench --tune, jax {jax.__version__}")
-    os.remove(os.path.abspath(out) + ".lock")
   except OSError as e:
     print(f"jxent-bench: error: cannot write {out}: {e}", file=sys.stderr)
     return 2
@@ -357,34 +474,106 @@ def unavailable(args, cases, impls) -> list[str]:
   return missing
 
 
-def write_plot(rows: list[dict], path: str) -> None:
+def write_plot(rows: list[dict], path: str, *, floor_shown: bool = True) -> None:
+  """One panel per case and mode: a bar per implementation, its median on the bar, jxent and the
+  peers in two colours, the default row hatched; the floor line only where it is a lower bound
+  (not on CPU)."""
   try:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
   except ImportError:
     raise UsageError('--plot needs matplotlib: pip install "jxent[bench]"') from None
   groups = {}
   for r in rows:
     if "error" not in r:
       groups.setdefault((r["case"], r["mode"]), []).append(r)
-  fig, axes = plt.subplots(len(groups), 1, figsize=(9, 2.0 + 0.35 * max(
-      (len(v) for v in groups.values()), default=1) * max(len(groups), 1)), squeeze=False)
+  if not groups:
+    return
+  tallest = max(len(v) for v in groups.values())
+  fig, axes = plt.subplots(len(groups), 1, squeeze=False,
+                           figsize=(9, 0.9 + len(groups) * (0.75 + 0.3 * tallest)))
+  jxent_names = set(C.JXENT_LOGITS + C.JXENT_LINEAR + C.JXENT_LOGPROBS)
+  colour = lambda r: "tab:blue" if C.parse_implementation(r["implementation"])[0] in jxent_names \
+      else "tab:orange"
   for ax, ((case, mode), rs) in zip(axes[:, 0], groups.items()):
-    names = [r["implementation"] for r in rs]
-    ax.barh(names, [r["median_ms"] for r in rs], color="tab:blue")
+    ms = [r["median_ms"] for r in rs]
+    bars = ax.barh([r["implementation"] for r in rs], ms, color=[colour(r) for r in rs],
+                   hatch=None)
+    for bar, r in zip(bars, rs):
+      if r.get("default"):
+        bar.set_hatch("//")
+    ax.bar_label(bars, labels=[f"{v:.3g}" for v in ms], padding=3, fontsize=7)
     floor = rs[0].get("floor_ms")
-    if floor:
-      ax.axvline(floor, color="tab:red", linestyle="--", label=f"floor {floor:.3g} ms")
-      ax.legend(loc="lower right", fontsize=8)
-    ax.set_title(f"{case}  {mode}", fontsize=9)
-    ax.set_xlabel("ms (median)")
-  fig.suptitle(f"jxent-bench on {rows[0]['device']} (jax {rows[0]['jax_version']})", fontsize=10)
-  fig.tight_layout()
+    if floor_shown and floor:
+      ax.axvline(floor, color="tab:red", linestyle="--", linewidth=1)
+      ax.text(floor, -0.7, f" floor {floor:.3g}", color="tab:red", fontsize=7, va="top")
+    ax.set_xlim(0, max(ms + [floor if floor_shown and floor else 0]) * 1.22)
+    ax.invert_yaxis()
+    ax.tick_params(labelsize=8)
+    ax.set_title(f"{case}, {mode}", fontsize=9, loc="left")
+    ax.set_xlabel("ms per call (median; lower is better)", fontsize=8)
+  fig.legend(handles=[Patch(color="tab:blue", label="jxent"), Patch(color="tab:orange", label="peers"),
+                      Patch(facecolor="white", edgecolor="black", hatch="//",
+                            label="implementation=None")],
+             loc="upper right", fontsize=8, ncol=3, frameon=False)
+  r0 = rows[0]
+  fig.suptitle(f"jxent-bench {r0.get('jxent_version', '')} on {r0['device']} "
+               f"(jax {r0['jax_version']})", fontsize=10, x=0.01, ha="left")
+  fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
   fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+_FLOOR = "\0floor"  # the linear cases' matmul floor, timed round-robin with the rows
+
+
+def run_group(case: C.Case, mode: str, names, inputs, reps: int, bw: float, base_row: dict,
+              default: Optional[str] = None) -> list[dict]:
+  """The rows of one case and mode: every implementation compiled, then timed round-robin (with
+  the linear floor's matmuls), each summarised with its spread and its paired ratio to the
+  baseline (optax; unfused for linear cases)."""
+  rows, fns = {}, {}
+  for name in names:
+    row = dict(base_row, implementation=name, mode=mode, default=name == default)
+    try:
+      compiled, row["compile_ms"], row["temp_bytes"] = _compile(row_function(name, case, mode),
+                                                                 inputs[0])
+      jax.block_until_ready(compiled(*inputs[0]))  # (a run-time failure is this row's error)
+      fns[name] = compiled
+    except Exception as e:  # noqa: BLE001  (one failing implementation must not stop the run)
+      row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    rows[name] = row
+  fb = C.floor_bytes(case, mode)
+  if fb is None and fns:
+    fns[_FLOOR] = _compile(matmul_floor_fn(mode), inputs[0])[0]
+  samples = time_round_robin(fns, inputs, reps) if fns else {}
+  floor_ms = fb / bw * 1e3 if fb is not None else (statistics.median(samples.pop(_FLOOR))
+                                                   if _FLOOR in samples else None)
+  base = samples.get("unfused" if case.kind == "linear" else "optax")
+  flops = C.matmul_flops(case, mode)
+  for name, ms in samples.items():
+    r = rows[name]
+    r.update(summarize(ms), floor_ms=floor_ms)
+    r["x_floor"] = r["median_ms"] / floor_ms if floor_ms else None
+    r["gbps"] = None if fb is None else fb / (r["median_ms"] * 1e-3) / 1e9
+    r["tflops"] = None if flops is None else flops / (r["median_ms"] * 1e-3) / 1e12
+    r["x_optax"] = None if base is None else paired_ratio(ms, base)
+  return list(rows.values())
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+  try:
+    return _main(argv)
+  except BrokenPipeError:
+    # `jxent-bench | head`: the reader has gone. Python's documented recipe: point stdout at
+    # devnull so that the interpreter's final flush does not raise again; no traceback.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1
+
+
+def _main(argv: Optional[list[str]]) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   try:
@@ -406,80 +595,79 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("jxent-bench: warning: the --llm preset is sized for a GPU or TPU (8192x128256 and "
           "larger); on this CPU it takes hours. Ctrl-C to stop; --quick is the CPU preset.",
           file=sys.stderr)
-  bw = copy_bandwidth(args.reps)
-  header = (f"jxent-bench on {dev_name}, jax {jax.__version__}, copy bandwidth "
-            f"{bw / 1e9:.0f} GB/s")
-  print(header, file=sys.stderr)
-  plan = [(c, m, i) for c in cases for m in modes for i in impls if C.applies(i, c)]
-  rows, key = [], jax.random.key(0)
-  inputs_cache = {}
+  version = _jxent_version()
+  try:
+    bw = copy_bandwidth(args.reps)
+  except KeyboardInterrupt:
+    print("jxent-bench: interrupted before any row was measured", file=sys.stderr)
+    return 130
+  print(f"jxent-bench {version} on {dev_name}, jax {jax.__version__}, reduction "
+        f"{C.REDUCTION!r} (every row), copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+  if "optax" in impls and C.why_not_here("optax"):
+    print(f"note: {C.why_not_here('optax')}: the x optax column stays empty", flush=True)
+  groups = {}
+  for c in cases:
+    for m in modes:
+      names = [i for i in impls if C.applies(i, c)]
+      if names:
+        groups[(c, m)] = names
+  defaults = default_names(cases)
+  rows, key, interrupted = [], jax.random.key(0), False
   show = not args.no_progress and sys.stderr.isatty()
-  floors = {}
-  for k, (case, mode, name) in enumerate(plan):
-    _progress(k, len(plan), f"{case.shape} {case.labels} {mode} {name}", show)
-    if case not in inputs_cache:
-      inputs_cache.clear()
-      one = C.make_inputs(case, key)
-      nbytes = sum(a.nbytes for a in one)
-      inputs_cache[case] = [one] + [C.make_inputs(case, jax.random.fold_in(key, r))
-                                    for r in range(1, _rotations(nbytes))]
-    inputs = inputs_cache[case]
-    row = dict(implementation=name, mode=mode, case=f"{case.shape} {case.dtype} {case.labels}"
-               if case.kind == "logits" else f"linear {case.shape} {case.dtype}",
-               kind=case.kind, shape=[case.n, case.d, case.v] if case.kind == "linear"
-               else [case.n, case.v], dtype=case.dtype, labels=case.labels, device=dev_name,
-               jax_version=jax.__version__, copy_gbps=bw / 1e9,
-               date=datetime.date.today().isoformat())
-    try:
-      row.update(run_row(name, case, mode, inputs, args.reps))
-    except Exception as e:  # noqa: BLE001  (one failing implementation must not stop the run)
-      row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-      rows.append(row)
-      continue
-    fb = C.floor_bytes(case, mode)
-    flops = C.matmul_flops(case, mode)
-    if fb is not None:
-      row["floor_ms"] = fb / bw * 1e3
-      row["gbps"] = fb / (row["median_ms"] * 1e-3) / 1e9
-    else:
-      if (case, mode) not in floors:
-        floors[(case, mode)] = matmul_floor_ms(case, mode, inputs, args.reps)
-      row["floor_ms"] = floors[(case, mode)]
-      row["gbps"] = None
-    row["x_floor"] = row["median_ms"] / row["floor_ms"]
-    row["tflops"] = None if flops is None else flops / (row["median_ms"] * 1e-3) / 1e12
-    rows.append(row)
-    if args.json:  # written as it goes, so an interrupted run keeps what it measured
-      with open(args.json, "w") as fh:
-        json.dump(rows, fh, indent=1)
-  _progress(len(plan), len(plan), "done", show)
-  optax_ms = {(r["case"], r["mode"]): r["median_ms"] for r in rows
-              if r["implementation"] in ("optax",) and "error" not in r}
-  for r in rows:
-    if "error" not in r:
-      base = optax_ms.get((r["case"], r["mode"]))
-      r["x_optax"] = None if base is None else r["median_ms"] / base
+  try:
+    inputs, last = None, None
+    for g, ((case, mode), names) in enumerate(groups.items()):
+      _progress(g, len(groups), f"{case.shape} {case.labels} {mode}", show)
+      if case != last:
+        inputs = None  # (free the previous case's inputs first)
+        one = C.make_inputs(case, key)
+        inputs = [one] + [C.make_inputs(case, jax.random.fold_in(key, r))
+                          for r in range(1, _rotations(sum(a.nbytes for a in one)))]
+        last = case
+      base_row = dict(case=f"{case.shape} {case.dtype} {case.labels}" if case.kind == "logits"
+                      else f"linear {case.shape} {case.dtype}", kind=case.kind,
+                      shape=[case.n, case.d, case.v] if case.kind == "linear" else [case.n, case.v],
+                      dtype=case.dtype, labels=case.labels, reduction=C.REDUCTION,
+                      device=dev_name, jax_version=jax.__version__, jxent_version=version,
+                      copy_gbps=bw / 1e9, reps=args.reps, date=datetime.date.today().isoformat())
+      rows += run_group(case, mode, names, inputs, args.reps, bw, base_row, defaults.get(case))
+      if args.json:  # written as it goes, so an interrupted run keeps what it measured
+        _write_json(args.json, rows)
+    _progress(len(groups), len(groups), "done", show)
+  except KeyboardInterrupt:
+    interrupted = True
+    if show:
+      sys.stderr.write("\n")
+    print("jxent-bench: interrupted (Ctrl-C); the finished rows follow", file=sys.stderr)
   floor_shown = device.platform != "cpu"
-  print(header)
   print(format_table(rows, floor=floor_shown))
-  for line in table_notes(floor_shown, missing) + chosen_notes(cases):
+  for line in table_notes(floor_shown, missing) + chosen_notes(cases) + legend(floor_shown):
     print(line)
+  print(summary_line(rows, interrupted))
   if args.json:
-    with open(args.json, "w") as fh:
-      json.dump(rows, fh, indent=1)
+    _write_json(args.json, rows)
   if args.csv:
     keys = sorted({k for r in rows for k in r})
     with open(args.csv, "w", newline="") as fh:
       w = csv.DictWriter(fh, fieldnames=keys)
       w.writeheader()
       w.writerows(rows)
-  if args.plot:
+  if args.plot and rows:
     try:
-      write_plot(rows, args.plot)
+      write_plot(rows, args.plot, floor_shown=floor_shown)
     except UsageError as e:
       print(f"jxent-bench: error: {e}", file=sys.stderr)
       return 2
-  return 0
+  return 130 if interrupted else 0
+
+
+def _write_json(path: str, rows: list[dict]) -> None:
+  with open(path, "w") as fh:
+    json.dump(rows, fh, indent=1)
+
+
+def _jxent_version() -> str:
+  return _VERSION
 
 
 if __name__ == "__main__":

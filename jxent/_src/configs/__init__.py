@@ -53,12 +53,25 @@ def default_memory_budget(device=None) -> int:
   return int(limit) // 4 if limit else FALLBACK_MEMORY_BUDGET
 
 
+def abstract_device():
+  """The abstract device that lowering targets, or None: set by
+  ``jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=AbstractDevice(...)))``
+  to lower for a GPU from a host without one (and by a mesh's own abstract device). Where it is
+  set, the platform, the device kind and the SM count that choose a kernel are its own."""
+  try:
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  except Exception:  # noqa: BLE001  (a jax without abstract devices)
+    return None
+  return device if getattr(device, "platform", None) else None
+
+
 # ------------------------------------------------------------------------------------------------
 # Keys.
 # ------------------------------------------------------------------------------------------------
 def device_kind(device=None) -> str:
-  """This device's kind as a file name: ``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia_h100_80gb_hbm3"``."""
-  device = device or jax.devices()[0]
+  """This device's kind as a file name: ``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia_h100_80gb_hbm3"``
+  (the abstract device's kind while one is set, see :func:`abstract_device`)."""
+  device = device or abstract_device() or jax.devices()[0]
   kind = getattr(device, "device_kind", None) or device.platform
   if device.platform == "cpu":
     kind = "cpu"
@@ -134,14 +147,15 @@ def read_entries(path: str) -> dict:
 
 @contextlib.contextmanager
 def _locked(path: str):
-  """An exclusive lock beside ``path`` (two processes merge their results, not overwrite)."""
+  """An exclusive lock on the folder of ``path``, so that two processes merge their results
+  instead of overwriting them; it leaves no lock file behind."""
   import fcntl  # (POSIX only: imported where a file is written, not by every loss)
-  with open(path + ".lock", "w") as fh:
-    fcntl.flock(fh, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(fh, fcntl.LOCK_UN)
+  fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)  # (closing releases the lock)
 
 
 def write_entries(path: str, entries: dict, **meta) -> None:

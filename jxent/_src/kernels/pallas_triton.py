@@ -20,8 +20,11 @@ log-sum-exp; the fused kernel needs whole rows, so scalar reductions use forward
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import functools
+import warnings
 from typing import ClassVar, Optional
 
 import jax
@@ -36,6 +39,53 @@ _NEG = float(jnp.finfo(jnp.float32).min)
 def _plgpu():
   from jax.experimental.pallas import triton as plgpu
   return plgpu
+
+
+# The one message JAX (>= 0.11) gives at every Triton lowering; the suite filters exactly this one.
+DEPRECATION = "The Pallas Triton backend is deprecated"
+
+
+def _first_line(e: BaseException) -> str:
+  return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable(abstract_device=None, *, interpret: bool = False) -> Optional[str]:
+  """None where this jax can build the Triton kernels; else the reason, in words.
+
+  JAX deprecates the Pallas Triton backend (from 0.11) and will remove it: this checks that
+  ``jax.experimental.pallas.triton`` imports and (compiled kernels) that a small Triton kernel
+  lowers for CUDA, for ``abstract_device`` where one is set (lowering from a CPU host). The
+  lowering runs on a thread of its own, outside the caller's trace; its deprecation warning is
+  left to the real lowering. Cached per abstract device."""
+  try:
+    plgpu = _plgpu()
+  except Exception as e:  # noqa: BLE001  (any failure to import is the answer)
+    return f"jax {jax.__version__} has no Pallas Triton backend ({_first_line(e)})"
+  if interpret:
+    return None
+
+  def copy(x_ref, o_ref):
+    o_ref[...] = x_ref[...]
+
+  def lower():
+    mesh = contextlib.nullcontext()
+    if abstract_device is not None:
+      mesh = jax.sharding.use_abstract_mesh(
+          jax.sharding.AbstractMesh((), (), abstract_device=abstract_device))
+    call = pl.pallas_call(copy, out_shape=jax.ShapeDtypeStruct((16,), jnp.float32),
+                          compiler_params=plgpu.CompilerParams(num_warps=1))
+    with mesh, warnings.catch_warnings():
+      warnings.filterwarnings("ignore", message=DEPRECATION, category=DeprecationWarning)
+      jax.jit(call).trace(jax.ShapeDtypeStruct((16,), jnp.float32)).lower(
+          lowering_platforms=("cuda",))
+
+  try:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      pool.submit(lower).result()
+  except Exception as e:  # noqa: BLE001  (any failure to lower is the answer)
+    return f"a Pallas Triton kernel does not lower for CUDA with jax {jax.__version__} ({_first_line(e)})"
+  return None
 
 
 class _Row:
@@ -411,6 +461,11 @@ class PallasTritonKernel:
     if self.programs is not None and (not isinstance(self.programs, int) or self.programs < 1):
       raise ValueError(f"PallasTritonKernel: programs must be None or a positive int, "
                        f"got {self.programs!r}.")
+
+  def unavailable(self, abstract_device=None) -> Optional[str]:
+    """Why this kernel cannot be built with this jax, or None (see the module's
+    :func:`unavailable`)."""
+    return unavailable(abstract_device, interpret=self.interpret)
 
   def _call(self, kernel, out_shape, rows):
     """Runs a one-row ``kernel`` over ``rows`` rows; ``out_shape`` holds the per-row outputs."""
