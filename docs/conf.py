@@ -23,6 +23,10 @@ autodoc_default_options = {"members": True, "undoc-members": False, "show-inheri
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_ivar = True  # "Attributes:" as fields (the dataclass fields are documented once)
-suppress_warnings = ["myst.header", "myst.xref_missing"]
+suppress_warnings = ["myst.header"]
+# `ArrayLike` stays `ArrayLike` in signatures (not the Union it stands for)
+autodoc_type_aliases = {"ArrayLike": "jax.typing.ArrayLike"}
 html_theme = "alabaster"
-html_static_path = []
+html_theme_options = {"page_width": "min(1400px, 96%)", "sidebar_width": "220px"}
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]

@@ -192,7 +192,7 @@ def test_samples_are_taken_round_robin_and_paired():
   fns = {name: (lambda name: lambda x: calls.append(name) or x)(name) for name in "abc"}
   samples = cli.time_round_robin(fns, [(jax.numpy.ones(()),)], reps=4, inner=1)
   assert {k: len(v) for k, v in samples.items()} == {"a": 4, "b": 4, "c": 4}
-  timed = calls[3:]  # (after a warm-up call each, one per input set)
+  timed = calls[6:]  # (after a warm-up call per input set and one timed call each)
   rounds = [timed[i:i + 3] for i in range(0, 12, 3)]
   assert rounds == [list("abc"), list("bca"), list("cab"), list("abc")]  # each round has them all
   # the ratio is taken per round: a slow round slows both rows and cancels

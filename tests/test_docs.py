@@ -33,3 +33,13 @@ def test_readme_python_blocks_run(i):
 def test_docstring_examples(module):
   failures, tried = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
   assert tried > 0 and failures == 0
+
+
+def test_the_bench_page_names_every_flag():
+  from jxent.bench import cli
+  page = (ROOT / "docs" / "cli.md").read_text()
+  flags = {o for a in cli.build_parser()._actions for o in a.option_strings
+           if o.startswith("--") and o != "--help"}
+  missing = sorted(f for f in flags if f"`{f}" not in page)
+  assert not missing, missing
+  assert (ROOT / "benchmarks" / "results" / "2026-12-04_cpu_quick.txt").exists()

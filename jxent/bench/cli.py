@@ -70,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--modes", default=None,
                  help="comma list of " + ", ".join(C.MODES) + " (forward_and_vjp: the earlier "
                       "name of value_and_grad)")
-  p.add_argument("--reps", type=int, default=10,
+  p.add_argument("--reps", type=int, default=20,
                  help="timed samples per row, taken round-robin across a case's implementations "
-                      "(median and spread; >= 10)")
+                      "(median and spread; >= 10, default 20)")
   p.add_argument("--json", metavar="PATH", help="write rows as a JSON list")
   p.add_argument("--csv", metavar="PATH", help="write rows as CSV")
   p.add_argument("--plot", metavar="PATH.png", help="bar chart (needs matplotlib: the bench extra)")
@@ -168,27 +168,37 @@ def _inner() -> int:
   return 1 if jax.default_backend() == "cpu" else 5
 
 
+SAMPLE_MS = 25.0  # a sample lasts at least this long (calls back to back), so that the
+                  # scheduler's noise is a small part of it
+
+
 def time_round_robin(fns: dict, arg_sets, reps: int, inner: int = 0) -> dict:
   """``{name: [ms, ...]}``: ``reps`` samples of each function, taken round-robin (sample ``i`` of
   every function, in an order rotated by ``i``, before sample ``i + 1`` of any), so that a slow
   spell of the machine falls on all of them alike and the samples pair up across functions.
-  Each sample is the mean of ``inner`` back-to-back calls (rotating inputs) ended by a device
-  sync; each function is warmed up first."""
-  inner = inner or _inner()
+
+  Each sample is the mean of back-to-back calls (rotating inputs) ended by a device sync:
+  ``inner`` calls, or (``inner=0``) as many as fill :data:`SAMPLE_MS` after warm-up (at least
+  one on CPU, five on accelerators, where enqueuing keeps host dispatch out of the time)."""
   names = list(fns)
+  counts = {}
   for name in names:
     for args in arg_sets[:2]:
       jax.block_until_ready(fns[name](*args))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fns[name](*arg_sets[0]))
+    one = (time.perf_counter() - t0) * 1e3
+    counts[name] = inner or int(min(1000, max(_inner(), -(-SAMPLE_MS // max(one, 1e-3)))))
   samples = {name: [] for name in names}
   k = 0
   for i in range(reps):
     for name in names[i % len(names):] + names[:i % len(names)]:
       t0 = time.perf_counter()
-      for _ in range(inner):
+      for _ in range(counts[name]):
         out = fns[name](*arg_sets[k % len(arg_sets)])
         k += 1
       jax.block_until_ready(out)
-      samples[name].append((time.perf_counter() - t0) / inner * 1e3)
+      samples[name].append((time.perf_counter() - t0) / counts[name] * 1e3)
   return samples
 
 
@@ -214,6 +224,24 @@ def _rotations(nbytes: int) -> int:
   if nbytes >= 256 << 20:
     return 1
   return int(min(4, max(2, (256 << 20) // max(nbytes, 1))))
+
+
+def steady_cpu_allocator() -> bool:
+  """On CPU with glibc: keep freed memory in the process (no fresh ``mmap`` per large buffer, no
+  trimming), so that no timed sample pays the page faults of zeroing a new mapping: that cost,
+  the kernel's and not the loss's, made two runs of the same row differ by up to 30 % on a
+  2-core machine. Returns whether it applied (never on accelerators, whose buffers come from
+  their own allocator)."""
+  if jax.default_backend() != "cpu" or not sys.platform.startswith("linux"):
+    return False
+  try:
+    import ctypes
+    libc = ctypes.CDLL("libc.so.6")
+    big = 2 ** 31 - 1
+    # M_MMAP_THRESHOLD (-3), M_TRIM_THRESHOLD (-1), M_TOP_PAD (-2)
+    return bool(libc.mallopt(-3, big) and libc.mallopt(-1, big) and libc.mallopt(-2, 256 << 20))
+  except (OSError, AttributeError):  # (not glibc)
+    return False
 
 
 def copy_bandwidth(reps: int) -> float:
@@ -370,18 +398,20 @@ def table_notes(floor_shown: bool, missing: list[str]) -> list[str]:
   return notes
 
 
+def _chosen(case: C.Case):
+  """``(kernel, source)`` that ``implementation=None`` takes for ``case`` (mean reduction)."""
+  op, shape = ("linear", (case.n, case.d, case.v)) if case.kind == "linear" else (
+      "xent", (case.n, case.v))
+  return autotune.chosen_implementation(op, shape, case.dtype, labels=case.labels)
+
+
 def default_names(cases) -> dict:
   """``{case: row name}`` of what ``implementation=None`` picks for each case, where the pick is
   a row jxent-bench can time (a kernel with its parameters, ``NAME[key=value,...]``)."""
   out = {}
-  for case in cases:
-    if case.labels == "logprobs":
-      continue
-    op, shape = ("linear", (case.n, case.d, case.v)) if case.kind == "linear" else (
-        "xent", (case.n, case.v))
+  for case in (c for c in cases if c.labels != "logprobs"):
     try:
-      kernel, _ = autotune.chosen_implementation(op, shape, case.dtype, labels=case.labels)
-      desc = autotune.describe(kernel)
+      desc = autotune.describe(_chosen(case)[0])
     except Exception:  # noqa: BLE001  (a mark, never a failure)
       continue
     params = ",".join(f"{k}={v}" for k, v in sorted(desc["params"].items()))
@@ -392,13 +422,9 @@ def default_names(cases) -> dict:
 def chosen_notes(cases) -> list[str]:
   """What ``implementation=None`` picks for each case on this device, and from where."""
   notes = []
-  for case in cases:
-    if case.labels == "logprobs":
-      continue
-    op, shape = ("linear", (case.n, case.d, case.v)) if case.kind == "linear" else (
-        "xent", (case.n, case.v))
+  for case in (c for c in cases if c.labels != "logprobs"):
     try:
-      kernel, source = autotune.chosen_implementation(op, shape, case.dtype, labels=case.labels)
+      kernel, source = _chosen(case)
     except Exception as e:  # noqa: BLE001  (a note, never a failure)
       kernel, source = f"? ({e})", "error"
     name = kernel if isinstance(kernel, str) else repr(kernel)
@@ -596,6 +622,7 @@ def _main(argv: Optional[list[str]]) -> int:
           "larger); on this CPU it takes hours. Ctrl-C to stop; --quick is the CPU preset.",
           file=sys.stderr)
   version = _jxent_version()
+  steady = steady_cpu_allocator()
   try:
     bw = copy_bandwidth(args.reps)
   except KeyboardInterrupt:
@@ -629,7 +656,8 @@ def _main(argv: Optional[list[str]]) -> int:
                       shape=[case.n, case.d, case.v] if case.kind == "linear" else [case.n, case.v],
                       dtype=case.dtype, labels=case.labels, reduction=C.REDUCTION,
                       device=dev_name, jax_version=jax.__version__, jxent_version=version,
-                      copy_gbps=bw / 1e9, reps=args.reps, date=datetime.date.today().isoformat())
+                      copy_gbps=bw / 1e9, reps=args.reps, steady_allocator=steady,
+                      date=datetime.date.today().isoformat())
       rows += run_group(case, mode, names, inputs, args.reps, bw, base_row, defaults.get(case))
       if args.json:  # written as it goes, so an interrupted run keeps what it measured
         _write_json(args.json, rows)
@@ -641,7 +669,11 @@ def _main(argv: Optional[list[str]]) -> int:
     print("jxent-bench: interrupted (Ctrl-C); the finished rows follow", file=sys.stderr)
   floor_shown = device.platform != "cpu"
   print(format_table(rows, floor=floor_shown))
-  for line in table_notes(floor_shown, missing) + chosen_notes(cases) + legend(floor_shown):
+  notes = table_notes(floor_shown, missing) + chosen_notes(cases)
+  if steady:
+    notes.append("CPU timing: freed memory stays in the process (glibc mallopt), so that no "
+                 "sample pays the page faults of a fresh mapping.")
+  for line in notes + legend(floor_shown):
     print(line)
   print(summary_line(rows, interrupted))
   if args.json:
