@@ -44,22 +44,26 @@ def _init(rows: int, dtype):
   return jnp.full((rows,), -jnp.inf, dtype), zero, zero, zero
 
 
-def _fold(state, z, local):
-  """Folds a block ``z [R, B]`` (``local``: the labels relative to its first class) into
-  ``(m, s, t, lab)``; ``t`` is relative to ``m`` and is rebased with it."""
+def _fold(state, x, inv_t, local):
+  """Folds a block of capped logits ``x [R, B]`` at ``z = x * inv_t`` (``local``: the labels
+  relative to its first class) into ``(m, s, t, lab)`` of ``z``; ``t`` is relative to ``m``
+  and is rebased with it.
+
+  ``z`` itself is never formed: every reduction reads ``x`` and scales it in its own fusion
+  (``max z = inv_t * max x``, since ``T > 0``), so a temperature adds no ``[R, B]`` temporary."""
   m0, s0, t0, lab0 = state
-  bm = jnp.max(z, axis=-1)
-  m = jnp.maximum(m0, bm)
+  it = inv_t.astype(x.dtype)
+  m = jnp.maximum(m0, jnp.max(x, axis=-1) * it)
   m_safe = jnp.where(jnp.isneginf(m), 0.0, m)
   d0 = jnp.where(jnp.isneginf(m0), 0.0, m0 - m_safe)  # rebase the running sums to m
   e0 = jnp.exp(d0)
-  zs = z - m_safe[:, None]
+  zs = x * it[:, None] - m_safe[:, None]
   e = jnp.exp(zs)
   s = s0 * e0 + jnp.sum(e, axis=-1)
   t = e0 * (t0 + d0 * s0) + jnp.sum(jnp.where(e == 0, 0.0, e * zs), axis=-1)
-  size = z.shape[-1]
+  size = x.shape[-1]
   hit = (local >= 0) & (local < size)
-  picked = jnp.take_along_axis(z, jnp.clip(local, 0, size - 1)[:, None], axis=-1)[:, 0]
+  picked = jnp.take_along_axis(x, jnp.clip(local, 0, size - 1)[:, None], axis=-1)[:, 0] * it
   return m, s, t, lab0 + jnp.where(hit, picked, 0.0)
 
 
@@ -104,6 +108,24 @@ def _cotangents(g, with_entropy, labels, lse, opts: XentOptions, local_c: int, k
   return g_lp, rowmath.total_cotangent(jnp.where(keep, g[1], 0.0), like, opts)
 
 
+def _var_block(z, lse, mu):
+  """``sum(p * (z - mu)^2)`` over a block ``z [R, B]`` (``p = exp(z - lse)``): the block's part
+  of the variance of ``z`` under the softmax."""
+  p = jnp.exp(z - lse[:, None])
+  d = z - mu[:, None]
+  return jnp.sum(jnp.where(p == 0, 0.0, p * d * d), axis=-1)
+
+
+def _d_inv_t(g_lp, g_ent, lp, ent, inv_t, var):
+  """The cotangent of ``inv_t`` (``z = cap(x) * inv_t``): ``d log_prob / d inv_t = (log_prob +
+  entropy) / inv_t`` (that is ``(z_y - E_p[z]) / inv_t``) and ``d entropy / d inv_t =
+  -Var_p(z) / inv_t``. Rows with a zero cotangent give 0 (their log-prob may be NaN)."""
+  d = jnp.where(g_lp == 0, 0.0, g_lp * (lp + ent))
+  if g_ent is not None:
+    d = d - jnp.where(g_ent == 0, 0.0, g_ent * var)
+  return d / inv_t
+
+
 def _outputs(lp, ent, keep, with_entropy):
   """The primal outputs: 0 on dropped rows; the entropy only when asked for."""
   return jnp.where(keep, lp, 0.0), (jnp.where(keep, ent, 0.0) if with_entropy else None)
@@ -123,8 +145,8 @@ class XlaRows:
     rows, c = logits.shape
 
     def step(start, size, state):
-      z, _ = _scaled(lax.dynamic_slice_in_dim(logits, start, size, axis=1), inv_t, opts)
-      return _fold(state, z, labels - start)
+      capped = rowmath.prep_logits(lax.dynamic_slice_in_dim(logits, start, size, axis=1), opts)
+      return _fold(state, capped, inv_t, labels - start)
 
     return fold_blocks(step, c, min(self.block, c), _init(rows, rowmath.compute_dtype(logits.dtype)),
                        peel=bool(rowmath.varying(logits)))
@@ -142,6 +164,20 @@ class XlaRows:
                        peel=bool(rowmath.varying(logits)))
 
 
+def _logits_var(logits, inv_t, lse, mu, opts, block):
+  """``Var_p(z)`` per row of this shard (``sum p (z - mu)^2``), in class blocks: the entropy's
+  temperature derivative (a pass of its own, only when an array temperature and the entropy
+  are differentiated; under ``jit`` it is dropped when nothing reads it)."""
+  rows, c = logits.shape
+
+  def step(start, size, acc):
+    z, _ = _scaled(lax.dynamic_slice_in_dim(logits, start, size, axis=1), inv_t, opts)
+    return acc + _var_block(z, lse, mu)
+
+  return fold_blocks(step, c, min(block, c), jnp.zeros((rows,), lse.dtype),
+                     peel=bool(rowmath.varying(logits)))
+
+
 def _logits_forward(logits, labels, inv_t, opts, kernel):
   c = logits.shape[1]
   local = labels - rowmath.class_offset(c, opts)
@@ -152,22 +188,23 @@ def _logits_forward(logits, labels, inv_t, opts, kernel):
   return _finish(tuple(v.astype(rowmath.compute_dtype(logits.dtype)) for v in stats), labels, opts, c)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnames=("opts", "kernel", "with_entropy"))
+@functools.partial(jax.custom_vjp, nondiff_argnames=("opts", "kernel", "with_entropy", "t_grad"))
 def token_stats_2d(logits, labels, inv_t, keep, opts: XentOptions, kernel: Any,
-                   with_entropy: bool):
-  """``(log_prob [R], entropy [R])`` of ``logits [R, C]`` (entropy None unless asked for)."""
+                   with_entropy: bool, t_grad: bool = False):
+  """``(log_prob [R], entropy [R])`` of ``logits [R, C]`` (entropy None unless asked for);
+  ``t_grad``: ``inv_t`` came from an array temperature, whose cotangent is then formed."""
   lp, ent, _ = _logits_forward(logits, labels, inv_t, opts, kernel)
   return _outputs(lp, ent, keep, with_entropy)
 
 
-def _token_stats_2d_fwd(logits, labels, inv_t, keep, opts, kernel, with_entropy):
+def _token_stats_2d_fwd(logits, labels, inv_t, keep, opts, kernel, with_entropy, t_grad):
   lp, ent, lse = _logits_forward(logits, labels, inv_t, opts, kernel)
   out = _outputs(lp, ent, keep, with_entropy)
-  return out, (logits, labels, inv_t, keep, lse, ent)
+  return out, (logits, labels, inv_t, keep, lse, ent, lp)
 
 
-def _token_stats_2d_bwd(opts, kernel, with_entropy, res, g):
-  logits, labels, inv_t, keep, lse, ent = res
+def _token_stats_2d_bwd(opts, kernel, with_entropy, t_grad, res, g):
+  logits, labels, inv_t, keep, lse, ent, lp = res
   c = logits.shape[1]
   g_lp, g_ent = _cotangents(g, with_entropy, labels, lse, opts, c, keep, logits)
   local = labels - rowmath.class_offset(c, opts)
@@ -175,21 +212,30 @@ def _token_stats_2d_bwd(opts, kernel, with_entropy, res, g):
     dlogits = jnp.zeros(logits.shape, logits.dtype)
   else:
     dlogits = kernel.logprob_grad(logits, local, inv_t, lse, ent, g_lp, g_ent, opts=opts)
-  return rowmath.match_vma(dlogits, logits), None, None, None
+  d_inv_t = None
+  if t_grad:
+    var = None
+    if g_ent is not None:
+      var = rowmath.psum(_logits_var(logits, inv_t.astype(lse.dtype), lse, lse - ent, opts,
+                                     getattr(kernel, "block", 4096)), opts)
+    d_inv_t = rowmath.match_vma(_d_inv_t(g_lp, g_ent, lp, ent, inv_t, var).astype(inv_t.dtype),
+                                inv_t)
+  return rowmath.match_vma(dlogits, logits), None, d_inv_t, None
 
 
 token_stats_2d.defvjp(_token_stats_2d_fwd, _token_stats_2d_bwd)
 
 
 def _check_temperature(temperature, batch_shape):
-  """Per-row ``1 / T`` source: a positive Python float, or an array of the batch shape."""
+  """``(1 / T per row, differentiable)``: a positive Python float (a constant), or an array of
+  the batch shape (differentiable)."""
   if isinstance(temperature, (bool, str)) or temperature is None:
     raise TypeError(f"`temperature` must be a positive float or an array of the batch shape "
                     f"{batch_shape}, got {temperature!r}.")
   if isinstance(temperature, (int, float)):
     if not temperature > 0:
       raise ValueError(f"`temperature` must be > 0, got {temperature}.")
-    return jnp.full(batch_shape, 1.0 / float(temperature), jnp.float32)
+    return jnp.full(batch_shape, 1.0 / float(temperature), jnp.float32), False
   if not isinstance(temperature, jax.core.Tracer):  # a concrete array: check its values now
     concrete = np.asarray(temperature)
     if concrete.dtype.kind in "fiu" and concrete.size and not (concrete > 0).all():
@@ -202,7 +248,9 @@ def _check_temperature(temperature, batch_shape):
   except ValueError:
     raise ValueError(f"`temperature` {t.shape} must be a scalar or broadcast to the batch shape "
                      f"{batch_shape}.") from None
-  return lax.stop_gradient(1.0 / t.astype(jnp.promote_types(t.dtype, jnp.float32)))
+  if not jnp.issubdtype(t.dtype, jnp.floating):
+    return 1.0 / t.astype(jnp.float32), False  # (integers have no gradient)
+  return 1.0 / t.astype(jnp.promote_types(t.dtype, jnp.float32)), True
 
 
 def _kernel_for(implementation, shape, dtype):
@@ -255,7 +303,9 @@ def token_log_probs(
       global ids.
     axis: the class axis.
     temperature: a positive Python float, or an array of the batch shape ``[...]`` (one per
-      token; not differentiated).
+      token) or a scalar array. An array temperature is differentiable: ``d log_prob / dT =
+      -(z_y - E_p[z]) / T`` and ``d entropy / dT = Var_p(z) / T`` from per-row statistics (the
+      entropy's adds one pass over the logits in the backward, when it is differentiated).
     where: optional mask: ``[...]`` per token, or the shape of ``logits`` (masked classes are
       left out of the softmax).
     ignore_index: tokens with this label give 0 for both outputs and 0 gradient (as do tokens
@@ -282,7 +332,8 @@ def token_log_probs(
   opts = make_options(logit_softcap=logit_softcap, ignore_index=ignore_index, axis_name=axis_name)
   logits2d, labels2d, row_mask, batch_shape = core.canonicalize(logits, labels, axis=axis,
                                                                 sparse=True, where=where)
-  inv_t = _check_temperature(temperature, batch_shape).reshape(-1)
+  inv_t, t_grad = _check_temperature(temperature, batch_shape)
+  inv_t = inv_t.reshape(-1)
   keep = jnp.ones(labels2d.shape, bool) if row_mask is None else row_mask
   if ignore_index is not None:
     keep = keep & (labels2d != opts.ignore_index)
@@ -290,7 +341,7 @@ def token_log_probs(
     raise ValueError(f"`logits` {logits.shape} has no classes on axis {axis}.")
   kernel = _kernel_for(implementation, logits2d.shape, logits2d.dtype)
   lp, ent = core.call_vjp(token_stats_2d, logits2d, labels2d, inv_t, keep, opts, kernel,
-                          bool(return_entropy))
+                          bool(return_entropy), t_grad)
   lp = lp.reshape(batch_shape)
   return (lp, ent.reshape(batch_shape)) if return_entropy else lp
 
@@ -312,48 +363,58 @@ def _linear_forward(x, w, labels, inv_t, opts, block_v):
   local = labels - rowmath.class_offset(v, opts)
 
   def step(start, size, state):
-    z, _ = _scaled(_dot(x, lax.dynamic_slice_in_dim(w, start, size, axis=1)), inv_t, opts)
-    return _fold(state, z, local - start)
+    capped = rowmath.prep_logits(_dot(x, lax.dynamic_slice_in_dim(w, start, size, axis=1)), opts)
+    return _fold(state, capped, inv_t, local - start)
 
   state = fold_blocks(step, v, min(block_v, v), _init(x.shape[0], _dot(x[:0], w[:, :0]).dtype),
                       peel=bool(rowmath.varying(x) or rowmath.varying(w)))
   return _finish(state, labels, opts, v)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnames=("opts", "block_v", "with_entropy"))
+@functools.partial(jax.custom_vjp, nondiff_argnames=("opts", "block_v", "with_entropy", "t_grad"))
 def linear_token_stats(x, w, labels, inv_t, keep, opts: XentOptions, block_v: int,
-                       with_entropy: bool):
-  """``(log_prob [N], entropy [N] | None)`` of ``x [N, D] @ w [D, V]``."""
+                       with_entropy: bool, t_grad: bool = False):
+  """``(log_prob [N], entropy [N] | None)`` of ``x [N, D] @ w [D, V]`` (``t_grad``: form the
+  cotangent of ``inv_t``, from an array temperature)."""
   lp, ent, _ = _linear_forward(x, w, labels, inv_t, opts, block_v)
   return _outputs(lp, ent, keep, with_entropy)
 
 
-def _linear_token_stats_fwd(x, w, labels, inv_t, keep, opts, block_v, with_entropy):
+def _linear_token_stats_fwd(x, w, labels, inv_t, keep, opts, block_v, with_entropy, t_grad):
   lp, ent, lse = _linear_forward(x, w, labels, inv_t, opts, block_v)
   out = _outputs(lp, ent, keep, with_entropy)
-  return out, (x, w, labels, inv_t, keep, lse, ent)
+  return out, (x, w, labels, inv_t, keep, lse, ent, lp)
 
 
-def _linear_token_stats_bwd(opts, block_v, with_entropy, res, g):
-  x, w, labels, inv_t, keep, lse, ent = res
+def _linear_token_stats_bwd(opts, block_v, with_entropy, t_grad, res, g):
+  x, w, labels, inv_t, keep, lse, ent, lp = res
   v = w.shape[1]
   g_lp, g_ent = _cotangents(g, with_entropy, labels, lse, opts, v, keep, w)
   local = labels - rowmath.class_offset(v, opts)
+  want_var = t_grad and g_ent is not None  # (the entropy's temperature derivative)
 
   def step(start, size, carry):
-    dx, dw = carry
+    dx, dw, var = carry
     wb = lax.dynamic_slice_in_dim(w, start, size, axis=1)
     z, capped = _scaled(_dot(x, wb), inv_t, opts)
     dz = _dz(z, local - start, lse, ent, g_lp, g_ent)
+    if want_var:
+      var = var + _var_block(z, lse, lse - ent)
     dz = (dz * inv_t[:, None] * rowmath.softcap_factor(capped, opts)).astype(x.dtype)
     dx = dx + _dot(dz, wb.T)
     dw = lax.dynamic_update_slice_in_dim(dw, _dot(x.T, dz).astype(w.dtype), start, axis=1)
-    return dx, dw
+    return dx, dw, var
 
-  dx, dw = fold_blocks(step, v, min(block_v, v), (jnp.zeros(x.shape, rowmath.compute_dtype(x.dtype)),
-                                                  jnp.zeros(w.shape, w.dtype)),
-                       peel=bool(rowmath.varying(x) or rowmath.varying(w)))
-  return (rowmath.match_vma(dx.astype(x.dtype), x), rowmath.match_vma(dw, w), None, None, None)
+  init = (jnp.zeros(x.shape, rowmath.compute_dtype(x.dtype)), jnp.zeros(w.shape, w.dtype),
+          jnp.zeros(lse.shape, lse.dtype))
+  dx, dw, var = fold_blocks(step, v, min(block_v, v), init,
+                            peel=bool(rowmath.varying(x) or rowmath.varying(w)))
+  d_inv_t = None
+  if t_grad:
+    var = rowmath.psum(var, opts) if want_var else None
+    d_inv_t = rowmath.match_vma(_d_inv_t(g_lp, g_ent, lp, ent, inv_t, var).astype(inv_t.dtype),
+                                inv_t)
+  return (rowmath.match_vma(dx.astype(x.dtype), x), rowmath.match_vma(dw, w), None, d_inv_t, None)
 
 
 linear_token_stats.defvjp(_linear_token_stats_fwd, _linear_token_stats_bwd)
@@ -381,7 +442,8 @@ def linear_token_log_probs(
     x: ``[..., hidden]`` activations.
     w: ``[hidden, num_classes]`` projection (pass ``emb.T`` for tied embeddings).
     labels: ``[...]`` integer token ids (global ids with ``axis_name``).
-    temperature: a positive Python float, or an array ``[...]`` (one per token).
+    temperature: a positive Python float, or an array ``[...]`` (one per token) or a scalar
+      array; an array is differentiable (see :func:`token_log_probs`).
     ignore_index: tokens with this label give 0 for both outputs and 0 gradient.
     logit_softcap: ``c > 0`` or None.
     return_entropy: also return the entropy.
@@ -413,10 +475,11 @@ def linear_token_log_probs(
                      "block_v only.")
   opts = make_options(logit_softcap=logit_softcap, ignore_index=ignore_index, axis_name=axis_name)
   batch_shape = labels.shape
-  inv_t = _check_temperature(temperature, batch_shape).reshape(-1)
+  inv_t, t_grad = _check_temperature(temperature, batch_shape)
+  inv_t = inv_t.reshape(-1)
   y2 = labels.reshape(-1)
   keep = jnp.ones(y2.shape, bool) if ignore_index is None else y2 != opts.ignore_index
   lp, ent = core.call_vjp(linear_token_stats, x.reshape(-1, x.shape[-1]), w, y2, inv_t, keep,
-                          opts, algo.block_v, bool(return_entropy))
+                          opts, algo.block_v, bool(return_entropy), t_grad)
   lp = lp.reshape(batch_shape)
   return (lp, ent.reshape(batch_shape)) if return_entropy else lp
