@@ -357,9 +357,8 @@ def _ship(run: Run, entries: dict) -> int:
   dev = jax.devices()[0]
   path = os.path.join(run.out, CONFIG)
   configs.write_entries(path, entries, device_kind=configs.device_kind(dev),
-                       source=f"benchmarks/gpu_run.py on {getattr(dev, 'device_kind', dev.platform)}"
-                              f", jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
-  os.remove(path + ".lock")
+                        source=f"benchmarks/gpu_run.py on {getattr(dev, 'device_kind', dev.platform)}"
+                               f", jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
   return len(entries)
 
 

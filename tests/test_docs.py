@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from jxent._src import (api, autotune, configs, dispatch, keras_losses, linear, logprobs,
+from jxent._src import (api, autotune, dispatch, keras_losses, linear, logprobs,
                         tf_losses, tf_nn)
 from jxent._src.kernels import pallas_mosaic_tpu, pallas_triton
 

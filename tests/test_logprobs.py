@@ -334,3 +334,138 @@ def test_vocab_parallel_temperature_gradient():
   got = jax.jit(jax.grad(sharded, argnums=1))(x, t)
   want = jax.grad(lambda t: obj(jxent.token_log_probs(x, y, temperature=t, **kw)))(t)
   close(got, np.asarray(want), tol=1e-4)
+
+
+def np_selected(x, y, inv_t, ids, cap=None, keep=None, g_lp=None, g_ent=None, g_sel=None):
+  """float64 reference with selected ids: ``(lp, ent, sel)`` and, given cotangents, dlogits."""
+  x = np.asarray(x, np.float64)
+  capped = x if cap is None else cap * np.tanh(x / cap)
+  z = capped * inv_t[:, None]
+  logp = z - (z.max(-1, keepdims=True) + np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1,
+                                                                                      keepdims=True)))
+  p = np.exp(logp)
+  r = np.arange(len(y))
+  keep = np.ones(len(y), bool) if keep is None else keep
+  lp = np.where(keep, logp[r, y], 0.0)
+  ent = np.where(keep, -(p * logp).sum(-1), 0.0)
+  sel = np.where(keep[:, None], np.take_along_axis(logp, ids, 1), 0.0)
+  if g_lp is None:
+    return lp, ent, sel
+  g_lp, g_ent, g_sel = (np.where(keep, g_lp, 0.0), np.where(keep, g_ent, 0.0),
+                        np.where(keep[:, None], g_sel, 0.0))
+  dz = g_lp[:, None] * (np.eye(x.shape[1])[y] - p) - g_ent[:, None] * p * (logp + ent[:, None])
+  for k in range(ids.shape[1]):
+    dz += g_sel[:, k:k + 1] * (np.eye(x.shape[1])[ids[:, k]] - p)
+  dcap = 1.0 if cap is None else 1.0 - (capped / cap) ** 2
+  return lp, ent, sel, dz * inv_t[:, None] * dcap
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("cap,c", [(None, 33), (6.0, 4099)])
+def test_selected_ids(impl, entropy, cap, c):
+  """Log-probs of K chosen ids per token, and their gradient, against float64 log_softmax
+  gathers; the ids may repeat, may be the label, and compose with temperature, soft-cap,
+  ignore_index and the entropy."""
+  rng = np.random.default_rng(c + 1)
+  r, k = 7, 4
+  x = rand_logits(rng, (r, c))
+  y = rng.integers(0, c, size=r)
+  y[2] = -100
+  ids = rng.integers(0, c, size=(r, k))
+  ids[0, 1] = y[0]            # the label itself
+  ids[1, 3] = ids[1, 0]       # a repeated id
+  t = rng.uniform(0.5, 2.0, size=r)
+  keep = y != -100
+  g_lp, g_ent, g_sel = rng.normal(size=r), rng.normal(size=r), rng.normal(size=(r, k))
+  f = jax.jit(lambda x: jxent.token_log_probs(
+      x, jnp.asarray(y), temperature=jnp.asarray(t, jnp.float32), ignore_index=-100,
+      logit_softcap=cap, return_entropy=entropy, selected_ids=jnp.asarray(ids),
+      implementation=impl))
+  out, vjp = jax.vjp(f, x)
+  assert len(out) == (3 if entropy else 2) and out[-1].shape == (r, k)
+  assert out[-1].dtype == jnp.float32
+  cot = (jnp.asarray(g_lp, jnp.float32),) + ((jnp.asarray(g_ent, jnp.float32),) if entropy else ()) \
+      + (jnp.asarray(g_sel, jnp.float32),)
+  (dx,) = vjp(cot)
+  rlp, rent, rsel, rdx = np_selected(x, np.where(keep, y, 0), 1 / t, ids, cap, keep, g_lp,
+                                     g_ent if entropy else np.zeros(r), g_sel)
+  close(out[0], rlp, 5e-5)
+  close(out[-1], rsel, 5e-5)
+  if entropy:
+    close(out[1], rent, 5e-5)
+  close(dx, rdx, 5e-5)
+  assert not np.asarray(dx[2]).any()  # an ignored token: 0 gradient, 0 outputs
+  assert not np.asarray(out[-1][2]).any()
+
+
+def test_selected_ids_batch_axes_errors_and_range():
+  rng = np.random.default_rng(5)
+  x = rand_logits(rng, (2, 3, 50))
+  y = jnp.asarray(rng.integers(0, 50, size=(2, 3)))
+  ids = jnp.asarray(rng.integers(0, 50, size=(2, 3, 2)))
+  lp, sel = jxent.token_log_probs(x, y, selected_ids=ids)
+  ref = jax.nn.log_softmax(x)
+  close(sel, np.asarray(jnp.take_along_axis(ref, ids, -1)))
+  # the class axis elsewhere: the ids follow the batch shape
+  lp2, sel2 = jxent.token_log_probs(jnp.moveaxis(x, -1, 1), y, axis=1, selected_ids=ids)
+  close(sel2, np.asarray(sel))
+  with pytest.raises(TypeError, match="integer"):
+    jxent.token_log_probs(x, y, selected_ids=ids.astype(jnp.float32))
+  with pytest.raises(ValueError, match=r"batch shape \(2, 3\) plus one axis"):
+    jxent.token_log_probs(x, y, selected_ids=ids[0])
+  with pytest.raises(ValueError, match="K = 0"):
+    jxent.token_log_probs(x, y, selected_ids=ids[..., :0])
+  # an id out of range gives NaN there (the labels' policy), the rest stays finite
+  bad = ids.at[0, 0, 1].set(50)
+  sel3 = jxent.token_log_probs(x, y, selected_ids=bad)[1]
+  assert np.isnan(sel3[0, 0, 1]) and np.isfinite(np.delete(np.asarray(sel3).reshape(-1), 1)).all()
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_triton"])
+def test_vocab_parallel_selected_ids(impl):
+  rng = np.random.default_rng(6)
+  x = rand_logits(rng, (6, 64))
+  y = jnp.asarray(rng.integers(0, 64, size=6))
+  ids = jnp.asarray(rng.integers(0, 64, size=(6, 3)))
+  kernel = jxent.PallasTritonKernel(interpret=True, block_c=8) if impl == "pallas_triton" else impl
+  kw = dict(temperature=0.7, return_entropy=True, selected_ids=ids, implementation=kernel)
+  mesh = Mesh(np.array(jax.devices()[:4]), ("model",))
+  sharded = jax.shard_map(lambda x: jxent.token_log_probs(x, y, axis_name="model", **kw),
+                          mesh=mesh, in_specs=P(None, "model"), out_specs=P(),
+                          check_vma=impl == "xla")
+  out, vjp = jax.vjp(jax.jit(sharded), x)
+  ref, rvjp = jax.vjp(lambda x: jxent.token_log_probs(x, y, **kw), x)
+  g = tuple(jnp.asarray(rng.normal(size=o.shape), jnp.float32) for o in ref)
+  for a, b in zip(out, ref):
+    close(a, np.asarray(b))
+  close(vjp(g)[0], np.asarray(rvjp(g)[0]))
+
+
+@pytest.mark.parametrize("axis_name", [None, "model"])
+def test_linear_selected_ids(axis_name):
+  rng = np.random.default_rng(7)
+  n, d, v, k = 6, 5, 64, 3
+  x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(d, v)) * 0.5, jnp.float32)
+  y = rng.integers(0, v, size=n)
+  ids = rng.integers(0, v, size=(n, k))
+  ids[0, 0] = y[0]
+  g = (rng.normal(size=n), rng.normal(size=n), rng.normal(size=(n, k)))
+  kw = dict(temperature=0.8, return_entropy=True, selected_ids=jnp.asarray(ids),
+            implementation=jxent.LinearChunked(block_v=8))
+  f = lambda x, w: jxent.linear_token_log_probs(x, w, jnp.asarray(y), **kw)
+  if axis_name:
+    mesh = Mesh(np.array(jax.devices()[:4]), ("model",))
+    f = jax.shard_map(lambda x, w: jxent.linear_token_log_probs(x, w, jnp.asarray(y),
+                                                                axis_name="model", **kw),
+                      mesh=mesh, in_specs=(P(), P(None, "model")), out_specs=P())
+  out, vjp = jax.vjp(jax.jit(f), x, w)
+  logits = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  rlp, rent, rsel, rdz = np_selected(logits, y, np.full(n, 1 / 0.8), ids, None, None, *g)
+  close(out[0], rlp)
+  close(out[1], rent)
+  close(out[2], rsel)
+  dx, dw = vjp(tuple(jnp.asarray(a, jnp.float32) for a in g))
+  close(dx, rdz @ np.asarray(w, np.float64).T, 1e-4)
+  close(dw, np.asarray(x, np.float64).T @ rdz, 1e-4)

@@ -85,12 +85,17 @@ def _finish(state, labels, opts: XentOptions, local_c: int):
   return log_prob, entropy, lse
 
 
-def _dz(z, local, lse, ent, g_lp, g_ent):
-  """``d(g_lp * log_prob + g_ent * entropy) / dz`` for one block."""
+def _dz(z, local, lse, ent, g_lp, g_ent, sel_local=None, g_sel=None):
+  """``d(g_lp * log_prob + g_ent * entropy + sum_k g_sel_k * selected_k) / dz`` for one block
+  (``sel_local [R, K]``: the selected ids relative to the block's first class)."""
   p = jnp.exp(z - lse[:, None])
   cols = lax.broadcasted_iota(local.dtype, z.shape, 1)
   onehot = (cols == local[:, None]).astype(z.dtype)
   dz = g_lp[:, None] * (onehot - p)
+  if g_sel is not None:
+    hits = cols[:, :, None] == sel_local[:, None, :]
+    dz = dz + jnp.sum(jnp.where(hits, g_sel[:, None, :], 0.0), axis=-1) - jnp.sum(
+        g_sel, axis=-1)[:, None] * p
   if g_ent is not None:
     dz = dz - g_ent[:, None] * jnp.where(p == 0, 0.0, p * (z - (lse - ent)[:, None]))
   return dz
@@ -116,14 +121,36 @@ def _var_block(z, lse, mu):
   return jnp.sum(jnp.where(p == 0, 0.0, p * d * d), axis=-1)
 
 
-def _d_inv_t(g_lp, g_ent, lp, ent, inv_t, var):
+def _d_inv_t(g_lp, g_ent, lp, ent, inv_t, var, g_sel=None, sel=None):
   """The cotangent of ``inv_t`` (``z = cap(x) * inv_t``): ``d log_prob / d inv_t = (log_prob +
-  entropy) / inv_t`` (that is ``(z_y - E_p[z]) / inv_t``) and ``d entropy / d inv_t =
-  -Var_p(z) / inv_t``. Rows with a zero cotangent give 0 (their log-prob may be NaN)."""
+  entropy) / inv_t`` (that is ``(z_y - E_p[z]) / inv_t``), the same for each selected log-prob,
+  and ``d entropy / d inv_t = -Var_p(z) / inv_t``. Rows with a zero cotangent give 0 (their
+  log-prob may be NaN)."""
   d = jnp.where(g_lp == 0, 0.0, g_lp * (lp + ent))
   if g_ent is not None:
     d = d - jnp.where(g_ent == 0, 0.0, g_ent * var)
+  if g_sel is not None:
+    d = d + jnp.sum(jnp.where(g_sel == 0, 0.0, g_sel * (sel + ent[:, None])), axis=-1)
   return d / inv_t
+
+
+def _selected(z_sel, owned, ids, lse, keep, opts: XentOptions, local_c: int):
+  """``log_softmax(z)`` at the selected ids ``[R, K]`` from their ``z`` (0 where this shard does
+  not own the id; summed over the shards); NaN for ids outside ``[0, C)`` (the labels' policy),
+  0 on dropped rows."""
+  z_sel = rowmath.psum(jnp.where(owned, z_sel, 0.0), opts)
+  n = rowmath.num_classes(local_c, opts)
+  sel = (z_sel - lse[:, None]) * jnp.where((ids >= 0) & (ids < n), 1.0, jnp.nan)
+  return jnp.where(keep[:, None], sel, 0.0)
+
+
+def _sel_cotangent(g_sel, ids, keep, like, opts: XentOptions, local_c: int):
+  """The selected log-probs' cotangent: 0 on dropped rows, NaN (where not 0) at ids outside
+  ``[0, C)``, whole over the vocab shards."""
+  g_sel = jnp.where(keep[:, None], g_sel, 0.0)
+  n = rowmath.num_classes(local_c, opts)
+  g_sel = jnp.where(((ids < 0) | (ids >= n)) & (g_sel != 0), jnp.nan, g_sel)
+  return rowmath.total_cotangent(g_sel, like, opts)
 
 
 def _outputs(lp, ent, keep, with_entropy):
@@ -188,39 +215,86 @@ def _logits_forward(logits, labels, inv_t, opts, kernel):
   return _finish(tuple(v.astype(rowmath.compute_dtype(logits.dtype)) for v in stats), labels, opts, c)
 
 
+def _logits_selected(logits, sel_ids, inv_t, lse, keep, opts: XentOptions):
+  """The selected ids' log-probs ``[R, K]``: ``K`` logits gathered per row (no pass over the
+  row), each shard the ids it owns."""
+  c = logits.shape[1]
+  local = sel_ids - rowmath.class_offset(c, opts)
+  owned = (local >= 0) & (local < c)
+  x_sel = jnp.take_along_axis(logits, jnp.clip(local, 0, c - 1), axis=1)
+  z_sel = rowmath.prep_logits(x_sel, opts) * inv_t[:, None].astype(lse.dtype)
+  return _selected(z_sel, owned, sel_ids, lse, keep, opts, c)
+
+
+def _set_columns(dlogits, logits, local_label, sel_local, inv_t, lse, ent, g_lp, g_p, g_ent,
+                 g_sel, opts: XentOptions):
+  """Writes the exact gradient at each row's label and selected columns.
+
+  The kernel's walk ran with ``g_p = g_lp + sum(g_sel)`` as the label's cotangent, which is
+  right at every other column (``-g_p * p``); these K + 1 columns get their whole value, formed
+  here in float32 from their gathered logits (``set``, not ``add``: no second rounding in the
+  logits' dtype), by the shard that owns them."""
+  c = logits.shape[1]
+  cols = jnp.concatenate([local_label[:, None], sel_local], axis=1)        # [R, K + 1]
+  owned = (cols >= 0) & (cols < c)
+  onehot = (jnp.where(cols == local_label[:, None], g_lp[:, None], 0.0)
+            + jnp.sum(jnp.where(cols[:, :, None] == sel_local[:, None, :], g_sel[:, None, :], 0.0),
+                      axis=-1))
+  capped = rowmath.prep_logits(jnp.take_along_axis(logits, jnp.clip(cols, 0, c - 1), axis=1), opts)
+  it = inv_t[:, None].astype(lse.dtype)
+  z = capped * it
+  p = jnp.exp(z - lse[:, None])
+  dz = onehot - g_p[:, None] * p
+  if g_ent is not None:
+    dz = dz - g_ent[:, None] * jnp.where(p == 0, 0.0, p * (z - (lse - ent)[:, None]))
+  dx = (dz * it * rowmath.softcap_factor(capped, opts)).astype(dlogits.dtype)
+  rows = jnp.broadcast_to(jnp.arange(cols.shape[0])[:, None], cols.shape)
+  return dlogits.at[rows, jnp.where(owned, cols, c)].set(dx, mode="drop")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnames=("opts", "kernel", "with_entropy", "t_grad"))
-def token_stats_2d(logits, labels, inv_t, keep, opts: XentOptions, kernel: Any,
+def token_stats_2d(logits, labels, inv_t, keep, sel_ids, opts: XentOptions, kernel: Any,
                    with_entropy: bool, t_grad: bool = False):
-  """``(log_prob [R], entropy [R])`` of ``logits [R, C]`` (entropy None unless asked for);
-  ``t_grad``: ``inv_t`` came from an array temperature, whose cotangent is then formed."""
-  lp, ent, _ = _logits_forward(logits, labels, inv_t, opts, kernel)
-  return _outputs(lp, ent, keep, with_entropy)
+  """``(log_prob [R], entropy [R] | None, selected [R, K] | None)`` of ``logits [R, C]``
+  (``sel_ids [R, K]``, ``K = 0`` for none); ``t_grad``: ``inv_t`` came from an array
+  temperature, whose cotangent is then formed."""
+  return _token_stats_2d_fwd(logits, labels, inv_t, keep, sel_ids, opts, kernel, with_entropy,
+                             t_grad)[0]
 
 
-def _token_stats_2d_fwd(logits, labels, inv_t, keep, opts, kernel, with_entropy, t_grad):
+def _token_stats_2d_fwd(logits, labels, inv_t, keep, sel_ids, opts, kernel, with_entropy, t_grad):
   lp, ent, lse = _logits_forward(logits, labels, inv_t, opts, kernel)
-  out = _outputs(lp, ent, keep, with_entropy)
-  return out, (logits, labels, inv_t, keep, lse, ent, lp)
+  sel = _logits_selected(logits, sel_ids, inv_t, lse, keep, opts) if sel_ids.shape[1] else None
+  out = _outputs(lp, ent, keep, with_entropy) + (sel,)
+  return out, (logits, labels, inv_t, keep, sel_ids, lse, ent, lp, sel)
 
 
 def _token_stats_2d_bwd(opts, kernel, with_entropy, t_grad, res, g):
-  logits, labels, inv_t, keep, lse, ent, lp = res
+  logits, labels, inv_t, keep, sel_ids, lse, ent, lp, sel = res
   c = logits.shape[1]
   g_lp, g_ent = _cotangents(g, with_entropy, labels, lse, opts, c, keep, logits)
   local = labels - rowmath.class_offset(c, opts)
+  g_sel = None
+  g_p = g_lp
+  if sel is not None:
+    g_sel = _sel_cotangent(g[2], sel_ids, keep, logits, opts, c)
+    g_p = g_lp + jnp.sum(g_sel, axis=-1)
   if logits.shape[0] == 0:
     dlogits = jnp.zeros(logits.shape, logits.dtype)
   else:
-    dlogits = kernel.logprob_grad(logits, local, inv_t, lse, ent, g_lp, g_ent, opts=opts)
+    dlogits = kernel.logprob_grad(logits, local, inv_t, lse, ent, g_p, g_ent, opts=opts)
+    if g_sel is not None:
+      dlogits = _set_columns(dlogits, logits, local, sel_ids - rowmath.class_offset(c, opts),
+                             inv_t, lse, ent, g_lp, g_p, g_ent, g_sel, opts)
   d_inv_t = None
   if t_grad:
     var = None
     if g_ent is not None:
       var = rowmath.psum(_logits_var(logits, inv_t.astype(lse.dtype), lse, lse - ent, opts,
                                      getattr(kernel, "block", 4096)), opts)
-    d_inv_t = rowmath.match_vma(_d_inv_t(g_lp, g_ent, lp, ent, inv_t, var).astype(inv_t.dtype),
-                                inv_t)
-  return rowmath.match_vma(dlogits, logits), None, d_inv_t, None
+    d_inv_t = rowmath.match_vma(
+        _d_inv_t(g_lp, g_ent, lp, ent, inv_t, var, g_sel, sel).astype(inv_t.dtype), inv_t)
+  return rowmath.match_vma(dlogits, logits), None, d_inv_t, None, None
 
 
 token_stats_2d.defvjp(_token_stats_2d_fwd, _token_stats_2d_bwd)
@@ -286,6 +360,7 @@ def token_log_probs(
     ignore_index: Optional[int] = None,
     logit_softcap: Optional[float] = None,
     return_entropy: bool = False,
+    selected_ids: Optional[ArrayLike] = None,
     axis_name: Optional[str] = None,
     implementation: Any = None,
 ):
@@ -312,6 +387,13 @@ def token_log_probs(
       masked by ``where``).
     logit_softcap: ``c > 0`` or None.
     return_entropy: also return the entropy.
+    selected_ids: optional ``[..., K]`` integer token ids per token (K small: a verifier's
+      yes/no ids, a reward head's tokens, the allowed tokens of constrained decoding): also
+      return their log-probs ``log_softmax(z)[selected_ids]``, from ``K`` gathered logits per
+      row and the row statistics (no second pass over the row, no ``[N, V]`` log-softmax),
+      differentiable. With ``axis_name`` the ids are global; each shard gathers those it owns.
+      Ids outside ``[0, num_classes)`` give NaN, as labels do (find them with
+      :func:`jxent.check_integer_labels` under ``checkify``).
     axis_name: mesh axis name when the class axis is sharded (vocab parallel).
     implementation: None (the loss's default where it computes this, else ``"xla"``),
       ``"xla"`` (whole rows, fused by XLA), ``"chunked_xla"`` / :class:`jxent.ChunkedXlaKernel`
@@ -319,7 +401,9 @@ def token_log_probs(
       (one pass per row on GPU), or ``"pallas_mosaic_tpu"`` (row x class tiles on TPU).
 
   Returns:
-    ``log_probs [...]``, or ``(log_probs [...], entropy [...])`` with ``return_entropy``.
+    ``log_probs [...]``; ``(log_probs [...], entropy [...])`` with ``return_entropy``; and, with
+    ``selected_ids``, ``selected_log_probs [..., K]`` (float32) appended:
+    ``(log_probs, selected_log_probs)`` or ``(log_probs, entropy, selected_log_probs)``.
 
   Example:
     >>> import jax.numpy as jnp, jxent
@@ -327,6 +411,10 @@ def token_log_probs(
     ...                                 temperature=2.0, return_entropy=True)
     >>> [round(float(v), 4) for v in (lp[0], ent[0])]
     [-0.6803, 1.0202]
+    >>> lp, yes_no = jxent.token_log_probs(jnp.array([[1., 2., 3.]]), jnp.array([2]),
+    ...                                    selected_ids=jnp.array([[0, 1]]))
+    >>> [round(float(v), 4) for v in yes_no[0]]
+    [-2.4076, -1.4076]
   """
   logits = core.check_logits(logits)
   opts = make_options(logit_softcap=logit_softcap, ignore_index=ignore_index, axis_name=axis_name)
@@ -340,10 +428,36 @@ def token_log_probs(
   if logits2d.shape[1] == 0:
     raise ValueError(f"`logits` {logits.shape} has no classes on axis {axis}.")
   kernel = _kernel_for(implementation, logits2d.shape, logits2d.dtype)
-  lp, ent = core.call_vjp(token_stats_2d, logits2d, labels2d, inv_t, keep, opts, kernel,
-                          bool(return_entropy), t_grad)
-  lp = lp.reshape(batch_shape)
-  return (lp, ent.reshape(batch_shape)) if return_entropy else lp
+  sel_ids = check_selected_ids(selected_ids, batch_shape)
+  lp, ent, sel = core.call_vjp(token_stats_2d, logits2d, labels2d, inv_t, keep,
+                               sel_ids.reshape(labels2d.shape[0], sel_ids.shape[-1]), opts, kernel,
+                               bool(return_entropy), t_grad)
+  return _returned(lp, ent, sel, batch_shape, return_entropy, selected_ids is not None)
+
+
+def check_selected_ids(selected_ids, batch_shape) -> jax.Array:
+  """``selected_ids`` as an integer ``[..., K]`` array of the batch shape (``[..., 0]`` for
+  None); raises at trace time, naming the shapes and dtype."""
+  if selected_ids is None:
+    return jnp.zeros(tuple(batch_shape) + (0,), jnp.int32)
+  ids = jnp.asarray(selected_ids)
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise TypeError(f"`selected_ids` must be integer token ids, got dtype {ids.dtype}.")
+  if ids.ndim != len(batch_shape) + 1 or tuple(ids.shape[:-1]) != tuple(batch_shape):
+    raise ValueError(f"`selected_ids` {ids.shape} must be the batch shape {tuple(batch_shape)} "
+                     f"plus one axis of K ids, i.e. {tuple(batch_shape) + ('K',)}.")
+  if ids.shape[-1] == 0:
+    raise ValueError("`selected_ids` has K = 0 ids per token; pass None for none.")
+  return ids.astype(jnp.int32)
+
+
+def _returned(lp, ent, sel, batch_shape, with_entropy, with_selected):
+  out = [lp.reshape(batch_shape)]
+  if with_entropy:
+    out.append(ent.reshape(batch_shape))
+  if with_selected:
+    out.append(sel.reshape(tuple(batch_shape) + sel.shape[-1:]))
+  return out[0] if len(out) == 1 else tuple(out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,46 +472,67 @@ def _dot(a, b):
   return jnp.dot(a, b, preferred_element_type=rowmath.compute_dtype(jnp.promote_types(a.dtype, b.dtype)))
 
 
-def _linear_forward(x, w, labels, inv_t, opts, block_v):
+def _linear_forward(x, w, labels, inv_t, sel_ids, opts, block_v):
+  """``(log_prob, entropy, lse, z at the selected ids [N, K], owned [N, K])``: one walk over
+  the vocabulary blocks; each block's selected logits are gathered from the block's own
+  ``x @ w`` (no extra pass over ``w``)."""
   v = w.shape[1]
   local = labels - rowmath.class_offset(v, opts)
+  sel_local = sel_ids - rowmath.class_offset(v, opts)
+  k = sel_ids.shape[1]
 
-  def step(start, size, state):
+  def step(start, size, carry):
+    state, z_sel = carry
     capped = rowmath.prep_logits(_dot(x, lax.dynamic_slice_in_dim(w, start, size, axis=1)), opts)
-    return _fold(state, capped, inv_t, local - start)
+    state = _fold(state, capped, inv_t, local - start)
+    if k:
+      at = sel_local - start
+      hit = (at >= 0) & (at < size)
+      picked = jnp.take_along_axis(capped, jnp.clip(at, 0, size - 1), axis=1)
+      z_sel = z_sel + jnp.where(hit, picked * inv_t[:, None].astype(capped.dtype), 0.0)
+    return state, z_sel
 
-  state = fold_blocks(step, v, min(block_v, v), _init(x.shape[0], _dot(x[:0], w[:, :0]).dtype),
-                      peel=bool(rowmath.varying(x) or rowmath.varying(w)))
-  return _finish(state, labels, opts, v)
+  dtype = _dot(x[:0], w[:, :0]).dtype
+  init = (_init(x.shape[0], dtype), jnp.zeros(sel_ids.shape, dtype))
+  state, z_sel = fold_blocks(step, v, min(block_v, v), init,
+                             peel=bool(rowmath.varying(x) or rowmath.varying(w)))
+  lp, ent, lse = _finish(state, labels, opts, v)
+  return lp, ent, lse, z_sel, (sel_local >= 0) & (sel_local < v)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("opts", "block_v", "with_entropy", "t_grad"))
-def linear_token_stats(x, w, labels, inv_t, keep, opts: XentOptions, block_v: int,
+def linear_token_stats(x, w, labels, inv_t, keep, sel_ids, opts: XentOptions, block_v: int,
                        with_entropy: bool, t_grad: bool = False):
-  """``(log_prob [N], entropy [N] | None)`` of ``x [N, D] @ w [D, V]`` (``t_grad``: form the
-  cotangent of ``inv_t``, from an array temperature)."""
-  lp, ent, _ = _linear_forward(x, w, labels, inv_t, opts, block_v)
-  return _outputs(lp, ent, keep, with_entropy)
+  """``(log_prob [N], entropy [N] | None, selected [N, K] | None)`` of ``x [N, D] @ w [D, V]``
+  (``sel_ids [N, K]``, ``K = 0`` for none; ``t_grad``: form the cotangent of ``inv_t``, from an
+  array temperature)."""
+  return _linear_token_stats_fwd(x, w, labels, inv_t, keep, sel_ids, opts, block_v, with_entropy,
+                                 t_grad)[0]
 
 
-def _linear_token_stats_fwd(x, w, labels, inv_t, keep, opts, block_v, with_entropy, t_grad):
-  lp, ent, lse = _linear_forward(x, w, labels, inv_t, opts, block_v)
-  out = _outputs(lp, ent, keep, with_entropy)
-  return out, (x, w, labels, inv_t, keep, lse, ent, lp)
+def _linear_token_stats_fwd(x, w, labels, inv_t, keep, sel_ids, opts, block_v, with_entropy,
+                            t_grad):
+  lp, ent, lse, z_sel, owned = _linear_forward(x, w, labels, inv_t, sel_ids, opts, block_v)
+  sel = (_selected(z_sel, owned, sel_ids, lse, keep, opts, w.shape[1]) if sel_ids.shape[1]
+         else None)
+  out = _outputs(lp, ent, keep, with_entropy) + (sel,)
+  return out, (x, w, labels, inv_t, keep, sel_ids, lse, ent, lp, sel)
 
 
 def _linear_token_stats_bwd(opts, block_v, with_entropy, t_grad, res, g):
-  x, w, labels, inv_t, keep, lse, ent, lp = res
+  x, w, labels, inv_t, keep, sel_ids, lse, ent, lp, sel = res
   v = w.shape[1]
   g_lp, g_ent = _cotangents(g, with_entropy, labels, lse, opts, v, keep, w)
   local = labels - rowmath.class_offset(v, opts)
+  sel_local = sel_ids - rowmath.class_offset(v, opts)
+  g_sel = None if sel is None else _sel_cotangent(g[2], sel_ids, keep, w, opts, v)
   want_var = t_grad and g_ent is not None  # (the entropy's temperature derivative)
 
   def step(start, size, carry):
     dx, dw, var = carry
     wb = lax.dynamic_slice_in_dim(w, start, size, axis=1)
     z, capped = _scaled(_dot(x, wb), inv_t, opts)
-    dz = _dz(z, local - start, lse, ent, g_lp, g_ent)
+    dz = _dz(z, local - start, lse, ent, g_lp, g_ent, sel_local - start, g_sel)
     if want_var:
       var = var + _var_block(z, lse, lse - ent)
     dz = (dz * inv_t[:, None] * rowmath.softcap_factor(capped, opts)).astype(x.dtype)
@@ -412,9 +547,10 @@ def _linear_token_stats_bwd(opts, block_v, with_entropy, t_grad, res, g):
   d_inv_t = None
   if t_grad:
     var = rowmath.psum(var, opts) if want_var else None
-    d_inv_t = rowmath.match_vma(_d_inv_t(g_lp, g_ent, lp, ent, inv_t, var).astype(inv_t.dtype),
-                                inv_t)
-  return (rowmath.match_vma(dx.astype(x.dtype), x), rowmath.match_vma(dw, w), None, d_inv_t, None)
+    d_inv_t = rowmath.match_vma(
+        _d_inv_t(g_lp, g_ent, lp, ent, inv_t, var, g_sel, sel).astype(inv_t.dtype), inv_t)
+  return (rowmath.match_vma(dx.astype(x.dtype), x), rowmath.match_vma(dw, w), None, d_inv_t, None,
+          None)
 
 
 linear_token_stats.defvjp(_linear_token_stats_fwd, _linear_token_stats_bwd)
@@ -429,6 +565,7 @@ def linear_token_log_probs(
     ignore_index: Optional[int] = None,
     logit_softcap: Optional[float] = None,
     return_entropy: bool = False,
+    selected_ids: Optional[ArrayLike] = None,
     axis_name: Optional[str] = None,
     implementation: Any = None,
 ):
@@ -447,12 +584,15 @@ def linear_token_log_probs(
     ignore_index: tokens with this label give 0 for both outputs and 0 gradient.
     logit_softcap: ``c > 0`` or None.
     return_entropy: also return the entropy.
+    selected_ids: optional ``[..., K]`` token ids per token: also return their log-probs,
+      gathered from each vocabulary block as the walk passes it (no extra pass over ``w``).
     axis_name: mesh axis over which the class dimension of ``w`` is sharded.
     implementation: None or ``"linear_chunked"`` (``block_v=1024``), or a
       ``jxent.LinearChunked(block_v=...)`` (``block_n`` is not supported here).
 
   Returns:
-    float32 ``log_probs [...]``, or ``(log_probs, entropy)``.
+    float32 ``log_probs [...]``, or ``(log_probs, entropy)``; with ``selected_ids``, the
+    ``selected_log_probs [..., K]`` appended (as :func:`token_log_probs`).
 
   Example:
     >>> import jax.numpy as jnp, jxent
@@ -479,7 +619,8 @@ def linear_token_log_probs(
   inv_t = inv_t.reshape(-1)
   y2 = labels.reshape(-1)
   keep = jnp.ones(y2.shape, bool) if ignore_index is None else y2 != opts.ignore_index
-  lp, ent = core.call_vjp(linear_token_stats, x.reshape(-1, x.shape[-1]), w, y2, inv_t, keep,
-                          opts, algo.block_v, bool(return_entropy), t_grad)
-  lp = lp.reshape(batch_shape)
-  return (lp, ent.reshape(batch_shape)) if return_entropy else lp
+  sel_ids = check_selected_ids(selected_ids, batch_shape)
+  lp, ent, sel = core.call_vjp(linear_token_stats, x.reshape(-1, x.shape[-1]), w, y2, inv_t, keep,
+                               sel_ids.reshape(y2.shape[0], sel_ids.shape[-1]), opts, algo.block_v,
+                               bool(return_entropy), t_grad)
+  return _returned(lp, ent, sel, batch_shape, return_entropy, selected_ids is not None)
