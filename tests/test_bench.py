@@ -299,3 +299,13 @@ def test_the_plot_draws_no_floor_where_it_is_not_a_bound(tmp_path, monkeypatch):
   assert not lines and (tmp_path / "cpu.png").stat().st_size > 1000
   cli.write_plot(rows, str(tmp_path / "gpu.png"), floor_shown=True)
   assert len(lines) == 1
+
+
+def test_selected_ids_rows(tmp_path):
+  out = tmp_path / "sel.json"
+  rc = cli.main(["--shape", "32,500", "--labels", "logprobs,selected", "--modes", "value_and_grad",
+                 "--reps", "10", "--no-progress", "--json", str(out)])
+  assert rc == 0
+  rows = json.loads(out.read_text())
+  assert {(r["labels"], r["implementation"]) for r in rows} == {
+      (lab, i) for lab in ("logprobs", "selected") for i in ("xla", "chunked_xla", "naive")}

@@ -14,8 +14,9 @@ import jax.numpy as jnp
 @dataclasses.dataclass(frozen=True)
 class Case:
   """One benchmark shape. ``kind="logits"``: ``[n, v]`` logits; ``kind="linear"``: ``x [n, d]``
-  times ``w [d, v]``. ``labels`` is "int", "dense" or "logprobs" (logits cases only; "logprobs"
-  is the RL objective ``mean(log_probs) + 0.01 * mean(entropy)`` at temperature 0.7)."""
+  times ``w [d, v]``. ``labels`` is "int", "dense", "logprobs" or "selected" (logits cases
+  only; "logprobs" is the RL objective ``mean(log_probs) + 0.01 * mean(entropy)`` at
+  temperature 0.7, "selected" adds the mean log-prob of 16 chosen ids per token)."""
 
   kind: str
   n: int
@@ -52,7 +53,8 @@ MODE_LEGEND = {
     "forward": "the mean loss alone",
     "value_and_grad": "jax.value_and_grad of the mean loss (w.r.t. the logits; x and w for linear)",
 }
-LABEL_KINDS = ("int", "dense", "logprobs")
+LABEL_KINDS = ("int", "dense", "logprobs", "selected")
+SELECTED = 16  # "selected": the log-probs objective plus the log-probs of 16 chosen ids per token
 JXENT_LOGPROBS = ("xla", "chunked_xla", "pallas_triton")
 REDUCTION = "mean"  # every row times the mean over the rows
 TEMPERATURE = 0.7
@@ -152,7 +154,7 @@ def applies(name: str, case: Case) -> bool:
   if case.kind == "linear":
     # ("optax" would be the same code as "unfused": x @ w, then optax's loss; one row is kept)
     return name in JXENT_LINEAR + ("unfused",)
-  if case.labels == "logprobs":
+  if case.labels in ("logprobs", "selected"):
     return name in JXENT_LOGPROBS + ("naive",)
   return name in JXENT_LOGITS + ("optax", "naive", "keras")
 
@@ -169,6 +171,8 @@ def make_inputs(case: Case, key):
   logits = (jax.random.normal(k1, (case.n, case.v), jnp.float32) * 3).astype(dt)
   if case.labels == "dense":
     return (logits, jax.nn.one_hot(ids, case.v, dtype=dt))
+  if case.labels == "selected":
+    return (logits, ids, jax.random.randint(k3, (case.n, SELECTED), 0, case.v))
   return (logits, ids)
 
 
@@ -178,8 +182,8 @@ def loss_fn(name: str, case: Case) -> Callable:
   import jxent
   dense = case.labels == "dense"
   name, params = parse_implementation(name)
-  if case.labels == "logprobs":
-    return _logprobs_fn(name, params)
+  if case.labels in ("logprobs", "selected"):
+    return _logprobs_fn(name, params, case.labels == "selected")
   if case.kind == "linear":
     if name in JXENT_LINEAR:
       algo = _kernel(name, params)
@@ -218,29 +222,36 @@ def loss_fn(name: str, case: Case) -> Callable:
   raise ValueError(f"implementation {name!r} does not apply to {case}")
 
 
-def _logprobs_fn(name: str, params: dict) -> Callable:
-  """The RL objective: fused (jxent) or the naive log_softmax + gather + entropy formula."""
+def _logprobs_fn(name: str, params: dict, selected: bool = False) -> Callable:
+  """The RL objective: fused (jxent) or the naive log_softmax + gather + entropy formula; with
+  ``selected``, plus the mean log-prob of :data:`SELECTED` chosen ids per token."""
   import jxent
 
-  def objective(lp, ent):
-    return jnp.mean(lp) + 0.01 * jnp.mean(ent)
+  def objective(lp, ent, sel=None):
+    return jnp.mean(lp) + 0.01 * jnp.mean(ent) + (0.0 if sel is None else jnp.mean(sel))
 
   if name in JXENT_LOGPROBS:
     impl = _kernel(name, params)
+    if selected:
+      return lambda x, y, ids: objective(*jxent.token_log_probs(
+          x, y, temperature=TEMPERATURE, return_entropy=True, selected_ids=ids,
+          implementation=impl))
     return lambda x, y: objective(*jxent.token_log_probs(
         x, y, temperature=TEMPERATURE, return_entropy=True, implementation=impl))
   if name == "naive":
-    def naive(x, y):
+    def naive(x, y, ids=None):
       logp = jax.nn.log_softmax(x.astype(jnp.float32) / TEMPERATURE)
       lp = jnp.take_along_axis(logp, y[:, None], -1)[:, 0]
-      return objective(lp, -jnp.sum(jnp.exp(logp) * logp, -1))
+      sel = None if ids is None else jnp.take_along_axis(logp, ids, -1)
+      return objective(lp, -jnp.sum(jnp.exp(logp) * logp, -1), sel)
     return naive
   raise ValueError(f"implementation {name!r} does not compute log-probs")
 
 
 def floor_bytes(case: Case, mode: str) -> Optional[int]:
-  """Bytes that must cross memory (docs/architecture.md, "Floors and targets"): forward reads the logits (and dense labels);
-  forward+backward reads the logits twice and writes the gradient (dense: labels read twice)."""
+  """Bytes that must cross memory (docs/architecture.md, "Floors and targets"): forward reads
+  the logits (and dense labels); forward+backward reads the logits twice and writes the gradient
+  (dense: labels read twice)."""
   if case.kind == "linear":
     return None
   lb = case.n * case.v * jnp.dtype(case.dtype).itemsize

@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="comma list of logits dtypes (float32, bfloat16, float16); default float32, "
                       "or a preset's own")
   p.add_argument("--labels", default=None,
-                 help="label kinds of custom logits cases (with --shape): int,dense,logprobs "
-                      "(logprobs: RL per-token log-probs and entropy, token_log_probs); default int")
+                 help="label kinds of custom logits cases (with --shape): int,dense,logprobs,"
+                      "selected (logprobs: RL per-token log-probs and entropy, token_log_probs; "
+                      "selected: the same plus 16 selected ids per token); default int")
   p.add_argument("--tune", action="store_true",
                  help="run jxent.autotune over the cases (the user cache gets the winners) and "
                       "write them as a config file in the shipped format (--tune-out)")
@@ -409,7 +410,7 @@ def default_names(cases) -> dict:
   """``{case: row name}`` of what ``implementation=None`` picks for each case, where the pick is
   a row jxent-bench can time (a kernel with its parameters, ``NAME[key=value,...]``)."""
   out = {}
-  for case in (c for c in cases if c.labels != "logprobs"):
+  for case in (c for c in cases if c.labels not in ("logprobs", "selected")):
     try:
       desc = autotune.describe(_chosen(case)[0])
     except Exception:  # noqa: BLE001  (a mark, never a failure)
@@ -422,7 +423,7 @@ def default_names(cases) -> dict:
 def chosen_notes(cases) -> list[str]:
   """What ``implementation=None`` picks for each case on this device, and from where."""
   notes = []
-  for case in (c for c in cases if c.labels != "logprobs"):
+  for case in (c for c in cases if c.labels not in ("logprobs", "selected")):
     try:
       kernel, source = _chosen(case)
     except Exception as e:  # noqa: BLE001  (a note, never a failure)
@@ -440,7 +441,7 @@ def tune(cases, args) -> int:
   out = args.tune_out or f"jxent-tuning-{kind}.json"
   entries, lines = {}, []
   for case in cases:
-    if case.labels == "logprobs":
+    if case.labels in ("logprobs", "selected"):
       continue
     op, shape = ("linear", (case.n, case.d, case.v)) if case.kind == "linear" else (
         "xent", (case.n, case.v))
