@@ -99,8 +99,13 @@ def _in_shard_map(*arrays) -> bool:
   return any(rowmath.varying(a) for a in arrays)
 
 
+def _acc(*arrays):
+  """The accumulation dtype: the wider of float32 and the inputs' (float64 stays float64)."""
+  return rowmath.compute_dtype(jnp.result_type(*(a.dtype for a in arrays)))
+
+
 def _dot(a, b):
-  return jnp.dot(a, b, preferred_element_type=_F32)
+  return jnp.dot(a, b, preferred_element_type=_acc(a, b))
 
 
 def _target_and_coef(z, labels, start, lse, opts, v_total):
@@ -142,8 +147,9 @@ def _chunked_forward(x, w, labels, opts, block_v):
     sx = sx0 + (jnp.sum(zb, axis=-1) if opts.label_smoothing else 0.0)
     return m, z, lab, sx
 
-  init = (jnp.full((n,), -jnp.inf, _F32), jnp.zeros((n,), _F32), jnp.zeros((n,), _F32),
-          jnp.zeros((n,), _F32))
+  acc = _acc(x, w)
+  init = (jnp.full((n,), -jnp.inf, acc), jnp.zeros((n,), acc), jnp.zeros((n,), acc),
+          jnp.zeros((n,), acc))
   m, z, lab, sx = fold_blocks(stats, v, block_v, init, peel=_in_shard_map(x, w, labels))
   return rowmath.loss_from_stats(m, z, None, lab, sx, glabels, sparse=True, opts=opts, local_c=v)
 
@@ -161,7 +167,8 @@ def _pad_rows(n: int, block_n: int, *arrays):
 def _chunked_backward(x, w, labels, lse, g, opts, block_v, block_n=None):
   v = w.shape[1]
   v_total = rowmath.num_classes(v, opts)
-  g = rowmath.zero_ignored(labels, g, opts).astype(_F32)
+  acc = _acc(x, w)
+  g = rowmath.zero_ignored(labels, g, opts).astype(acc)
   labels = labels - rowmath.class_offset(v, opts)
 
   def one_pass(xs, ys, ls, gs, dw, accumulate):
@@ -172,11 +179,11 @@ def _chunked_backward(x, w, labels, lse, g, opts, block_v, block_n=None):
       dx = dx + _dot(dz, wb.T)
       dwb = _dot(xs.T, dz)
       if accumulate:  # later token passes add to the columns written by the earlier ones
-        dwb = dwb + lax.dynamic_slice_in_dim(dw, start, size, axis=1).astype(_F32)
+        dwb = dwb + lax.dynamic_slice_in_dim(dw, start, size, axis=1).astype(acc)
       dw = lax.dynamic_update_slice_in_dim(dw, dwb.astype(dw.dtype), start, axis=1)
       return dx, dw
 
-    dx, dw = fold_blocks(step, v, block_v, (jnp.zeros(xs.shape, _F32), dw),
+    dx, dw = fold_blocks(step, v, block_v, (jnp.zeros(xs.shape, acc), dw),
                          peel=_in_shard_map(xs, ys, ls, gs, w))
     return dx.astype(x.dtype), dw
 
@@ -212,7 +219,8 @@ def _chunked_forward_passes(x, w, labels, opts, block_v, block_n):
 @functools.partial(jax.custom_vjp, nondiff_argnames=("opts", "block_v", "block_n"))
 def linear_xent_chunked(x, w, labels, opts: XentOptions, block_v: int,
                         block_n: Optional[int] = None):
-  """Per-row loss ``[N]`` (float32) of ``x [N, D] @ w [D, V]``; lean memory."""
+  """Per-row loss ``[N]`` (float32; float64 for float64 inputs) of ``x [N, D] @ w [D, V]``;
+  lean memory."""
   return _chunked_forward_passes(x, w, labels, opts, block_v, block_n)[0]
 
 
@@ -236,8 +244,9 @@ linear_xent_chunked.defvjp(_linear_xent_chunked_fwd, _linear_xent_chunked_bwd)
 # ------------------------------------------------------------------------------------------------
 def _fused_all(x, w, labels, weights, opts, block_n, dw_dtype=_F32):
   n, v = x.shape[0], w.shape[1]
+  acc = _acc(x, w)
   if n == 0:
-    return jnp.zeros((), _F32), jnp.zeros(x.shape, x.dtype), jnp.zeros(w.shape, w.dtype)
+    return jnp.zeros((), acc), jnp.zeros(x.shape, x.dtype), jnp.zeros(w.shape, w.dtype)
   # padded rows get weight 0 (and label 0): they add nothing
   xp, yp, wp = _pad_rows(n, block_n, x, labels, weights)
 
@@ -253,7 +262,7 @@ def _fused_all(x, w, labels, weights, opts, block_n, dw_dtype=_F32):
     dw = (dw + _dot(xs.T, dz)).astype(dw_dtype)
     return total, dxp, dw
 
-  init = (jnp.zeros((), _F32), jnp.zeros(xp.shape, x.dtype), jnp.zeros(w.shape, dw_dtype))
+  init = (jnp.zeros((), acc), jnp.zeros(xp.shape, x.dtype), jnp.zeros(w.shape, dw_dtype))
   total, dxp, dw = lax.fori_loop(0, xp.shape[0], body, init)
   return total, dxp.reshape(-1, x.shape[1])[:n], dw.astype(w.dtype)
 
@@ -409,11 +418,13 @@ def linear_softmax_cross_entropy(
     if axis_name is not None:
       raise ValueError("implementation 'linear_fused_grad' (fused_grad_xla) does not support "
                        "axis_name; use 'linear_chunked'.")
-    wts = jnp.ones(y2.shape, _F32) if kept is None else kept.astype(_F32)
+    acc = _acc(x, w)
+    wts = jnp.ones(y2.shape, acc) if kept is None else kept.astype(acc)
     if reduction == "mean":
       count = jnp.sum(wts)
       wts = jnp.where(count > 0, wts / jnp.maximum(count, 1.0), 0.0)
-    dw_dtype = jnp.dtype(_F32 if algo.dw_accumulation == "float32" else w.dtype)
+    # ("float32": the wider of float32 and the weights' dtype, so float64 stays float64)
+    dw_dtype = jnp.dtype(acc if algo.dw_accumulation == "float32" else w.dtype)
     total = linear_xent_fused(x2, w, y2, lax.stop_gradient(wts), opts, algo.block_n, dw_dtype)
     return total.astype(x.dtype)
   loss = linear_xent_chunked(x2, w, y2, opts, algo.block_v, algo.block_n)
