@@ -592,7 +592,9 @@ def run_group(case: C.Case, mode: str, names, inputs, reps: int, bw: float, base
 
 def main(argv: Optional[list[str]] = None) -> int:
   try:
-    return _main(argv)
+    rc = _main(argv)
+    sys.stdout.flush()  # (inside the try: a reader gone by now is met here, not at exit)
+    return rc
   except BrokenPipeError:
     # `jxent-bench | head`: the reader has gone. Python's documented recipe: point stdout at
     # devnull so that the interpreter's final flush does not raise again; no traceback.
