@@ -309,3 +309,26 @@ def test_selected_ids_rows(tmp_path):
   rows = json.loads(out.read_text())
   assert {(r["labels"], r["implementation"]) for r in rows} == {
       (lab, i) for lab in ("logprobs", "selected") for i in ("xla", "chunked_xla", "naive")}
+
+
+def test_noisy_rows_get_more_rounds(monkeypatch):
+  """While a row's spread is above 10%, rounds go on (up to max_reps); a steady row stops at
+  reps. The clock is scripted, so the test does not depend on this machine's noise."""
+  clock = [0.0]
+  monkeypatch.setattr(cli.time, "perf_counter", lambda: clock[0])
+
+  def fn(durations):
+    it = iter(durations * 1000)
+
+    def call(x):
+      clock[0] += next(it)
+      return x
+    return call
+
+  x = [(jax.numpy.ones(()),)]
+  steady = cli.time_round_robin({"a": fn([0.010]), "b": fn([0.020])}, x, reps=10, inner=1,
+                                max_reps=30)
+  assert [len(v) for v in steady.values()] == [10, 10]
+  noisy = cli.time_round_robin({"a": fn([0.010]), "b": fn([0.010, 0.030])}, x, reps=10,
+                               inner=1, max_reps=30)
+  assert [len(v) for v in noisy.values()] == [30, 30]

@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "name of value_and_grad)")
   p.add_argument("--reps", type=int, default=20,
                  help="timed samples per row, taken round-robin across a case's implementations "
-                      "(median and spread; >= 10, default 20)")
+                      "(median and spread; >= 10, default 20; up to 3x as many while a row of "
+                      "the case is noisy)")
   p.add_argument("--json", metavar="PATH", help="write rows as a JSON list")
   p.add_argument("--csv", metavar="PATH", help="write rows as CSV")
   p.add_argument("--plot", metavar="PATH.png", help="bar chart (needs matplotlib: the bench extra)")
@@ -173,10 +174,13 @@ SAMPLE_MS = 25.0  # a sample lasts at least this long (calls back to back), so t
                   # scheduler's noise is a small part of it
 
 
-def time_round_robin(fns: dict, arg_sets, reps: int, inner: int = 0) -> dict:
+def time_round_robin(fns: dict, arg_sets, reps: int, inner: int = 0,
+                     max_reps: Optional[int] = None) -> dict:
   """``{name: [ms, ...]}``: ``reps`` samples of each function, taken round-robin (sample ``i`` of
   every function, in an order rotated by ``i``, before sample ``i + 1`` of any), so that a slow
   spell of the machine falls on all of them alike and the samples pair up across functions.
+  While any function's spread is above :data:`NOISY`, more rounds follow, up to ``max_reps``
+  (default: ``reps``, no more).
 
   Each sample is the mean of back-to-back calls (rotating inputs) ended by a device sync:
   ``inner`` calls, or (``inner=0``) as many as fill :data:`SAMPLE_MS` after warm-up (at least
@@ -191,9 +195,12 @@ def time_round_robin(fns: dict, arg_sets, reps: int, inner: int = 0) -> dict:
     one = (time.perf_counter() - t0) * 1e3
     counts[name] = inner or int(min(1000, max(_inner(), -(-SAMPLE_MS // max(one, 1e-3)))))
   samples = {name: [] for name in names}
-  k = 0
-  for i in range(reps):
-    for name in names[i % len(names):] + names[:i % len(names)]:
+  k, i = 0, 0
+  max_reps = max(reps, max_reps or reps)
+  while i < reps or (i < max_reps and any(summarize(v)["noisy"] for v in samples.values())):
+    order = names[i % len(names):] + names[:i % len(names)]
+    i += 1
+    for name in order:
       t0 = time.perf_counter()
       for _ in range(counts[name]):
         out = fns[name](*arg_sets[k % len(arg_sets)])
@@ -204,6 +211,7 @@ def time_round_robin(fns: dict, arg_sets, reps: int, inner: int = 0) -> dict:
 
 
 NOISY = 0.10  # a row whose spread (IQR / median) exceeds this is flagged
+EXTRA_ROUNDS = 3  # while a row of the case is noisy, rounds go on up to this many times --reps
 
 
 def summarize(ms: list) -> dict:
@@ -339,7 +347,8 @@ def legend(floor_shown: bool) -> list[str]:
   lines += [f"  {m}: {what}" for m, what in C.MODE_LEGEND.items()]
   lines += [
       "  median ms: per call, lower is better; spread: (q3 - q1) / median of the samples, "
-      f"'!' above {NOISY:.0%} (a noisy row: rerun on a quieter machine)",
+      f"'!' above {NOISY:.0%} after up to {EXTRA_ROUNDS}x the rounds (a noisy row: rerun on a quieter "
+      "machine)",
       "  x optax: this row's time over optax's in the same case and mode (the median of the "
       "per-round ratios of the round-robin samples); < 1 is faster than optax. Linear cases: "
       "over unfused (x @ w, then optax's loss)",
@@ -575,7 +584,7 @@ def run_group(case: C.Case, mode: str, names, inputs, reps: int, bw: float, base
   fb = C.floor_bytes(case, mode)
   if fb is None and fns:
     fns[_FLOOR] = _compile(matmul_floor_fn(mode), inputs[0])[0]
-  samples = time_round_robin(fns, inputs, reps) if fns else {}
+  samples = time_round_robin(fns, inputs, reps, max_reps=EXTRA_ROUNDS * reps) if fns else {}
   floor_ms = fb / bw * 1e3 if fb is not None else (statistics.median(samples.pop(_FLOOR))
                                                    if _FLOOR in samples else None)
   base = samples.get("unfused" if case.kind == "linear" else "optax")
