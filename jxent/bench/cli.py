@@ -2,7 +2,7 @@
 
 Examples::
 
-  jxent-bench                                  # --quick, CPU-sized, under a minute
+  jxent-bench                                  # --quick, CPU-sized, about 2 minutes on 2 cores
   jxent-bench --llm --json benchmarks/h100.json --plot benchmarks/h100.png
   jxent-bench --shape 2048,32000 --dtype float32 --implementations xla,optax --modes forward_and_vjp
 """
