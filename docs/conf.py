@@ -25,7 +25,7 @@ napoleon_numpy_docstring = False
 napoleon_use_ivar = True  # "Attributes:" as fields (the dataclass fields are documented once)
 suppress_warnings = ["myst.header"]
 # `ArrayLike` stays `ArrayLike` in signatures (not the Union it stands for)
-autodoc_type_aliases = {"ArrayLike": "jax.typing.ArrayLike"}
+autodoc_type_aliases = {"ArrayLike": "ArrayLike"}
 html_theme = "alabaster"
 html_theme_options = {"page_width": "min(1400px, 96%)", "sidebar_width": "220px"}
 html_static_path = ["_static"]

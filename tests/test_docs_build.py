@@ -21,3 +21,9 @@ def test_sphinx_build_without_warnings(tmp_path):
                "PallasTritonKernel", "CategoricalCrossentropy", "sparse_softmax_cross_entropy"):
     assert name in api, name
   assert "RL fine-tuning" in (tmp_path / "html" / "rl.html").read_text()
+  # `ArrayLike` is shown as itself, not as the Union it stands for
+  assert "<em>ArrayLike</em>" in api and "ndarray" not in api
+  # the index starts with install and a quick start; the jxent-bench page has its reference run
+  index = (tmp_path / "html" / "index.html").read_text()
+  assert index.index("Install") < index.index("Quick start")
+  assert "implementation=None" in (tmp_path / "html" / "cli.html").read_text()
