@@ -159,3 +159,46 @@ def test_carried_peer_wheels_are_installed_offline(tmp_path):
   (tmp_path / "bad" / "broken-1.0-py3-none-any.whl").write_bytes(b"not a zip")
   site, err = gpu_run.peer_site(str(tmp_path / "bad"))
   assert site is None and err.startswith("pip install failed")
+
+
+def _dry(tmp_path, *args, inject="", timeout=900):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JXENT_CACHE_DIR=str(tmp_path / "cache"),
+             GPU_RUN_INJECT=inject)
+  res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_run.py"), "--dry-run",
+                        "--out", str(tmp_path), *args], env=env, capture_output=True, text=True,
+                       timeout=timeout)
+  assert res.returncode == 0, res.stderr[-3000:]
+  return [json.loads(l) for l in (tmp_path / "gpu_run.jsonl").read_text().splitlines()]
+
+
+def test_a_bad_variant_does_not_cost_the_run(tmp_path):
+  """A variant that fails to compile, hangs the compiler, or gives wrong values is recorded and
+  left out of the sweep, the autotuner and the config; the default path and xla alone gate the
+  timing, and the run ends by itself."""
+  lines = _dry(tmp_path, "--budget", "400",
+               inject="fail:split_rows,hang:reverse_grad,wrong:pallas_triton_persistent_groups")
+  status = {l["variant"]: l["status"] for l in lines if l["section"] == "compile" and "variant" in l}
+  assert status["split_rows"] == "error" and status["reverse_grad"] == "timeout"
+  assert status["row_groups"] == "compiled"
+  wrong = [l for l in lines if l["section"] == "check" and l.get("status") == "wrong"]
+  assert wrong and all({"programs", "row_groups"} <= set(l["excluded"]) for l in wrong)
+  assert lines[-1] == {"section": "end", "gate": "pass"}
+  swept = [l for l in lines if l["section"] == "tune" and "grad_rel" in l]
+  assert swept and not [l for l in swept if l.get("split_rows", 1) > 1 or l.get("reverse_grad")
+                        or (l.get("programs") and l.get("row_groups", 1) > 1)]
+  record = [l for l in lines if l["section"] == "record" and "median_ms" in l]
+  assert record  # (timed although a variant failed)
+  config = json.loads((tmp_path / "gpu_run_config.json").read_text())
+  for entry in config["entries"].values():
+    for c in entry["candidates"]:
+      p = c.get("params", {})
+      assert p.get("split_rows", 1) == 1 and not p.get("reverse_grad"), c
+
+
+def test_the_run_ends_inside_its_budget(tmp_path):
+  import time
+  t0 = time.monotonic()
+  lines = _dry(tmp_path, "--budget", "25", timeout=120)
+  assert time.monotonic() - t0 < 25 + 15  # (the interpreter's own start and exit beside it)
+  assert lines[-1]["section"] == "end"
+  assert [l for l in lines if "skipped" in l]  # (what did not fit was skipped, and said so)

@@ -1,5 +1,5 @@
 """Overhead of selected_ids (K=16) on token_log_probs, paired round-robin samples (jxent-bench's timing)."""
-import jax, jax.numpy as jnp, numpy as np, json, sys
+import jax, numpy as np, json
 from jxent.bench import cli, cases as C
 cli.steady_cpu_allocator()
 out = []
