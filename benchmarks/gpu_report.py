@@ -154,7 +154,8 @@ def report(lines) -> str:
                   for l in rec])
     md += [""]
 
-  sweep = [l for l in lines if l["section"] == "tune" and "shape" in l and "what" not in l]
+  sweep = [l for l in lines if l["section"] == "tune" and "shape" in l and "what" not in l
+           and "excluded" not in l]
   if sweep:
     md += ["## Launch sweep (integer labels)", ""]
     md += _table(["shape", "configuration", "fwd ms", "fwd x floor", "v&g ms", "v&g x 3-pass"],
@@ -185,8 +186,18 @@ def report(lines) -> str:
   if peers:
     md += ["## PyTorch peers", ""] + [f"- `{json.dumps({k: v for k, v in l.items() if k != 'section'})}`"
                                       for l in peers] + [""]
-  bad = [l for l in lines if any(k in l for k in ("error", "crashed", "skipped"))
-         and l["section"] != "peers"]
+  novel = [l for l in lines if l["section"] == "compile" and "variant" in l]
+  excluded = [l for l in lines if l.get("status") in ("wrong", "error") and "impl" in l]
+  if novel or excluded:
+    md += ["## Variants compiled for the first time, and those left out", ""]
+    md += _table(["variant", "shape", "status", "compile s / error"],
+                 [(l["variant"], "x".join(map(str, l["shape"])), l["status"],
+                   l.get("compile_s", l.get("error", ""))) for l in novel])
+    md += list(dict.fromkeys(f"- left out after the check: `{l['impl']}` ({l['status']}): "
+                             f"features {', '.join(l.get('excluded', []))}" for l in excluded))
+    md += [""]
+  bad = [l for l in lines if (any(k in l for k in ("error", "crashed", "skipped"))
+                              or l.get("status") == "timeout") and l["section"] != "peers"]
   md += ["## Errors, crashes and skipped cases", ""]
   md += [f"- {l['section']}: " + json.dumps({k: (v[-300:] if isinstance(v, str) else v)
                                              for k, v in l.items() if k != "section"})
