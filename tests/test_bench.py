@@ -309,6 +309,9 @@ def test_selected_ids_rows(tmp_path):
   rows = json.loads(out.read_text())
   assert {(r["labels"], r["implementation"]) for r in rows} == {
       (lab, i) for lab in ("logprobs", "selected") for i in ("xla", "chunked_xla", "naive")}
+  # token_log_probs(implementation=None) takes "xla" on CPU: its rows are marked
+  assert {(r["labels"], r["implementation"]) for r in rows if r["default"]} == {
+      ("logprobs", "xla"), ("selected", "xla")}
 
 
 def test_noisy_rows_get_more_rounds(monkeypatch):

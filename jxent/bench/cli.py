@@ -23,7 +23,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jxent._src import autotune, configs
+from jxent._src import autotune, configs, logprobs
 from jxent._version import __version__ as _VERSION
 from jxent.bench import cases as C
 
@@ -415,13 +415,23 @@ def _chosen(case: C.Case):
   return autotune.chosen_implementation(op, shape, case.dtype, labels=case.labels)
 
 
+def _chosen_logprobs(case: C.Case):
+  """What ``token_log_probs(implementation=None)`` runs for ``case``: the loss's default where
+  that kernel computes log-probs, else ``"xla"`` (whole rows)."""
+  kernel = logprobs._kernel_for(None, (case.n, case.v), jnp.dtype(case.dtype))
+  return "xla" if isinstance(kernel, logprobs.XlaRows) else kernel
+
+
 def default_names(cases) -> dict:
   """``{case: row name}`` of what ``implementation=None`` picks for each case, where the pick is
   a row jxent-bench can time (a kernel with its parameters, ``NAME[key=value,...]``)."""
   out = {}
-  for case in (c for c in cases if c.labels not in ("logprobs", "selected")):
+  for case in cases:
     try:
-      desc = autotune.describe(_chosen(case)[0])
+      if case.labels in ("logprobs", "selected"):
+        desc = autotune.describe(_chosen_logprobs(case))
+      else:
+        desc = autotune.describe(_chosen(case)[0])
     except Exception:  # noqa: BLE001  (a mark, never a failure)
       continue
     params = ",".join(f"{k}={v}" for k, v in sorted(desc["params"].items()))
