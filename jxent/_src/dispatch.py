@@ -153,10 +153,16 @@ def sm_count(device=None):
 _WARNED: set = set()
 
 
+def _unavailable(kernel):
+  """Why ``kernel`` cannot be built with this jax for the device it is chosen for, or None (a
+  kernel without ``unavailable`` always can)."""
+  return kernel.unavailable(configs.abstract_device()) if hasattr(kernel, "unavailable") else None
+
+
 def _buildable(kernel) -> bool:
-  """Whether a default's kernel can be built with this jax (``kernel.unavailable()``); if not,
-  one warning per cause, naming it, and the caller takes the next best path (``xla``)."""
-  reason = kernel.unavailable(configs.abstract_device()) if hasattr(kernel, "unavailable") else None
+  """Whether a default's kernel can be built with this jax (:func:`_unavailable`); if not, one
+  warning per cause, naming it, and the caller takes the next best path (``xla``)."""
+  reason = _unavailable(kernel)
   if reason is None:
     return True
   if (kernel.name, reason) not in _WARNED:
@@ -246,7 +252,7 @@ def resolve(implementation, *, sparse: bool, shape, dtype, reduction=None, opts=
         f"implementation {kernel.name!r} cannot run on the {plat!r} backend (it runs on "
         f"{', '.join(kernel.platforms)}); pass implementation=None or 'xla', or an interpret-mode "
         f"kernel object for testing.")
-  reason = kernel.unavailable(configs.abstract_device()) if hasattr(kernel, "unavailable") else None
+  reason = _unavailable(kernel)
   if reason is not None:
     raise ValueError(f"implementation {kernel.name!r} cannot be built here: {reason}. Pass "
                      f"implementation=None (which falls back to 'xla') or 'xla'.")

@@ -99,13 +99,14 @@ def _in_shard_map(*arrays) -> bool:
   return any(rowmath.varying(a) for a in arrays)
 
 
-def _acc(*arrays):
+def acc_dtype(*arrays):
   """The accumulation dtype: the wider of float32 and the inputs' (float64 stays float64)."""
   return rowmath.compute_dtype(jnp.result_type(*(a.dtype for a in arrays)))
 
 
-def _dot(a, b):
-  return jnp.dot(a, b, preferred_element_type=_acc(a, b))
+def dot(a, b):
+  """``a @ b`` accumulated in :func:`acc_dtype` of the operands (the linear forms' one matmul)."""
+  return jnp.dot(a, b, preferred_element_type=acc_dtype(a, b))
 
 
 def _target_and_coef(z, labels, start, lse, opts, v_total):
@@ -136,7 +137,7 @@ def _chunked_forward(x, w, labels, opts, block_v):
 
   def stats(start, size, state):
     m0, z0, lab0, sx0 = state
-    zb = rowmath.prep_logits(_dot(x, lax.dynamic_slice_in_dim(w, start, size, axis=1)), opts)
+    zb = rowmath.prep_logits(dot(x, lax.dynamic_slice_in_dim(w, start, size, axis=1)), opts)
     bm = jnp.max(zb, axis=-1)
     m = jnp.maximum(m0, bm)
     z = z0 * jnp.exp(m0 - m) + jnp.sum(jnp.exp(zb - m[:, None]), axis=-1)
@@ -147,7 +148,7 @@ def _chunked_forward(x, w, labels, opts, block_v):
     sx = sx0 + (jnp.sum(zb, axis=-1) if opts.label_smoothing else 0.0)
     return m, z, lab, sx
 
-  acc = _acc(x, w)
+  acc = acc_dtype(x, w)
   init = (jnp.full((n,), -jnp.inf, acc), jnp.zeros((n,), acc), jnp.zeros((n,), acc),
           jnp.zeros((n,), acc))
   m, z, lab, sx = fold_blocks(stats, v, block_v, init, peel=_in_shard_map(x, w, labels))
@@ -167,7 +168,7 @@ def _pad_rows(n: int, block_n: int, *arrays):
 def _chunked_backward(x, w, labels, lse, g, opts, block_v, block_n=None):
   v = w.shape[1]
   v_total = rowmath.num_classes(v, opts)
-  acc = _acc(x, w)
+  acc = acc_dtype(x, w)
   g = rowmath.zero_ignored(labels, g, opts).astype(acc)
   labels = labels - rowmath.class_offset(v, opts)
 
@@ -175,9 +176,9 @@ def _chunked_backward(x, w, labels, lse, g, opts, block_v, block_n=None):
     def step(start, size, carry):
       dx, dw = carry
       wb = lax.dynamic_slice_in_dim(w, start, size, axis=1)
-      dz = _dlogits_block(_dot(xs, wb), ys, start, ls, gs, opts, v_total).astype(x.dtype)
-      dx = dx + _dot(dz, wb.T)
-      dwb = _dot(xs.T, dz)
+      dz = _dlogits_block(dot(xs, wb), ys, start, ls, gs, opts, v_total).astype(x.dtype)
+      dx = dx + dot(dz, wb.T)
+      dwb = dot(xs.T, dz)
       if accumulate:  # later token passes add to the columns written by the earlier ones
         dwb = dwb + lax.dynamic_slice_in_dim(dw, start, size, axis=1).astype(acc)
       dw = lax.dynamic_update_slice_in_dim(dw, dwb.astype(dw.dtype), start, axis=1)
@@ -244,7 +245,7 @@ linear_xent_chunked.defvjp(_linear_xent_chunked_fwd, _linear_xent_chunked_bwd)
 # ------------------------------------------------------------------------------------------------
 def _fused_all(x, w, labels, weights, opts, block_n, dw_dtype=_F32):
   n, v = x.shape[0], w.shape[1]
-  acc = _acc(x, w)
+  acc = acc_dtype(x, w)
   if n == 0:
     return jnp.zeros((), acc), jnp.zeros(x.shape, x.dtype), jnp.zeros(w.shape, w.dtype)
   # padded rows get weight 0 (and label 0): they add nothing
@@ -253,13 +254,13 @@ def _fused_all(x, w, labels, weights, opts, block_n, dw_dtype=_F32):
   def body(i, carry):
     total, dxp, dw = carry
     xs, ys, ws = xp[i], yp[i], wp[i]
-    zraw = _dot(xs, w)
+    zraw = dot(xs, w)
     loss, lse = xla.forward(zraw, ys, sparse=True, opts=opts)
     total = total + jnp.sum(jnp.where(ws == 0, 0.0, loss * ws))
     g = jnp.where(rowmath.ignored_rows(ys, opts) if opts.ignore_index is not None else False, 0.0, ws)
     dz = _dlogits_block(zraw, ys, 0, lse, g, opts, v).astype(x.dtype)
-    dxp = dxp.at[i].set(_dot(dz, w.T).astype(x.dtype))
-    dw = (dw + _dot(xs.T, dz)).astype(dw_dtype)
+    dxp = dxp.at[i].set(dot(dz, w.T).astype(x.dtype))
+    dw = (dw + dot(xs.T, dz)).astype(dw_dtype)
     return total, dxp, dw
 
   init = (jnp.zeros((), acc), jnp.zeros(xp.shape, x.dtype), jnp.zeros(w.shape, dw_dtype))
@@ -418,7 +419,7 @@ def linear_softmax_cross_entropy(
     if axis_name is not None:
       raise ValueError("implementation 'linear_fused_grad' (fused_grad_xla) does not support "
                        "axis_name; use 'linear_chunked'.")
-    acc = _acc(x, w)
+    acc = acc_dtype(x, w)
     wts = jnp.ones(y2.shape, acc) if kept is None else kept.astype(acc)
     if reduction == "mean":
       count = jnp.sum(wts)

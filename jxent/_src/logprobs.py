@@ -85,11 +85,13 @@ def _finish(state, labels, opts: XentOptions, local_c: int):
   return log_prob, entropy, lse
 
 
-def _dz(z, local, lse, ent, g_lp, g_ent, sel_local=None, g_sel=None):
+def _dz(z, local, lse, ent, g_lp, g_ent, sel_local=None, g_sel=None, cols=None):
   """``d(g_lp * log_prob + g_ent * entropy + sum_k g_sel_k * selected_k) / dz`` for one block
-  (``sel_local [R, K]``: the selected ids relative to the block's first class)."""
+  (``sel_local [R, K]``: the selected ids relative to the block's first class), at the block's
+  columns, or at the columns ``cols`` (``[R, B]``) that ``z`` was gathered from."""
   p = jnp.exp(z - lse[:, None])
-  cols = lax.broadcasted_iota(local.dtype, z.shape, 1)
+  if cols is None:
+    cols = lax.broadcasted_iota(local.dtype, z.shape, 1)
   onehot = (cols == local[:, None]).astype(z.dtype)
   dz = g_lp[:, None] * (onehot - p)
   if g_sel is not None:
@@ -226,8 +228,8 @@ def _logits_selected(logits, sel_ids, inv_t, lse, keep, opts: XentOptions):
   return _selected(z_sel, owned, sel_ids, lse, keep, opts, c)
 
 
-def _set_columns(dlogits, logits, local_label, sel_local, inv_t, lse, ent, g_lp, g_p, g_ent,
-                 g_sel, opts: XentOptions):
+def _set_columns(dlogits, logits, local_label, sel_local, inv_t, lse, ent, g_lp, g_ent, g_sel,
+                 opts: XentOptions):
   """Writes the exact gradient at each row's label and selected columns.
 
   The kernel's walk ran with ``g_p = g_lp + sum(g_sel)`` as the label's cotangent, which is
@@ -237,16 +239,9 @@ def _set_columns(dlogits, logits, local_label, sel_local, inv_t, lse, ent, g_lp,
   c = logits.shape[1]
   cols = jnp.concatenate([local_label[:, None], sel_local], axis=1)        # [R, K + 1]
   owned = (cols >= 0) & (cols < c)
-  onehot = (jnp.where(cols == local_label[:, None], g_lp[:, None], 0.0)
-            + jnp.sum(jnp.where(cols[:, :, None] == sel_local[:, None, :], g_sel[:, None, :], 0.0),
-                      axis=-1))
   capped = rowmath.prep_logits(jnp.take_along_axis(logits, jnp.clip(cols, 0, c - 1), axis=1), opts)
   it = inv_t[:, None].astype(lse.dtype)
-  z = capped * it
-  p = jnp.exp(z - lse[:, None])
-  dz = onehot - g_p[:, None] * p
-  if g_ent is not None:
-    dz = dz - g_ent[:, None] * jnp.where(p == 0, 0.0, p * (z - (lse - ent)[:, None]))
+  dz = _dz(capped * it, local_label, lse, ent, g_lp, g_ent, sel_local, g_sel, cols=cols)
   dx = (dz * it * rowmath.softcap_factor(capped, opts)).astype(dlogits.dtype)
   rows = jnp.broadcast_to(jnp.arange(cols.shape[0])[:, None], cols.shape)
   return dlogits.at[rows, jnp.where(owned, cols, c)].set(dx, mode="drop")
@@ -285,7 +280,7 @@ def _token_stats_2d_bwd(opts, kernel, with_entropy, t_grad, res, g):
     dlogits = kernel.logprob_grad(logits, local, inv_t, lse, ent, g_p, g_ent, opts=opts)
     if g_sel is not None:
       dlogits = _set_columns(dlogits, logits, local, sel_ids - rowmath.class_offset(c, opts),
-                             inv_t, lse, ent, g_lp, g_p, g_ent, g_sel, opts)
+                             inv_t, lse, ent, g_lp, g_ent, g_sel, opts)
   d_inv_t = None
   if t_grad:
     var = None
@@ -468,9 +463,6 @@ def _returned(lp, ent, sel, batch_shape, with_entropy, with_selected):
 # V=32768, float32: 33.6 MB at 2048 columns, within 10% of the [N, V] logits at 1024).
 BLOCK_V = 1024
 
-def _dot(a, b):
-  return jnp.dot(a, b, preferred_element_type=rowmath.compute_dtype(jnp.promote_types(a.dtype, b.dtype)))
-
 
 def _linear_forward(x, w, labels, inv_t, sel_ids, opts, block_v):
   """``(log_prob, entropy, lse, z at the selected ids [N, K], owned [N, K])``: one walk over
@@ -483,7 +475,8 @@ def _linear_forward(x, w, labels, inv_t, sel_ids, opts, block_v):
 
   def step(start, size, carry):
     state, z_sel = carry
-    capped = rowmath.prep_logits(_dot(x, lax.dynamic_slice_in_dim(w, start, size, axis=1)), opts)
+    wb = lax.dynamic_slice_in_dim(w, start, size, axis=1)
+    capped = rowmath.prep_logits(linear.dot(x, wb), opts)
     state = _fold(state, capped, inv_t, local - start)
     if k:
       at = sel_local - start
@@ -492,7 +485,7 @@ def _linear_forward(x, w, labels, inv_t, sel_ids, opts, block_v):
       z_sel = z_sel + jnp.where(hit, picked * inv_t[:, None].astype(capped.dtype), 0.0)
     return state, z_sel
 
-  dtype = _dot(x[:0], w[:, :0]).dtype
+  dtype = linear.acc_dtype(x, w)
   init = (_init(x.shape[0], dtype), jnp.zeros(sel_ids.shape, dtype))
   state, z_sel = fold_blocks(step, v, min(block_v, v), init,
                              peel=bool(rowmath.varying(x) or rowmath.varying(w)))
@@ -531,13 +524,14 @@ def _linear_token_stats_bwd(opts, block_v, with_entropy, t_grad, res, g):
   def step(start, size, carry):
     dx, dw, var = carry
     wb = lax.dynamic_slice_in_dim(w, start, size, axis=1)
-    z, capped = _scaled(_dot(x, wb), inv_t, opts)
+    z, capped = _scaled(linear.dot(x, wb), inv_t, opts)
     dz = _dz(z, local - start, lse, ent, g_lp, g_ent, sel_local - start, g_sel)
     if want_var:
       var = var + _var_block(z, lse, lse - ent)
     dz = (dz * inv_t[:, None] * rowmath.softcap_factor(capped, opts)).astype(x.dtype)
-    dx = dx + _dot(dz, wb.T)
-    dw = lax.dynamic_update_slice_in_dim(dw, _dot(x.T, dz).astype(w.dtype), start, axis=1)
+    dx = dx + linear.dot(dz, wb.T)
+    dw = lax.dynamic_update_slice_in_dim(dw, linear.dot(x.T, dz).astype(w.dtype), start,
+                                         axis=1)
     return dx, dw, var
 
   init = (jnp.zeros(x.shape, rowmath.compute_dtype(x.dtype)), jnp.zeros(w.shape, w.dtype),

@@ -151,8 +151,7 @@ def _median_ms(fn, arg_sets, reps: int, inner: int = 0) -> float:
   """Median over ``reps`` samples of the mean time of ``inner`` back-to-back calls (rotating
   inputs), each sample ended by a device sync. Enqueuing several calls before the sync keeps
   host dispatch out of the device time; warm-up runs first."""
-  if not inner:
-    inner = 1 if jax.default_backend() == "cpu" else 5
+  inner = inner or _inner()
   for args in arg_sets[:2]:
     jax.block_until_ready(fn(*args))
   times, k = [], 0
