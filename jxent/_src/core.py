@@ -1,7 +1,8 @@
 """The core: one custom VJP over canonical ``[rows, classes]`` inputs, and canonicalisation.
 
-Residuals kept between forward and backward are the inputs and the float32 per-row log-sum-exp;
-nothing of shape ``[rows, classes]`` is created for the backward pass.
+Residuals kept between forward and backward are the inputs and two float32 statistics per row, the
+row max ``m`` and ``log_z = log(sum(exp(x - m)))`` (kept apart: the gradient is shift
+invariant); nothing of shape ``[rows, classes]`` is created for the backward pass.
 """
 
 from __future__ import annotations
@@ -37,17 +38,18 @@ def _want_dlabels(labels, sparse):
 def _xent_2d_fwd(logits, labels, sparse, opts, kernel):
   # symbolic_zeros=True: inputs arrive as CustomVJPPrimal(value, perturbed).
   want = _want_dlabels(labels, sparse)
-  loss, lse = kernel.forward(logits.value, labels.value, sparse=sparse, opts=opts)
-  return loss, (logits.value, labels.value, lse, want)
+  loss, stats = kernel.forward(logits.value, labels.value, sparse=sparse, opts=opts)
+  return loss, (logits.value, labels.value, stats, want)
 
 
 def _xent_2d_bwd(sparse, opts, kernel, res, g):
-  logits, labels, lse, want = res
+  logits, labels, stats, want = res
+  log_z = stats[1]
   if isinstance(g, jax.custom_derivatives.SymbolicZero):
-    g = jnp.zeros(lse.shape, lse.dtype)
-  g = nan_rows(total_cotangent(g, logits, opts), labels, lse, sparse=sparse, opts=opts,
+    g = jnp.zeros(log_z.shape, log_z.dtype)
+  g = nan_rows(total_cotangent(g, logits, opts), labels, log_z, sparse=sparse, opts=opts,
                local_c=logits.shape[1])
-  dlogits, dlabels = kernel.backward(logits, labels, lse, g, sparse=sparse, opts=opts,
+  dlogits, dlabels = kernel.backward(logits, labels, stats, g, sparse=sparse, opts=opts,
                                      want_dlabels=want is not None)
   return match_vma(dlogits, logits), (None if sparse else match_vma(dlabels, labels))
 

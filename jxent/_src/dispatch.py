@@ -36,8 +36,9 @@ class XlaKernel:
   def forward(self, logits, labels, *, sparse, opts, need_lse=True):
     return xla.forward(logits, labels, sparse=sparse, opts=opts, need_lse=need_lse)
 
-  def backward(self, logits, labels, lse, g, *, sparse, opts, want_dlabels=True):
-    return xla.backward(logits, labels, lse, g, sparse=sparse, opts=opts, want_dlabels=want_dlabels)
+  def backward(self, logits, labels, stats, g, *, sparse, opts, want_dlabels=True):
+    return xla.backward(logits, labels, stats, g, sparse=sparse, opts=opts,
+                        want_dlabels=want_dlabels)
 
 
 @dataclasses.dataclass(frozen=True)

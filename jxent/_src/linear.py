@@ -109,22 +109,17 @@ def dot(a, b):
   return jnp.dot(a, b, preferred_element_type=acc_dtype(a, b))
 
 
-def _target_and_coef(z, labels, start, lse, opts, v_total):
-  """Per-block pieces of the gradient: coef * p - target."""
-  eps = opts.label_smoothing
-  cols = start + lax.broadcasted_iota(labels.dtype, z.shape, 1)
-  target = jnp.where(cols == labels[:, None], 1.0 - eps, 0.0)
-  if eps:
-    target = target + eps / v_total
-  coef = 1.0 + 2.0 * opts.z_loss * lse
-  return target, coef
-
-
-def _dlogits_block(zraw, labels, start, lse, g, opts, v_total):
+def _dlogits_block(zraw, labels, start, stats, x_lab, g, opts, v_total):
+  """``g * (coef * p - target)`` of one block of logits (``p = exp(z - m) / z_sum``: shift
+  invariant), with the label's entry from its logit ``x_lab`` (:func:`rowmath.label_grad`)."""
   z = rowmath.prep_logits(zraw, opts)
-  p = jnp.exp(z - lse[:, None])
-  target, coef = _target_and_coef(z, labels, start, lse, opts, v_total)
-  return g[:, None] * (coef[:, None] * p - target) * rowmath.softcap_factor(z, opts)
+  eps = opts.label_smoothing
+  coef = rowmath.grad_coef(stats, opts)
+  d = coef[:, None] * rowmath.softmax(z, stats[0], stats[2]) - (eps / v_total if eps else 0.0)
+  cols = start + lax.broadcasted_iota(labels.dtype, z.shape, 1)
+  d_lab = rowmath.label_grad(x_lab, stats, coef, opts, v_total)
+  d = jnp.where(cols == labels[:, None], d_lab[:, None], d)
+  return g[:, None] * d * rowmath.softcap_factor(z, opts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -136,23 +131,31 @@ def _chunked_forward(x, w, labels, opts, block_v):
   labels = labels - rowmath.class_offset(v, opts)  # local ids when the vocabulary is sharded
 
   def stats(start, size, state):
-    m0, z0, lab0, sx0 = state
+    m0, z0, zc0, lab0, sx0 = state
     zb = rowmath.prep_logits(dot(x, lax.dynamic_slice_in_dim(w, start, size, axis=1)), opts)
     bm = jnp.max(zb, axis=-1)
     m = jnp.maximum(m0, bm)
-    z = z0 * jnp.exp(m0 - m) + jnp.sum(jnp.exp(zb - m[:, None]), axis=-1)
     local = labels - start
+    # (the label's term is left out of the sum: rowmath.label_log_z)
+    e = jnp.where(lax.broadcasted_iota(local.dtype, zb.shape, 1) == local[:, None], 0.0,
+                  jnp.exp(zb - m[:, None]))
+    z, zc = rowmath.add_rescaled(z0, zc0, jnp.where(jnp.isneginf(m0), 0.0, rowmath.exp_diff(m0, m)),
+                                 jnp.sum(e, axis=-1), 1.0)
     hit = (local >= 0) & (local < size)
     picked = jnp.take_along_axis(zb, jnp.clip(local, 0, size - 1)[:, None], axis=-1)[:, 0]
     lab = lab0 + jnp.where(hit, picked, 0.0)
     sx = sx0 + (jnp.sum(zb, axis=-1) if opts.label_smoothing else 0.0)
-    return m, z, lab, sx
+    return m, z, zc, lab, sx
 
   acc = acc_dtype(x, w)
-  init = (jnp.full((n,), -jnp.inf, acc), jnp.zeros((n,), acc), jnp.zeros((n,), acc),
-          jnp.zeros((n,), acc))
-  m, z, lab, sx = fold_blocks(stats, v, block_v, init, peel=_in_shard_map(x, w, labels))
-  return rowmath.loss_from_stats(m, z, None, lab, sx, glabels, sparse=True, opts=opts, local_c=v)
+  zero = jnp.zeros((n,), acc)
+  init = (jnp.full((n,), -jnp.inf, acc), zero, zero, zero, zero)
+  m, z, zc, lab, sx = fold_blocks(stats, v, block_v, init, peel=_in_shard_map(x, w, labels))
+  z = z + zc
+  loss, row = rowmath.loss_from_stats(m, z, None, lab, sx, glabels, sparse=True, opts=opts,
+                                      local_c=v)
+  # the residual: the row statistics and the label's logit (global: summed over the shards)
+  return loss, (*row, rowmath.psum(lab, opts))
 
 
 def _pad_rows(n: int, block_n: int, *arrays):
@@ -165,7 +168,7 @@ def _pad_rows(n: int, block_n: int, *arrays):
   return out
 
 
-def _chunked_backward(x, w, labels, lse, g, opts, block_v, block_n=None):
+def _chunked_backward(x, w, labels, res, g, opts, block_v, block_n=None):
   v = w.shape[1]
   v_total = rowmath.num_classes(v, opts)
   acc = acc_dtype(x, w)
@@ -176,7 +179,8 @@ def _chunked_backward(x, w, labels, lse, g, opts, block_v, block_n=None):
     def step(start, size, carry):
       dx, dw = carry
       wb = lax.dynamic_slice_in_dim(w, start, size, axis=1)
-      dz = _dlogits_block(dot(xs, wb), ys, start, ls, gs, opts, v_total).astype(x.dtype)
+      dz = _dlogits_block(dot(xs, wb), ys, start, ls[:3], ls[3], gs, opts,
+                          v_total).astype(x.dtype)
       dx = dx + dot(dz, wb.T)
       dwb = dot(xs.T, dz)
       if accumulate:  # later token passes add to the columns written by the earlier ones
@@ -185,20 +189,21 @@ def _chunked_backward(x, w, labels, lse, g, opts, block_v, block_n=None):
       return dx, dw
 
     dx, dw = fold_blocks(step, v, block_v, (jnp.zeros(xs.shape, acc), dw),
-                         peel=_in_shard_map(xs, ys, ls, gs, w))
+                         peel=_in_shard_map(xs, ys, *ls, gs, w))
     return dx.astype(x.dtype), dw
 
   n = x.shape[0]
   dw = jnp.zeros(w.shape, w.dtype)
   if block_n is None or block_n >= n:
-    dx, dw = one_pass(x, labels, lse, g, dw, accumulate=False)
+    dx, dw = one_pass(x, labels, res, g, dw, accumulate=False)
   else:
     # Token passes in a loop (one set of temporaries); padded rows have g = 0.
-    xp, yp, lp, gp = _pad_rows(n, block_n, x, labels, lse, g)
+    xp, yp, gp, *rp = _pad_rows(n, block_n, x, labels, g, *res)
+    rp[2] = jnp.where(rp[2] == 0, 1.0, rp[2])  # (padded rows: z = 1, as stats_of gives)
 
     def body(i, _, carry):  # the first pass (static i = 0) writes dw, the others add to it
       dxp, dw = carry
-      dx_i, dw = one_pass(xp[i], yp[i], lp[i], gp[i], dw,
+      dx_i, dw = one_pass(xp[i], yp[i], tuple(r[i] for r in rp), gp[i], dw,
                           accumulate=not (isinstance(i, int) and i == 0))
       return dxp.at[i].set(dx_i), dw
 
@@ -213,8 +218,8 @@ def _chunked_forward_passes(x, w, labels, opts, block_v, block_n):
   if block_n is None or block_n >= n:
     return _chunked_forward(x, w, labels, opts, block_v)
   xp, yp = _pad_rows(n, block_n, x, labels)
-  loss, lse = lax.map(lambda a: _chunked_forward(a[0], w, a[1], opts, block_v), (xp, yp))
-  return loss.reshape(-1)[:n], lse.reshape(-1)[:n]
+  loss, res = lax.map(lambda a: _chunked_forward(a[0], w, a[1], opts, block_v), (xp, yp))
+  return loss.reshape(-1)[:n], tuple(r.reshape(-1)[:n] for r in res)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("opts", "block_v", "block_n"))
@@ -226,14 +231,14 @@ def linear_xent_chunked(x, w, labels, opts: XentOptions, block_v: int,
 
 
 def _linear_xent_chunked_fwd(x, w, labels, opts, block_v, block_n):
-  loss, lse = _chunked_forward_passes(x, w, labels, opts, block_v, block_n)
-  return loss, (x, w, labels, lse)
+  loss, stats = _chunked_forward_passes(x, w, labels, opts, block_v, block_n)
+  return loss, (x, w, labels, stats)
 
 
 def _linear_xent_chunked_bwd(opts, block_v, block_n, res, g):
-  x, w, labels, lse = res
+  x, w, labels, stats = res
   g = rowmath.total_cotangent(g, w, opts)
-  dx, dw = _chunked_backward(x, w, labels, lse, g, opts, block_v, block_n)
+  dx, dw = _chunked_backward(x, w, labels, stats, g, opts, block_v, block_n)
   return rowmath.match_vma(dx, x), rowmath.match_vma(dw, w), None
 
 
@@ -255,10 +260,11 @@ def _fused_all(x, w, labels, weights, opts, block_n, dw_dtype=_F32):
     total, dxp, dw = carry
     xs, ys, ws = xp[i], yp[i], wp[i]
     zraw = dot(xs, w)
-    loss, lse = xla.forward(zraw, ys, sparse=True, opts=opts)
+    loss, stats = xla.forward(zraw, ys, sparse=True, opts=opts)
     total = total + jnp.sum(jnp.where(ws == 0, 0.0, loss * ws))
     g = jnp.where(rowmath.ignored_rows(ys, opts) if opts.ignore_index is not None else False, 0.0, ws)
-    dz = _dlogits_block(zraw, ys, 0, lse, g, opts, v).astype(x.dtype)
+    x_lab = rowmath.local_label(zraw, ys, opts)[0]
+    dz = _dlogits_block(zraw, ys, 0, stats, x_lab, g, opts, v).astype(x.dtype)
     dxp = dxp.at[i].set(dot(dz, w.T).astype(x.dtype))
     dw = (dw + dot(xs.T, dz)).astype(dw_dtype)
     return total, dxp, dw

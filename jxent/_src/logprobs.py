@@ -2,12 +2,17 @@
 
 With ``z = cap(logits) / T`` per row: ``log_prob = z[label] - lse(z)`` and
 ``entropy = lse(z) - sum(softmax(z) * z)``. One walk over the classes keeps three running
-statistics per row (max ``m``, ``s = sum(exp(z - m))``, ``t = sum(exp(z - m) * (z - m))``) and
-the label's ``z``; nothing of shape ``[rows, classes]`` outlives the walk. The custom VJPs keep the
-inputs and the per-row ``lse`` and entropy, and recompute ``softmax`` block by block:
+statistics per row (max ``m``, ``s = sum(exp(z - m))`` without the label's term, ``t =
+sum(exp(z - m) * (z - m))``) and the label's ``z``; nothing of shape ``[rows, classes]`` outlives
+the walk. ``log_prob = (z_y - m) - log1p(s + expm1(z_y - m))`` is exact on confident rows (the
+sampled token of an RL policy: ``log(1 + s)`` would round ``s`` to the ulp of 1). The custom VJPs
+keep the inputs and the row statistics ``(m, log_z, z)`` (never an absolute ``lse``: shift
+invariant), the log-prob and the entropy, and recompute ``softmax = exp(z - m) / z`` block by
+block:
 
-* ``d log_prob / dz = onehot(label) - p``
-* ``d entropy / dz = -p * (z - lse + entropy)``
+* ``d log_prob / dz = onehot(label) - p``, at the label ``-expm1(log_prob)`` (no ``1 - p``
+  cancellation)
+* ``d entropy / dz = -p * ((z - m) - (log_z - entropy))``
 
 then ``dlogits = dz / T * cap'(logits)``.
 """
@@ -46,8 +51,9 @@ def _init(rows: int, dtype):
 
 def _fold(state, x, inv_t, local):
   """Folds a block of capped logits ``x [R, B]`` at ``z = x * inv_t`` (``local``: the labels
-  relative to its first class) into ``(m, s, t, lab)`` of ``z``; ``t`` is relative to ``m``
-  and is rebased with it.
+  relative to its first class) into ``(m, s, t, lab)`` of ``z`` over every class (a select on
+  the label's lane would make XLA:CPU write an ``[R, B]`` copy: :func:`_without_label` takes
+  its term out after the walk); ``t`` is relative to ``m`` and is rebased with it.
 
   ``z`` itself is never formed: every reduction reads ``x`` and scales it in its own fusion
   (``max z = inv_t * max x``, since ``T > 0``), so a temperature adds no ``[R, B]`` temporary."""
@@ -56,7 +62,7 @@ def _fold(state, x, inv_t, local):
   m = jnp.maximum(m0, jnp.max(x, axis=-1) * it)
   m_safe = jnp.where(jnp.isneginf(m), 0.0, m)
   d0 = jnp.where(jnp.isneginf(m0), 0.0, m0 - m_safe)  # rebase the running sums to m
-  e0 = jnp.exp(d0)
+  e0 = jnp.where(jnp.isneginf(m0), 1.0, rowmath.exp_diff(m0, m_safe))
   zs = x * it[:, None] - m_safe[:, None]
   e = jnp.exp(zs)
   s = s0 * e0 + jnp.sum(e, axis=-1)
@@ -67,47 +73,66 @@ def _fold(state, x, inv_t, local):
   return m, s, t, lab0 + jnp.where(hit, picked, 0.0)
 
 
+def _without_label(state, owned):
+  """The walk's ``(m, s, t, lab)`` over every class as :func:`_finish` takes them, without the
+  label's term where this shard holds the label (``owned``; as the Pallas kernels sum them):
+  ``s - exp(lab - m)`` cancels on a confident row, the naive formula's accuracy there."""
+  m, s, t, lab = state
+  m_safe = jnp.where(jnp.isneginf(m), 0.0, m)
+  e_lab = jnp.where(owned, jnp.exp(lab - m_safe), 0.0)
+  return m, s - e_lab, t - jnp.where(e_lab == 0, 0.0, e_lab * (lab - m_safe)), lab
+
+
 def _finish(state, labels, opts: XentOptions, local_c: int):
-  """``(log_prob, entropy, lse)`` per row from the statistics; with ``axis_name`` the shards'
-  statistics are merged first. Out-of-range labels give a NaN log-prob (as the loss does)."""
+  """``(log_prob, entropy, stats)`` per row from the walk's statistics (``stats = (m, log_z,
+  z)``: :func:`rowmath.stats_of`); with ``axis_name`` the shards' statistics are merged first.
+  Out-of-range labels give a NaN log-prob (as the loss does)."""
   m, s, t, lab = state
   m = jnp.where(jnp.isneginf(m), 0.0, m)
   if opts.axis_name is not None:
     mg = rowmath.pmax(m, opts)
-    e = jnp.exp(m - mg)
+    e = rowmath.exp_diff(m, mg)
     s, t, lab = rowmath.psum((s * e, e * (t + (m - mg) * s), lab), opts)
     m = mg
-  log_s = jnp.log(s)
-  lse = m + log_s
-  entropy = log_s - t / s
-  log_prob = rowmath.finish_sparse(lab - lse, labels, rowmath.num_classes(local_c, opts),
-                               dataclasses.replace(opts, ignore_index=None))
-  return log_prob, entropy, lse
+  log_s = rowmath.label_log_z(s, lab, m)
+  e_lab = jnp.exp(lab - m)  # the label's term, added back
+  z = s + e_lab
+  t = t + jnp.where(e_lab == 0, 0.0, e_lab * (lab - m))
+  entropy = log_s - t / z
+  log_prob = rowmath.finish_sparse((lab - m) - log_s, labels, rowmath.num_classes(local_c, opts),
+                                   dataclasses.replace(opts, ignore_index=None))
+  return log_prob, entropy, rowmath.stats_of(m, log_s, z)
 
 
-def _dz(z, local, lse, ent, g_lp, g_ent, sel_local=None, g_sel=None, cols=None):
+def _dz(z, local, stats, ent, g_lp, g_ent, sel_local=None, g_sel=None, cols=None, lp=None):
   """``d(g_lp * log_prob + g_ent * entropy + sum_k g_sel_k * selected_k) / dz`` for one block
   (``sel_local [R, K]``: the selected ids relative to the block's first class), at the block's
-  columns, or at the columns ``cols`` (``[R, B]``) that ``z`` was gathered from."""
-  p = jnp.exp(z - lse[:, None])
+  columns, or at the columns ``cols`` (``[R, B]``) that ``z`` was gathered from. With ``lp``
+  (the log-probs) the label's ``1 - p`` is ``-expm1(lp)``, exact on confident rows."""
+  m, log_z, zsum = stats
+  p = rowmath.softmax(z, m, zsum)
   if cols is None:
     cols = lax.broadcasted_iota(local.dtype, z.shape, 1)
-  onehot = (cols == local[:, None]).astype(z.dtype)
-  dz = g_lp[:, None] * (onehot - p)
+  at_label = cols == local[:, None]
+  if lp is None:
+    dz = g_lp[:, None] * (at_label.astype(z.dtype) - p)
+  else:
+    dz = g_lp[:, None] * jnp.where(at_label, -jnp.expm1(lp)[:, None], -p)
   if g_sel is not None:
     hits = cols[:, :, None] == sel_local[:, None, :]
     dz = dz + jnp.sum(jnp.where(hits, g_sel[:, None, :], 0.0), axis=-1) - jnp.sum(
         g_sel, axis=-1)[:, None] * p
   if g_ent is not None:
-    dz = dz - g_ent[:, None] * jnp.where(p == 0, 0.0, p * (z - (lse - ent)[:, None]))
+    zc = (z - m[:, None]) - (log_z - ent)[:, None]  # z - E_p[z]
+    dz = dz - g_ent[:, None] * jnp.where(p == 0, 0.0, p * zc)
   return dz
 
 
-def _cotangents(g, with_entropy, labels, lse, opts: XentOptions, local_c: int, keep, like):
+def _cotangents(g, with_entropy, labels, stats, opts: XentOptions, local_c: int, keep, like):
   """``(g_lp, g_ent | None)``: zero on dropped rows (``keep`` false), NaN log-prob cotangents
   on out-of-range labels, each whole over the vocab shards (``like``: an input sharded over
   them, see :func:`rowmath.total_cotangent`)."""
-  g_lp = rowmath.nan_rows(jnp.where(keep, g[0], 0.0), labels, lse, sparse=True,
+  g_lp = rowmath.nan_rows(jnp.where(keep, g[0], 0.0), labels, stats[1], sparse=True,
                           opts=dataclasses.replace(opts, ignore_index=None), local_c=local_c)
   g_lp = rowmath.total_cotangent(g_lp, like, opts)
   if not with_entropy:
@@ -115,11 +140,12 @@ def _cotangents(g, with_entropy, labels, lse, opts: XentOptions, local_c: int, k
   return g_lp, rowmath.total_cotangent(jnp.where(keep, g[1], 0.0), like, opts)
 
 
-def _var_block(z, lse, mu):
-  """``sum(p * (z - mu)^2)`` over a block ``z [R, B]`` (``p = exp(z - lse)``): the block's part
-  of the variance of ``z`` under the softmax."""
-  p = jnp.exp(z - lse[:, None])
-  d = z - mu[:, None]
+def _var_block(z, stats, ent):
+  """``sum(p * (z - E_p[z])^2)`` over a block ``z [R, B]``: the block's part of the variance of
+  ``z`` under the softmax (``E_p[z] = m + log_z - entropy``)."""
+  m, log_z, zsum = stats
+  p = rowmath.softmax(z, m, zsum)
+  d = (z - m[:, None]) - (log_z - ent)[:, None]
   return jnp.sum(jnp.where(p == 0, 0.0, p * d * d), axis=-1)
 
 
@@ -136,13 +162,14 @@ def _d_inv_t(g_lp, g_ent, lp, ent, inv_t, var, g_sel=None, sel=None):
   return d / inv_t
 
 
-def _selected(z_sel, owned, ids, lse, keep, opts: XentOptions, local_c: int):
+def _selected(z_sel, owned, ids, stats, keep, opts: XentOptions, local_c: int):
   """``log_softmax(z)`` at the selected ids ``[R, K]`` from their ``z`` (0 where this shard does
   not own the id; summed over the shards); NaN for ids outside ``[0, C)`` (the labels' policy),
   0 on dropped rows."""
   z_sel = rowmath.psum(jnp.where(owned, z_sel, 0.0), opts)
   n = rowmath.num_classes(local_c, opts)
-  sel = (z_sel - lse[:, None]) * jnp.where((ids >= 0) & (ids < n), 1.0, jnp.nan)
+  m, log_z, _ = stats
+  sel = ((z_sel - m[:, None]) - log_z[:, None]) * jnp.where((ids >= 0) & (ids < n), 1.0, jnp.nan)
   return jnp.where(keep[:, None], sel, 0.0)
 
 
@@ -177,15 +204,17 @@ class XlaRows:
       capped = rowmath.prep_logits(lax.dynamic_slice_in_dim(logits, start, size, axis=1), opts)
       return _fold(state, capped, inv_t, labels - start)
 
-    return fold_blocks(step, c, min(self.block, c), _init(rows, rowmath.compute_dtype(logits.dtype)),
-                       peel=bool(rowmath.varying(logits)))
+    return _without_label(fold_blocks(step, c, min(self.block, c),
+                                      _init(rows, rowmath.compute_dtype(logits.dtype)),
+                                      peel=bool(rowmath.varying(logits))),
+                          (labels >= 0) & (labels < c))
 
-  def logprob_grad(self, logits, labels, inv_t, lse, ent, g_lp, g_ent, *, opts):
+  def logprob_grad(self, logits, labels, inv_t, stats, ent, g_lp, g_ent, *, opts):
     c = logits.shape[1]
 
     def step(start, size, dlogits):
       z, capped = _scaled(lax.dynamic_slice_in_dim(logits, start, size, axis=1), inv_t, opts)
-      dz = _dz(z, labels - start, lse, ent, g_lp, g_ent)
+      dz = _dz(z, labels - start, stats, ent, g_lp, g_ent)
       dx = (dz * inv_t[:, None] * rowmath.softcap_factor(capped, opts)).astype(logits.dtype)
       return lax.dynamic_update_slice_in_dim(dlogits, dx, start, axis=1)
 
@@ -193,7 +222,7 @@ class XlaRows:
                        peel=bool(rowmath.varying(logits)))
 
 
-def _logits_var(logits, inv_t, lse, mu, opts, block):
+def _logits_var(logits, inv_t, stats, ent, opts, block):
   """``Var_p(z)`` per row of this shard (``sum p (z - mu)^2``), in class blocks: the entropy's
   temperature derivative (a pass of its own, only when an array temperature and the entropy
   are differentiated; under ``jit`` it is dropped when nothing reads it)."""
@@ -201,9 +230,9 @@ def _logits_var(logits, inv_t, lse, mu, opts, block):
 
   def step(start, size, acc):
     z, _ = _scaled(lax.dynamic_slice_in_dim(logits, start, size, axis=1), inv_t, opts)
-    return acc + _var_block(z, lse, mu)
+    return acc + _var_block(z, stats, ent)
 
-  return fold_blocks(step, c, min(block, c), jnp.zeros((rows,), lse.dtype),
+  return fold_blocks(step, c, min(block, c), jnp.zeros((rows,), ent.dtype),
                      peel=bool(rowmath.varying(logits)))
 
 
@@ -217,31 +246,32 @@ def _logits_forward(logits, labels, inv_t, opts, kernel):
   return _finish(tuple(v.astype(rowmath.compute_dtype(logits.dtype)) for v in stats), labels, opts, c)
 
 
-def _logits_selected(logits, sel_ids, inv_t, lse, keep, opts: XentOptions):
+def _logits_selected(logits, sel_ids, inv_t, stats, keep, opts: XentOptions):
   """The selected ids' log-probs ``[R, K]``: ``K`` logits gathered per row (no pass over the
   row), each shard the ids it owns."""
   c = logits.shape[1]
   local = sel_ids - rowmath.class_offset(c, opts)
   owned = (local >= 0) & (local < c)
   x_sel = jnp.take_along_axis(logits, jnp.clip(local, 0, c - 1), axis=1)
-  z_sel = rowmath.prep_logits(x_sel, opts) * inv_t[:, None].astype(lse.dtype)
-  return _selected(z_sel, owned, sel_ids, lse, keep, opts, c)
+  z_sel = rowmath.prep_logits(x_sel, opts) * inv_t[:, None].astype(stats[0].dtype)
+  return _selected(z_sel, owned, sel_ids, stats, keep, opts, c)
 
 
-def _set_columns(dlogits, logits, local_label, sel_local, inv_t, lse, ent, g_lp, g_ent, g_sel,
-                 opts: XentOptions):
-  """Writes the exact gradient at each row's label and selected columns.
+def _set_columns(dlogits, logits, local_label, sel_local, inv_t, stats, ent, lp, g_lp, g_ent,
+                 g_sel, opts: XentOptions):
+  """Writes the exact gradient at each row's label and selected columns (``sel_local [R, K]``,
+  ``K`` may be 0).
 
   The kernel's walk ran with ``g_p = g_lp + sum(g_sel)`` as the label's cotangent, which is
   right at every other column (``-g_p * p``); these K + 1 columns get their whole value, formed
   here in float32 from their gathered logits (``set``, not ``add``: no second rounding in the
-  logits' dtype), by the shard that owns them."""
+  logits' dtype), by the shard that owns them; the label's ``1 - p`` is ``-expm1(lp)``."""
   c = logits.shape[1]
   cols = jnp.concatenate([local_label[:, None], sel_local], axis=1)        # [R, K + 1]
   owned = (cols >= 0) & (cols < c)
   capped = rowmath.prep_logits(jnp.take_along_axis(logits, jnp.clip(cols, 0, c - 1), axis=1), opts)
-  it = inv_t[:, None].astype(lse.dtype)
-  dz = _dz(capped * it, local_label, lse, ent, g_lp, g_ent, sel_local, g_sel, cols=cols)
+  it = inv_t[:, None].astype(stats[0].dtype)
+  dz = _dz(capped * it, local_label, stats, ent, g_lp, g_ent, sel_local, g_sel, cols=cols, lp=lp)
   dx = (dz * it * rowmath.softcap_factor(capped, opts)).astype(dlogits.dtype)
   rows = jnp.broadcast_to(jnp.arange(cols.shape[0])[:, None], cols.shape)
   return dlogits.at[rows, jnp.where(owned, cols, c)].set(dx, mode="drop")
@@ -258,16 +288,16 @@ def token_stats_2d(logits, labels, inv_t, keep, sel_ids, opts: XentOptions, kern
 
 
 def _token_stats_2d_fwd(logits, labels, inv_t, keep, sel_ids, opts, kernel, with_entropy, t_grad):
-  lp, ent, lse = _logits_forward(logits, labels, inv_t, opts, kernel)
-  sel = _logits_selected(logits, sel_ids, inv_t, lse, keep, opts) if sel_ids.shape[1] else None
+  lp, ent, stats = _logits_forward(logits, labels, inv_t, opts, kernel)
+  sel = _logits_selected(logits, sel_ids, inv_t, stats, keep, opts) if sel_ids.shape[1] else None
   out = _outputs(lp, ent, keep, with_entropy) + (sel,)
-  return out, (logits, labels, inv_t, keep, sel_ids, lse, ent, lp, sel)
+  return out, (logits, labels, inv_t, keep, sel_ids, stats, ent, lp, sel)
 
 
 def _token_stats_2d_bwd(opts, kernel, with_entropy, t_grad, res, g):
-  logits, labels, inv_t, keep, sel_ids, lse, ent, lp, sel = res
+  logits, labels, inv_t, keep, sel_ids, stats, ent, lp, sel = res
   c = logits.shape[1]
-  g_lp, g_ent = _cotangents(g, with_entropy, labels, lse, opts, c, keep, logits)
+  g_lp, g_ent = _cotangents(g, with_entropy, labels, stats, opts, c, keep, logits)
   local = labels - rowmath.class_offset(c, opts)
   g_sel = None
   g_p = g_lp
@@ -277,15 +307,14 @@ def _token_stats_2d_bwd(opts, kernel, with_entropy, t_grad, res, g):
   if logits.shape[0] == 0:
     dlogits = jnp.zeros(logits.shape, logits.dtype)
   else:
-    dlogits = kernel.logprob_grad(logits, local, inv_t, lse, ent, g_p, g_ent, opts=opts)
-    if g_sel is not None:
-      dlogits = _set_columns(dlogits, logits, local, sel_ids - rowmath.class_offset(c, opts),
-                             inv_t, lse, ent, g_lp, g_ent, g_sel, opts)
+    dlogits = kernel.logprob_grad(logits, local, inv_t, stats, ent, g_p, g_ent, opts=opts)
+    dlogits = _set_columns(dlogits, logits, local, sel_ids - rowmath.class_offset(c, opts),
+                           inv_t, stats, ent, lp, g_lp, g_ent, g_sel, opts)
   d_inv_t = None
   if t_grad:
     var = None
     if g_ent is not None:
-      var = rowmath.psum(_logits_var(logits, inv_t.astype(lse.dtype), lse, lse - ent, opts,
+      var = rowmath.psum(_logits_var(logits, inv_t.astype(ent.dtype), stats, ent, opts,
                                      getattr(kernel, "block", 4096)), opts)
     d_inv_t = rowmath.match_vma(
         _d_inv_t(g_lp, g_ent, lp, ent, inv_t, var, g_sel, sel).astype(inv_t.dtype), inv_t)
@@ -465,7 +494,7 @@ BLOCK_V = 1024
 
 
 def _linear_forward(x, w, labels, inv_t, sel_ids, opts, block_v):
-  """``(log_prob, entropy, lse, z at the selected ids [N, K], owned [N, K])``: one walk over
+  """``(log_prob, entropy, stats, z at the selected ids [N, K], owned [N, K])``: one walk over
   the vocabulary blocks; each block's selected logits are gathered from the block's own
   ``x @ w`` (no extra pass over ``w``)."""
   v = w.shape[1]
@@ -489,8 +518,8 @@ def _linear_forward(x, w, labels, inv_t, sel_ids, opts, block_v):
   init = (_init(x.shape[0], dtype), jnp.zeros(sel_ids.shape, dtype))
   state, z_sel = fold_blocks(step, v, min(block_v, v), init,
                              peel=bool(rowmath.varying(x) or rowmath.varying(w)))
-  lp, ent, lse = _finish(state, labels, opts, v)
-  return lp, ent, lse, z_sel, (sel_local >= 0) & (sel_local < v)
+  lp, ent, stats = _finish(_without_label(state, (local >= 0) & (local < v)), labels, opts, v)
+  return lp, ent, stats, z_sel, (sel_local >= 0) & (sel_local < v)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("opts", "block_v", "with_entropy", "t_grad"))
@@ -505,17 +534,17 @@ def linear_token_stats(x, w, labels, inv_t, keep, sel_ids, opts: XentOptions, bl
 
 def _linear_token_stats_fwd(x, w, labels, inv_t, keep, sel_ids, opts, block_v, with_entropy,
                             t_grad):
-  lp, ent, lse, z_sel, owned = _linear_forward(x, w, labels, inv_t, sel_ids, opts, block_v)
-  sel = (_selected(z_sel, owned, sel_ids, lse, keep, opts, w.shape[1]) if sel_ids.shape[1]
+  lp, ent, stats, z_sel, owned = _linear_forward(x, w, labels, inv_t, sel_ids, opts, block_v)
+  sel = (_selected(z_sel, owned, sel_ids, stats, keep, opts, w.shape[1]) if sel_ids.shape[1]
          else None)
   out = _outputs(lp, ent, keep, with_entropy) + (sel,)
-  return out, (x, w, labels, inv_t, keep, sel_ids, lse, ent, lp, sel)
+  return out, (x, w, labels, inv_t, keep, sel_ids, stats, ent, lp, sel)
 
 
 def _linear_token_stats_bwd(opts, block_v, with_entropy, t_grad, res, g):
-  x, w, labels, inv_t, keep, sel_ids, lse, ent, lp, sel = res
+  x, w, labels, inv_t, keep, sel_ids, stats, ent, lp, sel = res
   v = w.shape[1]
-  g_lp, g_ent = _cotangents(g, with_entropy, labels, lse, opts, v, keep, w)
+  g_lp, g_ent = _cotangents(g, with_entropy, labels, stats, opts, v, keep, w)
   local = labels - rowmath.class_offset(v, opts)
   sel_local = sel_ids - rowmath.class_offset(v, opts)
   g_sel = None if sel is None else _sel_cotangent(g[2], sel_ids, keep, w, opts, v)
@@ -525,9 +554,9 @@ def _linear_token_stats_bwd(opts, block_v, with_entropy, t_grad, res, g):
     dx, dw, var = carry
     wb = lax.dynamic_slice_in_dim(w, start, size, axis=1)
     z, capped = _scaled(linear.dot(x, wb), inv_t, opts)
-    dz = _dz(z, local - start, lse, ent, g_lp, g_ent, sel_local - start, g_sel)
+    dz = _dz(z, local - start, stats, ent, g_lp, g_ent, sel_local - start, g_sel, lp=lp)
     if want_var:
-      var = var + _var_block(z, lse, lse - ent)
+      var = var + _var_block(z, stats, ent)
     dz = (dz * inv_t[:, None] * rowmath.softcap_factor(capped, opts)).astype(x.dtype)
     dx = dx + linear.dot(dz, wb.T)
     dw = lax.dynamic_update_slice_in_dim(dw, linear.dot(x.T, dz).astype(w.dtype), start,
@@ -535,7 +564,7 @@ def _linear_token_stats_bwd(opts, block_v, with_entropy, t_grad, res, g):
     return dx, dw, var
 
   init = (jnp.zeros(x.shape, rowmath.compute_dtype(x.dtype)), jnp.zeros(w.shape, w.dtype),
-          jnp.zeros(lse.shape, lse.dtype))
+          jnp.zeros(ent.shape, ent.dtype))
   dx, dw, var = fold_blocks(step, v, min(block_v, v), init,
                             peel=bool(rowmath.varying(x) or rowmath.varying(w)))
   d_inv_t = None

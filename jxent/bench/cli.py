@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                  help="label kinds of custom logits cases (with --shape): int,dense,logprobs,"
                       "selected (logprobs: RL per-token log-probs and entropy, token_log_probs; "
                       "selected: the same plus 16 selected ids per token); default int")
+  p.add_argument("--accuracy", action="store_true",
+                 help="the accuracy table instead of timings: max errors in ulps against float64 "
+                      "truth on the rounded inputs (loss / gradient / true class), per regime, "
+                      "for --implementations (default: xla, chunked_xla and the peers; Pallas "
+                      "kernels in interpret mode off their platform) and --dtype; with --json")
   p.add_argument("--tune", action="store_true",
                  help="run jxent.autotune over the cases (the user cache gets the winners) and "
                       "write them as a config file in the shipped format (--tune-out)")
@@ -620,9 +625,44 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 1
 
 
+def accuracy_table(args) -> int:
+  """``--accuracy``: the table of docs/accuracy.md (jxent.bench.accuracy)."""
+  from jxent.bench import accuracy
+  names = (C.split_implementations(args.implementations) if args.implementations
+           else ("xla", "chunked_xla") + accuracy.PEERS)
+  known = set(C.all_implementations()) | set(accuracy.PEERS)
+  for n in names:
+    if n not in known or n in ("unfused", "xla_autodiff") or n.startswith("linear"):
+      raise UsageError(f"--accuracy measures the logits implementations and the peers "
+                       f"{', '.join(accuracy.PEERS)}; not {n!r}")
+    why = C.why_not_here(n) if n in C.PEERS else None
+    if why:
+      raise UsageError(f"{n}: {why}")
+  dtypes = [jnp.dtype(d) for d in (args.dtype or "float32").split(",")]
+  rows = []
+  for labels in ("int", "dense"):
+    rows += accuracy.table(names, dtypes, dense=labels == "dense", progress=None if
+                           args.no_progress else lambda r: print(
+                               f"  {r.dtype} {r.labels} {r.regime}: {r.implementation}",
+                               file=sys.stderr))
+  print("max error in ulps, loss / every gradient element / true class "
+        f"(jxent {_jxent_version()}, jax {jax.__version__}, {jax.devices()[0].platform})")
+  print(accuracy.format_table(rows))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump([r.as_dict() for r in rows], f, indent=1)
+  return 0
+
+
 def _main(argv: Optional[list[str]]) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
+  if args.accuracy:
+    try:
+      return accuracy_table(args)
+    except UsageError as e:
+      print(f"jxent-bench: error: {e}", file=sys.stderr)
+      return 2
   try:
     cases, modes, impls = resolve(args)
     check_outputs(args)

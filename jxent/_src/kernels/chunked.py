@@ -18,11 +18,15 @@ BLOCK = 4096
 
 
 def _block_stats(xb, yb, start, labels, sparse, opts, want_sum_x):
-  """Block max and the block's partial statistics ``(m, z, a, b, sum_x)`` (see :func:`_merge`)."""
+  """Block max and the block's partial statistics ``(m, z, a, b, sum_x)`` (see :func:`_merge`);
+  for integer labels ``z`` leaves out the label's term (:func:`rowmath.label_log_z`)."""
   bm = jnp.max(xb, axis=-1)
   bm = jnp.where(jnp.isneginf(bm), 0.0, bm)
   s = xb - bm[:, None]
-  z = jnp.sum(jnp.exp(s), axis=-1)
+  e = jnp.exp(s)
+  if sparse:
+    e = jnp.where(jnp.arange(xb.shape[-1])[None, :] == (labels - start)[:, None], 0.0, e)
+  z = jnp.sum(e, axis=-1)
   sum_x = jnp.sum(xb, axis=-1) if want_sum_x else jnp.zeros_like(bm)
   if sparse:
     local = labels - start
@@ -36,16 +40,18 @@ def _block_stats(xb, yb, start, labels, sparse, opts, want_sum_x):
 
 
 def _merge(state, new):
-  """Merges running (m, z, a, b, sum_x) with a block's; for dense ``a = sum(y)``, ``b = sum(y*(x-m))``
-  and for sparse ``a`` = the label's raw logit (b unused)."""
-  m0, z0, a0, b0, sx0 = state
+  """Merges running (m, z, zc, a, b, sum_x) with a block's (m, z, a, b, sum_x); for dense ``a =
+  sum(y)``, ``b = sum(y*(x-m))`` and for sparse ``b`` = the label's logit (``a = 0``); ``zc``
+  compensates the sum (:func:`rowmath.add_rescaled`)."""
+  m0, z0, c0, a0, b0, sx0 = state
   m1, z1, a1, b1, sx1 = new
   m = jnp.maximum(m0, m1)
   d0 = jnp.where(jnp.isneginf(m0), 0.0, m0 - m)
   d1 = m1 - m
-  z = z0 * jnp.exp(d0) + z1 * jnp.exp(d1)
+  z, zc = rowmath.add_rescaled(z0, c0, jnp.where(jnp.isneginf(m0), 0.0, rowmath.exp_diff(m0, m)),
+                               z1, rowmath.exp_diff(m1, m))
   b = b0 + d0 * a0 + b1 + d1 * a1
-  return m, z, a0 + a1, b, sx0 + sx1
+  return m, z, zc, a0 + a1, b, sx0 + sx1
 
 
 def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOptions,
@@ -65,8 +71,9 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
     return _block_stats(xb, yb, start, labels, sparse, opts, want_sum_x)
 
   zero = jnp.zeros((rows,), dt)
-  state = (jnp.full((rows,), -jnp.inf, dt), zero, zero, zero, zero)
+  state = (jnp.full((rows,), -jnp.inf, dt), zero, zero, zero, zero, zero)
   state = rowmath.fold_blocks(lambda start, size, st: _merge(st, stats(start, size)), c, block, state)
-  m, z, a, b, sum_x = state
+  m, z, zc, a, b, sum_x = state
+  z = z + zc
   m = jnp.where(jnp.isneginf(m), 0.0, m)
   return rowmath.loss_from_stats(m, z, a, b, sum_x, glabels, sparse=sparse, opts=opts, local_c=c)

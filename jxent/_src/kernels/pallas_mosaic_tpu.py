@@ -2,8 +2,12 @@
 
 * forward: grid (row blocks, class blocks), the class axis innermost and sequential
   ("arbitrary"); per-row online max / sum-exp / label statistics live in VMEM scratch and the
-  loss and log-sum-exp are written at the last class block (one HBM read of the logits).
-* backward: fully parallel; writes ``dlogits`` from the saved log-sum-exp (one read, one write).
+  loss and row statistics ``(m, log_z, z)`` (:func:`rowmath.stats_of`) are written at the last
+  class block (one HBM read of the logits). For integer labels the sum leaves out the label's
+  term, so a confident row's loss is exact (:func:`rowmath.label_log_z`).
+* backward: fully parallel; writes ``dlogits`` with ``softmax = exp(x - m) / z`` (shift
+  invariant) and the label's exact entry (:func:`rowmath.label_grad`, one value per row from
+  XLA) (one read, one write).
 * fused (scalar reductions): grid (row blocks,) over whole rows held in VMEM; one walk folds the
   statistics, a second walk over the same VMEM block writes the gradient pre-scaled by the row
   weights (one HBM read and one write, the 0.67x of the three-pass floor). Rows too long for the
@@ -50,16 +54,27 @@ def _cols(start, shape):
 # ------------------------------------------------------------------------------------------------
 def _init_stats(rows):
   zero = jnp.zeros((rows, 1), jnp.float32)
-  return (jnp.full((rows, 1), _NEG, jnp.float32), zero, zero, zero, zero)
+  return (jnp.full((rows, 1), _NEG, jnp.float32), zero, zero, zero, zero, zero)
+
+
+def _finished(stats):
+  """The online ``(m, z, zc, a, b, sum_x)`` as :func:`rowmath.loss_from_stats` takes them."""
+  m, z, zc, a, b, sx = stats
+  return m, z + zc, a, b, sx
 
 
 def _update_stats(stats, x, y, col, *, sparse, opts, c):
-  """Folds one tile into the online ``(max, sum-exp, sum y, label term, sum x)`` statistics."""
-  m_old, z, a, b, sx = stats
+  """Folds one tile into the online ``(max, sum-exp, its compensation, sum y, label term, sum
+  x)`` statistics (:func:`rowmath.add_rescaled`)."""
+  m_old, z, zc, a, b, sx = stats
   mask = col < c
   x = jnp.where(mask, rowmath.prep_logits(x, opts).astype(jnp.float32), -jnp.inf)
   m_new = jnp.maximum(m_old, jnp.max(x, axis=1, keepdims=True))
-  z = z * jnp.exp(m_old - m_new) + jnp.sum(jnp.exp(x - m_new), axis=1, keepdims=True)
+  e = jnp.exp(x - m_new)
+  if sparse:  # (the label's term is left out of the sum)
+    e = jnp.where(col == y, 0.0, e)
+  z, zc = rowmath.add_rescaled(z, zc, rowmath.exp_diff(m_old, m_new),
+                               jnp.sum(e, axis=1, keepdims=True), 1.0)
   if opts.label_smoothing:
     sx = sx + jnp.sum(jnp.where(mask, x, 0.0), axis=1, keepdims=True)
   if sparse:
@@ -67,30 +82,30 @@ def _update_stats(stats, x, y, col, *, sparse, opts, c):
     b = b + jnp.sum(jnp.where((col == y) & mask, x, 0.0), axis=1, keepdims=True)
   else:
     yv = jnp.where(mask, y.astype(jnp.float32), 0.0)
-    b = (b + (m_old - m_new) * a
+    b = (b + jnp.where(a == 0, 0.0, (m_old - m_new) * a)
          + jnp.sum(jnp.where(yv == 0, 0.0, yv * (x - m_new)), axis=1, keepdims=True))
     a = a + jnp.sum(yv, axis=1, keepdims=True)
-  return m_new, z, a, b, sx
+  return m_new, z, zc, a, b, sx
 
 
-def _grad_tile(x, y, col, lse, g, sum_t, *, sparse, opts, n_cls):
+def _grad_tile(x, y, col, row, g, *, sparse, opts, n_cls):
   """``(dlogits, dlabels)`` of one tile; ``g`` already holds the row weights and masking;
-  ``n_cls`` is the global class count (vocab parallel)."""
+  ``row = (m, log_z, z, coef, d_lab)`` are ``[rows, 1]`` (``d_lab``: integer labels, the label's
+  entry, :func:`rowmath.label_grad`); ``n_cls`` is the global class count (vocab parallel)."""
   eps = opts.label_smoothing
+  m, log_z, z, coef, d_lab = row
   x = rowmath.prep_logits(x, opts).astype(jnp.float32)
-  p = jnp.exp(x - lse)
-  coef = 1.0 + 2.0 * opts.z_loss * lse
+  p = jnp.exp(x - m) * (1.0 / z)
   dy = None
   if sparse:
-    target = jnp.where(col == y, 1.0 - eps, 0.0)
+    d = jnp.where(col == y, d_lab, coef * p - (eps / n_cls if eps else 0.0))
   else:
     target = (1.0 - eps) * y.astype(jnp.float32)
-    if sum_t is not None:
-      coef = coef + (sum_t - 1.0)
-    dy = g * (1.0 - eps) * (lse - x)
-  if eps:
-    target = target + eps / n_cls
-  return g * (coef * p - target) * rowmath.softcap_factor(x, opts), dy
+    dy = g * (1.0 - eps) * ((m - x) + log_z)
+    if eps:
+      target = target + eps / n_cls
+    d = coef * p - target
+  return g * d * rowmath.softcap_factor(x, opts), dy
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,9 +114,9 @@ def _grad_tile(x, y, col, lse, g, sum_t, *, sparse, opts, n_cls):
 def _fwd_kernel(x_ref, y_ref, *refs, sparse, opts, block_c, c):
   """Grid (row blocks, class blocks): online statistics in VMEM scratch across class blocks.
 
-  Writes loss and lse; with ``axis_name``, this shard's raw statistics instead (merged over the
-  shards by the caller)."""
-  n_out = 2 if opts.axis_name is None else 5
+  Writes the loss and ``(m, log_z, z)``; with ``axis_name``, this shard's raw statistics instead
+  (merged over the shards by the caller)."""
+  n_out = 4 if opts.axis_name is None else 5
   outs, scratch = refs[:n_out], refs[n_out:]
   j = pl.program_id(1)
 
@@ -119,31 +134,33 @@ def _fwd_kernel(x_ref, y_ref, *refs, sparse, opts, block_c, c):
   @pl.when(j == pl.num_programs(1) - 1)
   def _finish():
     if opts.axis_name is not None:
-      for ref, val in zip(outs, stats):
+      for ref, val in zip(outs, _finished(stats)):
         ref[...] = val
       return
-    outs[0][...], outs[1][...] = rowmath.loss_from_stats(*stats, y_ref[...], sparse=sparse, opts=opts,
-                                                     local_c=c)
+    loss, row = rowmath.loss_from_stats(*_finished(stats), y_ref[...], sparse=sparse, opts=opts, local_c=c,
+                                        mosaic=True)
+    for ref, val in zip(outs, (loss, *row)):
+      ref[...] = val
 
 
 def _bwd_kernel(*refs, sparse, opts, block_c, n_cls):
-  """Grid (row blocks, class blocks), all parallel: one tile of ``dlogits`` from the saved lse.
+  """Grid (row blocks, class blocks), all parallel: one tile of ``dlogits`` from the saved row
+  statistics and the per-row ``coef`` and (integer labels) label entry ``d_lab``.
 
   With ``axis_name`` the caller passes local labels and ``g`` with ignored rows zeroed."""
   if sparse:
-    x_ref, y_ref, lse_ref, g_ref, dx_ref = refs
-    st_ref = dy_ref = None
+    x_ref, y_ref, m_ref, lz_ref, z_ref, coef_ref, dl_ref, g_ref, dx_ref = refs
+    dy_ref = None
   else:
-    x_ref, y_ref, lse_ref, g_ref, st_ref, dx_ref, *dy = refs
-    dy_ref = dy[0] if dy else None
+    x_ref, y_ref, m_ref, lz_ref, z_ref, coef_ref, g_ref, dx_ref, *dy = refs
+    dl_ref, dy_ref = None, (dy[0] if dy else None)
   col = _cols(pl.program_id(1) * block_c, x_ref.shape)
   y = y_ref[...]
   g = g_ref[...]
   if sparse and opts.axis_name is None:
     g = rowmath.zero_ignored(y, g, opts)
-  sum_t = None if (st_ref is None or opts.tf_grad) else st_ref[...]
-  dx, dy = _grad_tile(x_ref[...], y, col, lse_ref[...], g, sum_t, sparse=sparse, opts=opts,
-                      n_cls=n_cls)
+  row = (m_ref[...], lz_ref[...], z_ref[...], coef_ref[...], None if dl_ref is None else dl_ref[...])
+  dx, dy = _grad_tile(x_ref[...], y, col, row, g, sparse=sparse, opts=opts, n_cls=n_cls)
   dx_ref[...] = dx.astype(dx_ref.dtype)
   if dy_ref is not None:
     dy_ref[...] = dy.astype(dy_ref.dtype)
@@ -179,18 +196,23 @@ def _fused_kernel(*refs, sparse, opts, chunk, c):
     return _update_stats(stats, x_ref[:, pl.ds(start, size)], y_tile(start, size), col,
                          sparse=sparse, opts=opts, c=c)
 
-  stats = _walk(c, chunk, stats_body, _init_stats(rows))
-  loss, lse = rowmath.loss_from_stats(*stats, y_row, sparse=sparse, opts=opts, local_c=c)
+  stats = _finished(_walk(c, chunk, stats_body, _init_stats(rows)))
+  loss, row_stats = rowmath.loss_from_stats(*stats, y_row, sparse=sparse, opts=opts, local_c=c,
+                                            mosaic=True)
   w = w_ref[...]
   loss_ref[...] = jnp.where(w == 0, 0.0, loss * w)
-  g = rowmath.zero_ignored(y_row, w, opts) if sparse else w
+  g = rowmath.fused_weights(rowmath.zero_ignored(y_row, w, opts) if sparse else w, row_stats)
   sum_t = None
   if not sparse and not opts.tf_grad:
     sum_t = (1.0 - opts.label_smoothing) * stats[2] + opts.label_smoothing
+  coef = rowmath.grad_coef(row_stats, opts, sum_t)
+  # (integer labels: stats[3] is the label's capped logit, folded in the walk)
+  d_lab = rowmath.label_grad(stats[3], row_stats, coef, opts, c, mosaic=True) if sparse else None
+  row = (*row_stats, coef, d_lab)
 
   def grad_body(start, size, carry):
     col = _cols(start, (rows, size))
-    dx, dyv = _grad_tile(x_ref[:, pl.ds(start, size)], y_tile(start, size), col, lse, g, sum_t,
+    dx, dyv = _grad_tile(x_ref[:, pl.ds(start, size)], y_tile(start, size), col, row, g,
                          sparse=sparse, opts=opts, n_cls=c)
     dx_ref[:, pl.ds(start, size)] = dx.astype(dx_ref.dtype)
     if dy_ref is not None:
@@ -221,9 +243,9 @@ def _lp_fwd_kernel(x_ref, y_ref, t_ref, m_out, s_out, t_out, lab_out, m_sc, s_sc
   m_old, s_old = m_sc[...], s_sc[...]
   m_new = jnp.maximum(m_old, jnp.max(z, axis=1, keepdims=True))
   d = m_old - m_new
-  e0 = jnp.exp(d)
+  e0 = rowmath.exp_diff(m_old, m_new)
   zs = z - m_new
-  e = jnp.exp(zs)
+  e = jnp.where(col == y_ref[...], 0.0, jnp.exp(zs))  # (s and t leave out the label's term)
   t_sc[...] = (jnp.where(s_old == 0, 0.0, e0 * (t_sc[...] + d * s_old))
                + jnp.sum(jnp.where(e == 0, 0.0, e * zs), axis=1, keepdims=True))
   s_sc[...] = s_old * e0 + jnp.sum(e, axis=1, keepdims=True)
@@ -237,19 +259,20 @@ def _lp_fwd_kernel(x_ref, y_ref, t_ref, m_out, s_out, t_out, lab_out, m_sc, s_sc
 
 
 def _lp_bwd_kernel(*refs, opts, block_c, with_entropy):
-  """Grid (row blocks, class blocks), all parallel: one tile of ``dlogits``."""
+  """Grid (row blocks, class blocks), all parallel: one tile of ``dlogits`` (the label's column
+  is rewritten exactly by the caller)."""
   if with_entropy:
-    x_ref, y_ref, t_ref, lse_ref, ent_ref, glp_ref, gent_ref, dx_ref = refs
+    x_ref, y_ref, t_ref, m_ref, lz_ref, z_ref, ent_ref, glp_ref, gent_ref, dx_ref = refs
   else:
-    x_ref, y_ref, t_ref, lse_ref, glp_ref, dx_ref = refs
+    x_ref, y_ref, t_ref, m_ref, lz_ref, z_ref, glp_ref, dx_ref = refs
   col = _cols(pl.program_id(1) * block_c, x_ref.shape)
   capped = rowmath.prep_logits(x_ref[...], opts).astype(jnp.float32)
-  inv_t, lse = t_ref[...], lse_ref[...]
-  z = capped * inv_t
-  p = jnp.exp(z - lse)
+  inv_t = t_ref[...]
+  zs = capped * inv_t - m_ref[...]
+  p = jnp.exp(zs) * (1.0 / z_ref[...])
   dz = glp_ref[...] * (jnp.where(col == y_ref[...], 1.0, 0.0) - p)
   if with_entropy:
-    dz = dz - gent_ref[...] * jnp.where(p == 0, 0.0, p * (z - (lse - ent_ref[...])))
+    dz = dz - gent_ref[...] * jnp.where(p == 0, 0.0, p * (zs - (lz_ref[...] - ent_ref[...])))
   dx_ref[...] = (dz * inv_t * rowmath.softcap_factor(capped, opts)).astype(dx_ref.dtype)
 
 
@@ -323,8 +346,8 @@ class PallasMosaicTpuKernel:
     blocks += [labels.dtype] if want_dy else []
     br = self.fused_rows(c, blocks)
     if br == 0:
-      loss, lse = self.forward(logits, labels, sparse=sparse, opts=opts)
-      dx, dy = self.backward(logits, labels, lse, weights, sparse=sparse, opts=opts,
+      loss, stats = self.forward(logits, labels, sparse=sparse, opts=opts)
+      dx, dy = self.backward(logits, labels, stats, weights, sparse=sparse, opts=opts,
                              want_dlabels=want_dlabels)
       return jnp.where(weights == 0, 0.0, loss * weights), dx, dy
     br = min(br, pl.cdiv(rows, _sublanes(logits.dtype)) * _sublanes(logits.dtype))
@@ -358,42 +381,46 @@ class PallasMosaicTpuKernel:
     row_spec = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
     y_spec = row_spec if sparse else pl.BlockSpec((br, bc), lambda i, j: (i, j))
     y = labels[:, None] if sparse else labels
-    vmem = _pltpu().VMEM((br, 1), jnp.float32)  # the five online statistics
-    n_out = 2 if opts.axis_name is None else 5
+    vmem = _pltpu().VMEM((br, 1), jnp.float32)  # the six online statistics
+    n_out = 4 if opts.axis_name is None else 5
     out_shape = (rowmath.out_struct((rows, 1), jnp.float32, logits),) * n_out
     res = pl.pallas_call(
         functools.partial(_fwd_kernel, sparse=sparse, opts=opts, block_c=bc, c=c),
         grid=grid, in_specs=[pl.BlockSpec((br, bc), lambda i, j: (i, j)), y_spec],
-        out_specs=(row_spec,) * n_out, out_shape=out_shape, scratch_shapes=[vmem] * 5,
+        out_specs=(row_spec,) * n_out, out_shape=out_shape, scratch_shapes=[vmem] * 6,
         compiler_params=self._params(("parallel", "arbitrary")), interpret=self.interpret,
         name="jxent_xent_fwd")(logits, y)
     res = [r[:, 0] for r in res]
     if opts.axis_name is None:
-      return res[0], res[1]
+      return res[0], tuple(res[1:])
     return rowmath.loss_from_stats(*res, glabels, sparse=sparse, opts=opts, local_c=c)
 
-  def backward(self, logits, labels, lse, g, *, sparse, opts, want_dlabels=True):
+  def backward(self, logits, labels, stats, g, *, sparse, opts, want_dlabels=True):
     rows, c = logits.shape
     if rows == 0:
       return rowmath.empty_rows(logits, labels, sparse=sparse, want_dlabels=want_dlabels,
                             fused=True)[1:]
+    n_cls = rowmath.num_classes(c, opts)
+    stats = tuple(v.astype(jnp.float32) for v in stats)
+    sum_t = None if sparse else rowmath.sum_target(labels.astype(jnp.float32), opts)
+    coef = rowmath.grad_coef(stats, opts, sum_t)
+    row = [*stats, coef]
+    if sparse:  # the label's entry per row, from its logit (a gather of one value per row)
+      x_lab, _, _ = rowmath.local_label(logits, labels, opts)
+      row.append(rowmath.label_grad(x_lab, stats, coef, opts, n_cls))
     if sparse and opts.axis_name is not None:  # what needs the other shards is done here
       labels, g = rowmath.local_rows(labels, g, opts, c)
     br, bc, grid = self._grid(rows, c, logits.dtype)
     row_spec = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
     blk_spec = pl.BlockSpec((br, bc), lambda i, j: (i, j))
-    args = [logits, labels[:, None] if sparse else labels, lse[:, None],
+    args = [logits, labels[:, None] if sparse else labels, *(v[:, None] for v in row),
             g.astype(jnp.float32)[:, None]]
-    in_specs = [blk_spec, row_spec if sparse else blk_spec, row_spec, row_spec]
+    in_specs = [blk_spec, row_spec if sparse else blk_spec] + [row_spec] * (len(row) + 1)
     out_shape = [rowmath.out_struct((rows, c), logits.dtype, logits)]
-    if not sparse:
-      args.append(rowmath.sum_target(labels.astype(jnp.float32), opts)[:, None])
-      in_specs.append(row_spec)
-      if want_dlabels:
-        out_shape.append(rowmath.out_struct((rows, c), labels.dtype, logits))
+    if not sparse and want_dlabels:
+      out_shape.append(rowmath.out_struct((rows, c), labels.dtype, logits))
     res = pl.pallas_call(
-        functools.partial(_bwd_kernel, sparse=sparse, opts=opts, block_c=bc,
-                          n_cls=rowmath.num_classes(c, opts)),
+        functools.partial(_bwd_kernel, sparse=sparse, opts=opts, block_c=bc, n_cls=n_cls),
         grid=grid, in_specs=in_specs, out_specs=[blk_spec] * len(out_shape),
         out_shape=tuple(out_shape), compiler_params=self._params(("parallel", "parallel")),
         interpret=self.interpret, name="jxent_xent_bwd")(*args)
@@ -416,7 +443,7 @@ class PallasMosaicTpuKernel:
             logits, labels[:, None], inv_t.astype(jnp.float32)[:, None])
     return tuple(r[:, 0] for r in res)
 
-  def logprob_grad(self, logits, labels, inv_t, lse, ent, g_lp, g_ent, *, opts):
+  def logprob_grad(self, logits, labels, inv_t, stats, ent, g_lp, g_ent, *, opts):
     """``dlogits`` of ``g_lp * log_prob + g_ent * entropy`` (``g_ent`` None: log-probs only;
     rows >= 1)."""
     rows, c = logits.shape
@@ -425,7 +452,7 @@ class PallasMosaicTpuKernel:
     row_spec = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
     blk_spec = pl.BlockSpec((br, bc), lambda i, j: (i, j))
     col = lambda v: v.astype(jnp.float32)[:, None]
-    args = [logits, labels[:, None], col(inv_t), col(lse)]
+    args = [logits, labels[:, None], col(inv_t), *map(col, stats)]
     args += [col(ent), col(g_lp), col(g_ent)] if with_entropy else [col(g_lp)]
     return pl.pallas_call(
         functools.partial(_lp_bwd_kernel, opts=opts, block_c=bc, with_entropy=with_entropy),

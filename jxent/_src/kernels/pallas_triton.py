@@ -2,9 +2,14 @@
 
 * forward: one program per row walks the class axis once, in blocks of ``block_c``, keeping an
   online max / sum-exp (and the label statistics) with one ``exp`` per element, then writes the
-  row's loss and log-sum-exp. One HBM read of the logits.
-* backward: one program per row writes ``dlogits = g * (coef * softmax - target)`` from the saved
-  log-sum-exp. One read and one write.
+  row's loss and statistics ``(m, log_z, z)`` (:func:`rowmath.stats_of`). One HBM read of the
+  logits. For integer labels the sum leaves out the label's term (a select per element), so
+  ``log_z = log1p(t + expm1(x_y - m))`` is exact on confident rows; blocks are rescaled with
+  :func:`rowmath.exp_diff`.
+* backward: one program per row writes ``dlogits = g * (coef * softmax - target)`` with
+  ``softmax = exp(x - m) / z`` (shift invariant: no absolute log-sum-exp is subtracted), the
+  label's entry ``coef * expm1(log p_y) + (coef - target_y)`` (one scalar per row). One read
+  and one write.
 * fused (scalar reductions): the forward pass, then a second walk over the same row (still in L2)
   that writes the gradient pre-scaled by the row's reduction weight; the backward only scales it by
   the cotangent. A row that fits one block is loaded once for both.
@@ -143,19 +148,24 @@ def _load_x(x_ref, idx, mask, opts):
   return jnp.where(mask, rowmath.prep_logits(x_ref.load(idx, mask, 0.0), opts), -jnp.inf)
 
 
-def _fold(carry, x, y, mask, *, sparse, opts):
-  """Folds one block into the online statistics (scalars, or one per group of a 2-D block)."""
-  m, z, a, b, sx = carry
+def _fold(carry, x, y, mask, *, sparse, opts, is_label=None):
+  """Folds one block into the online statistics ``(m, z, zc, a, b, sum_x)`` (scalars, or one
+  per group of a 2-D block; ``zc`` compensates ``z``: :func:`rowmath.add_rescaled`);
+  ``is_label`` (integer labels): the label's lane, left out of the sum."""
+  m, z, zc, a, b, sx = carry
   red = functools.partial(jnp.sum, axis=-1)
   expand = (lambda v: v) if x.ndim == 1 else (lambda v: v[:, None])
   m_new = jnp.maximum(m, jnp.max(x, axis=-1))
-  z = z * jnp.exp(m - m_new) + red(jnp.exp(x - expand(m_new)))
+  e = jnp.exp(x - expand(m_new))
+  if is_label is not None:
+    e = jnp.where(is_label, 0.0, e)
+  z, zc = rowmath.add_rescaled(z, zc, rowmath.exp_diff(m, m_new), red(e), 1.0)
   if opts.label_smoothing:
     sx = sx + red(jnp.where(mask, x, 0.0))
   if not sparse:
-    b = b + (m - m_new) * a + red(jnp.where(y == 0, 0.0, y * (x - expand(m_new))))
+    b = b + jnp.where(a == 0, 0.0, (m - m_new) * a) + red(jnp.where(y == 0, 0.0, y * (x - expand(m_new))))
     a = a + red(y)
-  return m_new, z, a, b, sx
+  return m_new, z, zc, a, b, sx
 
 
 def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c, groups=1, block=None):
@@ -165,32 +175,36 @@ def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c, groups=1, block=No
   block is viewed as ``[G, block_c // G]`` (G contiguous segments) and reduced along the segments
   only, keeping G independent online statistics that are combined once after the walk: the loop
   then has no reduction across the whole block (``1 + G / block_c`` exps per element).
-  ``block = (x, y, mask)``: the whole row, already loaded (no walk).
+  ``block = (x, y, mask, idx)``: the whole row, already loaded (no walk).
 
   Returns the raw statistics ``(m, z, a, b, sum_x)`` of :func:`rowmath.loss_from_stats`: dense
-  ``a = sum(y)``, ``b = sum(y * (x - m))``; sparse ``b`` = the label's logit, read with one
-  scalar load after the walk (no per-block reduction); ``sum_x`` (label smoothing only).
+  ``a = sum(y)``, ``b = sum(y * (x - m))``; sparse ``z`` without the label's term and ``b`` =
+  the label's logit, read with one scalar load after the walk (no per-block reduction);
+  ``sum_x`` (label smoothing only).
   """
   c = x_ref.size
   lanes = _lanes(block_c, groups)
   shape = () if groups == 1 else (groups,)
   zero = jnp.zeros(shape, jnp.float32)
-  init = (jnp.full(shape, _NEG, jnp.float32), zero, zero, zero, zero)
+  init = (jnp.full(shape, _NEG, jnp.float32), zero, zero, zero, zero, zero)
 
   def body(i, carry):
     idx = i * block_c + lanes
     mask = idx < c
     y = None if sparse else y_ref.load(idx, mask, 0.0).astype(jnp.float32)
-    return _fold(carry, _load_x(x_ref, idx, mask, opts), y, mask, sparse=sparse, opts=opts)
+    return _fold(carry, _load_x(x_ref, idx, mask, opts), y, mask, sparse=sparse, opts=opts,
+                 is_label=(idx == label) if sparse else None)
 
   if block is None:
-    m, z, a, b, sx = jax.lax.fori_loop(0, pl.cdiv(c, block_c), body, init)
+    m, z, zc, a, b, sx = jax.lax.fori_loop(0, pl.cdiv(c, block_c), body, init)
   else:
-    m, z, a, b, sx = _fold(init, *block, sparse=sparse, opts=opts)
+    m, z, zc, a, b, sx = _fold(init, *block[:3], sparse=sparse, opts=opts,
+                               is_label=(block[3] == label) if sparse else None)
+  z = z + zc
   if groups > 1:  # combine the groups' statistics
     mg = jnp.max(m)
-    z, b, a, sx, m = (jnp.sum(z * jnp.exp(m - mg)), jnp.sum(b + (m - mg) * a), jnp.sum(a),
-                      jnp.sum(sx), mg)
+    z, b, a, sx, m = (jnp.sum(z * rowmath.exp_diff(m, mg)), jnp.sum(b + (m - mg) * a),
+                      jnp.sum(a), jnp.sum(sx), mg)
   if sparse:
     # The label's logit by one scalar load; labels outside this row's classes (out of range, or
     # on another vocab shard) read a clipped, valid address and count 0.
@@ -199,31 +213,41 @@ def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c, groups=1, block=No
   return m, z, a, b, sx
 
 
-def _grad_block(x, y, idx, mask, dx_ref, dy_ref, label, lse, g, coef, *, sparse, opts, n_cls):
-  """Writes one block of ``dlogits`` (and ``dlabels``) from its logits ``x`` (upcast, capped)."""
+def _grad_block(x, y, idx, mask, dx_ref, dy_ref, label, row, g, *, sparse, opts, n_cls):
+  """Writes one block of ``dlogits`` (and ``dlabels``) from its logits ``x`` (upcast, capped);
+  ``row`` holds the row's scalars (:func:`_grad_row`)."""
   eps = opts.label_smoothing
-  p = jnp.exp(x - lse)
+  m, log_z, inv_z, coef, d_lab = row
+  p = jnp.exp(x - m) * inv_z
   if sparse:
-    target = jnp.where(idx == label, 1.0 - eps, 0.0)
+    dx = coef * p - (eps / n_cls if eps else 0.0)
+    dx = jnp.where(idx == label, d_lab, dx)
   else:
     target = (1.0 - eps) * y
     if dy_ref is not None:
-      dy_ref.store(idx, (g * (1.0 - eps) * (lse - x)).astype(dy_ref.dtype), mask)
-  if eps:
-    target = target + eps / n_cls
-  dx = g * (coef * p - target) * rowmath.softcap_factor(x, opts)
+      dy_ref.store(idx, (g * (1.0 - eps) * ((m - x) + log_z)).astype(dy_ref.dtype), mask)
+    if eps:
+      target = target + eps / n_cls
+    dx = coef * p - target
+  dx = g * dx * rowmath.softcap_factor(x, opts)
   dx_ref.store(idx, dx.astype(dx_ref.dtype), mask)
 
 
-def _grad_coef(lse, sum_t, *, sparse, opts):
-  coef = 1.0 + 2.0 * opts.z_loss * lse
-  if not sparse and not opts.tf_grad:
-    coef = coef + (sum_t - 1.0)
-  return coef
+def _grad_row(stats, sum_t, *, sparse, opts, n_cls):
+  """A row's scalars for :func:`_grad_block`: ``(m, log_z, 1 / z, coef, d_lab)``; ``d_lab``
+  (integer labels: :func:`rowmath.label_grad`) from the label's logit ``stats[3]`` as the
+  forward read it (a second read could round differently after the soft-cap, and ``x_y - m``
+  must be exactly 0 where the label is the max)."""
+  m, log_z, z = stats[:3]
+  coef = rowmath.grad_coef(stats, opts, sum_t)
+  d_lab = None
+  if sparse:
+    d_lab = rowmath.label_grad(stats[3], stats[:3], coef, opts, n_cls)
+  return m, log_z, 1.0 / z, coef, d_lab
 
 
-def _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, lse, g, sum_t, *, sparse, opts, block_c, n_cls,
-               reverse=False):
+def _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, stats, g, sum_t, *, sparse, opts, block_c,
+               n_cls, reverse=False):
   """Writes ``dlogits`` (and ``dlabels``) for one row; ``g`` already includes masking/scaling.
 
   ``label`` is this row's local class id; ``n_cls`` the global class count (vocab parallel).
@@ -231,7 +255,7 @@ def _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, lse, g, sum_t, *, sparse, op
   blocks are the likeliest still in L2)."""
   c = x_ref.size
   lanes = jnp.arange(block_c)
-  coef = _grad_coef(lse, sum_t, sparse=sparse, opts=opts)
+  row = _grad_row(stats, sum_t, sparse=sparse, opts=opts, n_cls=n_cls)
   n = pl.cdiv(c, block_c)
 
   @pl.loop(0, n)
@@ -242,7 +266,7 @@ def _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, lse, g, sum_t, *, sparse, op
     mask = idx < c
     x = rowmath.prep_logits(x_ref.load(idx, mask, 0.0), opts)
     y = None if sparse else y_ref.load(idx, mask, 0.0).astype(jnp.float32)
-    _grad_block(x, y, idx, mask, dx_ref, dy_ref, label, lse, g, coef, sparse=sparse, opts=opts,
+    _grad_block(x, y, idx, mask, dx_ref, dy_ref, label, row, g, sparse=sparse, opts=opts,
                 n_cls=n_cls)
 
 
@@ -262,8 +286,8 @@ def _sum_target(y_ref, *, opts, block_c):
 # Kernels (one row each; vmapped over rows, which becomes the grid).
 # ------------------------------------------------------------------------------------------------
 def _fwd_kernel(*refs, sparse, opts, block_c, groups, raw=False):
-  """Loss and lse of one row; with ``axis_name`` (or ``raw``: a segment of a split row), the
-  raw statistics instead (merged by the caller)."""
+  """Loss and statistics ``(m, log_z, z)`` of one row; with ``axis_name`` (or ``raw``: a segment
+  of a split row), the raw statistics instead (merged by the caller)."""
   x_ref, y_ref, *outs = refs
   label = y_ref[()] if sparse else None
   stats = _row_stats(x_ref, y_ref, label, sparse=sparse, opts=opts, block_c=block_c,
@@ -272,9 +296,10 @@ def _fwd_kernel(*refs, sparse, opts, block_c, groups, raw=False):
     for ref, value in zip(outs, stats):
       ref[()] = value
     return
-  loss, lse = rowmath.loss_from_stats(*stats, label, sparse=sparse, opts=opts, local_c=x_ref.size)
-  outs[0][()] = loss
-  outs[1][()] = lse
+  loss, row = rowmath.loss_from_stats(*stats, label, sparse=sparse, opts=opts, local_c=x_ref.size)
+  # (integer labels: the label's logit as read here, for the backward: see _grad_row)
+  for ref, value in zip(outs, (loss, *row, *(stats[3:4] if sparse else ()))):
+    ref[()] = value
 
 
 def _bwd_kernel(*refs, sparse, opts, block_c, n_cls):
@@ -283,13 +308,13 @@ def _bwd_kernel(*refs, sparse, opts, block_c, n_cls):
   sharded = opts.axis_name is not None
   st_ref = None
   if sparse:
-    x_ref, y_ref, lse_ref, g_ref, dx_ref = refs
+    x_ref, y_ref, m_ref, lz_ref, z_ref, xl_ref, g_ref, dx_ref = refs
     dy_ref, label, sum_t = None, y_ref[()], None
   else:
     if sharded and not opts.tf_grad:
-      x_ref, y_ref, lse_ref, g_ref, st_ref, dx_ref, *dy = refs
+      x_ref, y_ref, m_ref, lz_ref, z_ref, g_ref, st_ref, dx_ref, *dy = refs
     else:
-      x_ref, y_ref, lse_ref, g_ref, dx_ref, *dy = refs
+      x_ref, y_ref, m_ref, lz_ref, z_ref, g_ref, dx_ref, *dy = refs
     dy_ref = dy[0] if dy else None
     label = None
     sum_t = None
@@ -298,7 +323,8 @@ def _bwd_kernel(*refs, sparse, opts, block_c, n_cls):
   g = g_ref[()].astype(jnp.float32)
   if sparse and not sharded:
     g = rowmath.zero_ignored(label, g, opts)
-  _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, lse_ref[()], g, sum_t, sparse=sparse, opts=opts,
+  stats = (m_ref[()], lz_ref[()], z_ref[()]) + ((xl_ref[()],) if sparse else ())
+  _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, stats, g, sum_t, sparse=sparse, opts=opts,
              block_c=block_c, n_cls=n_cls)
 
 
@@ -315,36 +341,39 @@ def _fused_kernel(*refs, sparse, opts, block_c, groups, reverse=False):
     idx = _lanes(block_c, groups)
     mask = idx < c
     y = None if sparse else y_ref.load(idx, mask, 0.0).astype(jnp.float32)
-    block = (_load_x(x_ref, idx, mask, opts), y, mask)
+    block = (_load_x(x_ref, idx, mask, opts), y, mask, idx)
   stats = _row_stats(x_ref, y_ref, label, sparse=sparse, opts=opts, block_c=block_c,
                      groups=groups, block=block)
-  loss, lse = rowmath.loss_from_stats(*stats, label, sparse=sparse, opts=opts, local_c=c)
+  loss, row_stats = rowmath.loss_from_stats(*stats, label, sparse=sparse, opts=opts, local_c=c)
+  if sparse:
+    row_stats = (*row_stats, stats[3])
   w = w_ref[()]
   loss_ref[()] = jnp.where(w == 0, 0.0, loss * w)
   a = stats[2]
   sum_t = None if (sparse or opts.tf_grad) else (1.0 - opts.label_smoothing) * a + opts.label_smoothing
-  g = rowmath.zero_ignored(label, w, opts) if sparse else w
+  g = rowmath.fused_weights(rowmath.zero_ignored(label, w, opts) if sparse else w, row_stats)
   if block is None:
-    _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, lse, g, sum_t, sparse=sparse, opts=opts,
-               block_c=block_c, n_cls=c, reverse=reverse)
+    _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, row_stats, g, sum_t, sparse=sparse,
+               opts=opts, block_c=block_c, n_cls=c, reverse=reverse)
   else:
-    coef = _grad_coef(lse, sum_t, sparse=sparse, opts=opts)
-    _grad_block(block[0], block[1], idx, mask, dx_ref, dy_ref, label, lse, g, coef,
-                sparse=sparse, opts=opts, n_cls=c)
+    row = _grad_row(row_stats, sum_t, sparse=sparse, opts=opts, n_cls=c)
+    _grad_block(block[0], block[1], idx, mask, dx_ref, dy_ref, label, row, g, sparse=sparse,
+                opts=opts, n_cls=c)
 
 
 # ------------------------------------------------------------------------------------------------
 # Per-token log-probs and entropy (jxent.token_log_probs): z = cap(x) / T per row.
 # ------------------------------------------------------------------------------------------------
-def _lp_fold(carry, z):
+def _lp_fold(carry, z, is_label):
   """Folds a block of ``z`` into ``(m, s, t)``: ``s = sum(exp(z - m))``, ``t = sum(exp(z - m) *
-  (z - m))`` (rebased to the new max; masked and ``-inf`` lanes add nothing)."""
+  (z - m))``, both without the label's lane (rebased to the new max; masked and ``-inf`` lanes
+  add nothing)."""
   m, s, t = carry
   m_new = jnp.maximum(m, jnp.max(z))
   d = m - m_new
-  e0 = jnp.exp(d)
+  e0 = rowmath.exp_diff(m, m_new)
   zs = z - m_new
-  e = jnp.exp(zs)
+  e = jnp.where(is_label, 0.0, jnp.exp(zs))
   t = jnp.where(s == 0, 0.0, e0 * (t + d * s)) + jnp.sum(jnp.where(e == 0, 0.0, e * zs))
   return m_new, s * e0 + jnp.sum(e), t
 
@@ -357,7 +386,7 @@ def _lp_fwd_kernel(x_ref, y_ref, t_ref, m_ref, s_ref, tt_ref, lab_ref, *, opts, 
 
   def body(i, carry):
     idx = i * block_c + lanes
-    return _lp_fold(carry, _load_x(x_ref, idx, idx < c, opts) * inv_t)
+    return _lp_fold(carry, _load_x(x_ref, idx, idx < c, opts) * inv_t, idx == label)
 
   zero = jnp.zeros((), jnp.float32)
   m, s, t = jax.lax.fori_loop(0, pl.cdiv(c, block_c), body, (jnp.full((), _NEG, jnp.float32),
@@ -368,15 +397,17 @@ def _lp_fwd_kernel(x_ref, y_ref, t_ref, m_ref, s_ref, tt_ref, lab_ref, *, opts, 
 
 
 def _lp_bwd_kernel(*refs, opts, block_c, with_entropy):
-  """One row of ``dlogits`` from the saved ``lse`` and entropy."""
+  """One row of ``dlogits`` from the saved row statistics and entropy (the label's column is
+  rewritten exactly by the caller)."""
   if with_entropy:
-    x_ref, y_ref, t_ref, lse_ref, ent_ref, glp_ref, gent_ref, dx_ref = refs
+    x_ref, y_ref, t_ref, m_ref, lz_ref, z_ref, ent_ref, glp_ref, gent_ref, dx_ref = refs
   else:
-    x_ref, y_ref, t_ref, lse_ref, glp_ref, dx_ref = refs
+    x_ref, y_ref, t_ref, m_ref, lz_ref, z_ref, glp_ref, dx_ref = refs
   c = x_ref.size
-  label, inv_t, lse, g_lp = y_ref[()], t_ref[()], lse_ref[()], glp_ref[()]
+  label, inv_t, m, g_lp = y_ref[()], t_ref[()], m_ref[()], glp_ref[()]
+  inv_z = 1.0 / z_ref[()]
   if with_entropy:
-    g_ent, mean_z = gent_ref[()], lse - ent_ref[()]
+    g_ent, centre = gent_ref[()], lz_ref[()] - ent_ref[()]  # E_p[z] - m
   lanes = jnp.arange(block_c)
 
   @pl.loop(0, pl.cdiv(c, block_c))
@@ -384,11 +415,11 @@ def _lp_bwd_kernel(*refs, opts, block_c, with_entropy):
     idx = i * block_c + lanes
     mask = idx < c
     capped = rowmath.prep_logits(x_ref.load(idx, mask, 0.0), opts)
-    z = capped * inv_t
-    p = jnp.exp(z - lse)
+    zs = capped * inv_t - m
+    p = jnp.exp(zs) * inv_z
     dz = g_lp * (jnp.where(idx == label, 1.0, 0.0) - p)
     if with_entropy:
-      dz = dz - g_ent * jnp.where(p == 0, 0.0, p * (z - mean_z))
+      dz = dz - g_ent * jnp.where(p == 0, 0.0, p * (zs - centre))
     dx = dz * inv_t * rowmath.softcap_factor(capped, opts)
     dx_ref.store(idx, dx.astype(dx_ref.dtype), mask)
 
@@ -520,26 +551,28 @@ class PallasTritonKernel:
       stats = self._call(kernel, (scalar,) * 5, rows * split)(logits.reshape(rows * split, sub),
                                                               seg_labels)
       merged = rowmath.merge_stats(*(v.reshape(rows, split) for v in stats), sparse=sparse)
-      return rowmath.loss_from_stats(*merged, labels, sparse=sparse, opts=opts, local_c=c)
+      loss, row = rowmath.loss_from_stats(*merged, labels, sparse=sparse, opts=opts, local_c=c)
+      return loss, row + ((merged[3],) if sparse else ())
     if opts.axis_name is None:
-      loss, lse = self._call(kernel, (scalar,) * 2, rows)(logits, labels)
-      return loss, lse
+      loss, *stats = self._call(kernel, (scalar,) * (5 if sparse else 4), rows)(logits, labels)
+      return loss, tuple(stats)
     # Vocab parallel: this shard's statistics (labels as local ids), merged over the shards.
     local = rowmath.local_rows(labels, None, opts, c)[0] if sparse else labels
     stats = self._call(kernel, (scalar,) * 5, rows)(logits, local)
-    return rowmath.loss_from_stats(*stats, labels, sparse=sparse, opts=opts, local_c=c)
+    loss, row = rowmath.loss_from_stats(*stats, labels, sparse=sparse, opts=opts, local_c=c)
+    return loss, row + ((stats[3],) if sparse else ())  # (the label's logit where it is local)
 
-  def backward(self, logits, labels, lse, g, *, sparse, opts, want_dlabels=True):
+  def backward(self, logits, labels, stats, g, *, sparse, opts, want_dlabels=True):
     rows, c = logits.shape
     if rows == 0:
       return rowmath.empty_rows(logits, labels, sparse=sparse, want_dlabels=want_dlabels,
                             fused=True)[1:]
     kernel = functools.partial(_bwd_kernel, sparse=sparse, opts=opts, block_c=self._block(c),
                                n_cls=rowmath.num_classes(c, opts))
-    args = [logits, labels, lse, g.astype(jnp.float32)]
+    args = [logits, labels, *(v.astype(jnp.float32) for v in stats), g.astype(jnp.float32)]
     if opts.axis_name is not None:  # what needs the other shards is done here
       if sparse:
-        args[1], args[3] = rowmath.local_rows(labels, args[3], opts, c)
+        args[1], args[-1] = rowmath.local_rows(labels, args[-1], opts, c)
       elif not opts.tf_grad:
         args.append(rowmath.sum_target(labels.astype(jnp.float32), opts))
     out = [rowmath.out_struct((c,), logits.dtype, logits)]
@@ -571,7 +604,7 @@ class PallasTritonKernel:
     scalar = rowmath.out_struct((), jnp.float32, logits)
     return self._call(kernel, (scalar,) * 4, rows)(logits, labels, inv_t.astype(jnp.float32))
 
-  def logprob_grad(self, logits, labels, inv_t, lse, ent, g_lp, g_ent, *, opts):
+  def logprob_grad(self, logits, labels, inv_t, stats, ent, g_lp, g_ent, *, opts):
     """``dlogits`` of ``g_lp * log_prob + g_ent * entropy`` (``g_ent`` None: log-probs only;
     rows >= 1)."""
     rows, c = logits.shape
@@ -579,7 +612,7 @@ class PallasTritonKernel:
     kernel = functools.partial(_lp_bwd_kernel, opts=opts, block_c=self._block(c),
                                with_entropy=with_entropy)
     f32 = lambda v: v.astype(jnp.float32)
-    args = [logits, labels, f32(inv_t), f32(lse)]
+    args = [logits, labels, f32(inv_t), *map(f32, stats)]
     args += [f32(ent), f32(g_lp), f32(g_ent)] if with_entropy else [f32(g_lp)]
     out = (rowmath.out_struct((c,), logits.dtype, logits),)
     return self._call(kernel, out, rows)(*args)[0]

@@ -112,12 +112,12 @@ def check_whole_rows(opts: XentOptions) -> None:
 
 
 def empty_rows(logits, labels, *, sparse: bool, want_dlabels: bool, fused: bool = False):
-  """The outputs of a kernel call on zero rows (Pallas grids cannot be empty): ``(loss, lse)``,
+  """The outputs of a kernel call on zero rows (Pallas grids cannot be empty): ``(loss, stats)``,
   or ``(loss, dlogits, dlabels)`` when ``fused``; with ``want_dlabels`` also for dense labels."""
   loss = jnp.zeros((0,), jnp.float32)
   dlogits = jnp.zeros(logits.shape, logits.dtype)
   dlabels = None if (sparse or not want_dlabels) else jnp.zeros(labels.shape, labels.dtype)
-  return (loss, dlogits, dlabels) if fused else (loss, loss)
+  return (loss, dlogits, dlabels) if fused else (loss, (loss, loss, loss))
 
 
 def out_struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
@@ -171,19 +171,124 @@ def tail_log_z(x: jax.Array, m: jax.Array, opts: XentOptions) -> jax.Array:
   return jnp.log1p(rest)
 
 
-def tail_grad(x, m, log_z, coef, target):
+def tail_grad(x, stats, coef, target):
   """``coef * softmax(x) - target`` for float64 with the maxima's entries free of cancellation:
   there ``softmax = exp(-log_z)`` and ``coef * (softmax - 1)`` is ``coef * expm1(-log_z)``, so a
   confident one-hot row keeps its tiny ``-sum(tail)``; an exact 0 there is +0, as in TF."""
+  m, log_z, z = stats
   top = x == m[:, None]
-  p = jnp.exp(x - (m + log_z)[:, None])
+  p = softmax(x, m, z)
   at_top = coef * jnp.expm1(-log_z)[:, None] + (coef - target)
   at_top = jnp.where(at_top == 0, 0.0, at_top)  # (not `+ 0.0`, which XLA folds away)
   return jnp.where(top, at_top, coef * p - target)
 
 
+def exp_diff(a, b):
+  """``exp(a - b)`` with the rounding of ``a - b`` corrected (Knuth's TwoSum), for the rescaling
+  of a sum of exponentials from one max to another (``a``, ``b`` per-row scalars).
+
+  ``a - b`` rounds to the ulp of ``|a - b|`` (2^-20 at a difference of 20), which multiplies
+  every term rescaled by it by up to ``1 +- 2^-20`` (8 ulps); ``exp(d) * (1 + err)`` is exact to
+  the first order. A non-finite ``a`` or ``b`` gives ``exp(a - b)`` itself.
+  """
+  d = a - b
+  bv = d - a
+  err = (a - (d - bv)) + (-b - bv)
+  return jnp.exp(d) * (1.0 + jnp.where(jnp.isfinite(err), err, 0.0))
+
+
+def add_rescaled(z0, c0, e0, z1, e1):
+  """``z0 * e0 + z1 * e1`` with a running compensation ``c`` (Knuth's TwoSum): ``(z, c)``, the
+  sum being ``z + c``.
+
+  An online sum of exponentials holds its largest term (1 at the max) from the block that has
+  it on; a later block's terms, each below half an ulp of the running sum, would then round
+  away one by one (a confidently wrong row's tail of 1e-5 came out 70 % short in blocks of 16:
+  60 ulps of the sum). The compensation keeps what each addition rounds off."""
+  a, b = z0 * e0, z1 * e1
+  z = a + b
+  bv = z - a
+  return z, c0 * e0 + ((a - (z - bv)) + (b - bv))
+
+
+def stats_of(m, log_z, z):
+  """A kernel's row statistics ``(m, log_z, z)`` from the row max ``m``, ``log_z =
+  log(sum(exp(x - m)))`` and that sum ``z`` itself (1 for a row of ``-inf``, whose softmax is
+  then ``0 / 1`` instead of ``0 / 0``).
+
+  The sum is kept beside ``log_z`` because ``exp(-log_z)`` adds the rounding of ``log_z`` (up
+  to 2 ulps of ``p`` at ``log_z`` near 8): ``exp(x - m) / z`` is the naive formula's softmax.
+  """
+  return m, log_z, jnp.where(z == 0, 1.0, z)
+
+
+def softmax(x, m, z):
+  """``softmax(x)`` of rows ``x [R, C]`` from their statistics: ``exp(x - m) / z``.
+
+  Shift invariant: nothing is subtracted from ``x`` but the row max. An absolute log-sum-exp
+  ``lse = m + log_z`` rounds away the low digits of ``x - lse`` when ``|lse|`` is large (at a
+  common logit of 2^24 it gives ``p = 1``), and ``exp(x - lse)`` rounds ``x - lse`` to the ulp
+  of ``|x - lse|`` (8 ulps of ``p`` at ``|x - lse|`` near 16).
+  """
+  return jnp.exp(x - m[:, None]) / z[:, None]
+
+
+def expm1(a, *, mosaic: bool = False):
+  """``exp(a) - 1`` without cancellation near 0; ``mosaic``: from ``exp`` and ``log`` (Kahan's
+  ``(y - 1) * a / log(y)``, within 2 ulps), for Pallas on Mosaic TPU, which lowers no ``expm1``."""
+  if not mosaic:
+    return jnp.expm1(a)
+  y = jnp.exp(a)
+  ym1 = y - 1.0
+  safe = jnp.where((ym1 == 0) | (ym1 == -1.0) | ~jnp.isfinite(y), 1.0, ym1)
+  kahan = ym1 * a / jnp.log(jnp.where(safe == 1.0, 2.0, y))
+  return jnp.where(ym1 == 0, a, jnp.where((ym1 == -1.0) | ~jnp.isfinite(y), ym1, kahan))
+
+
+def label_log_z(t, x_lab, m, *, mosaic: bool = False):
+  """``log_z = log(sum(exp(x - m)))`` from ``t``, the sum without the label's term, and the
+  label's logit ``x_lab``: ``log1p(t + expm1(x_lab - m))``. When the label is the maximum this
+  is ``log1p(t)``, exact however small ``t`` is (``log(1 + t)`` rounds ``t`` to the ulp of 1: a
+  confident row's loss and its ``p_y - 1 = expm1(-log_z)`` lose every digit below 6e-8); its
+  derivative in ``x_lab`` stays ``p_y`` (``xla_autodiff``). A row of ``-inf`` gives ``-inf``."""
+  return jnp.log1p(t + expm1(x_lab - m, mosaic=mosaic))
+
+
+def grad_coef(stats, opts: XentOptions, sum_t=None):
+  """The softmax's factor in the gradient, ``1 + 2 z_loss lse`` (z-loss), plus ``sum(target) -
+  1`` for dense labels whose rows do not sum to 1 (``sum_t``; not with ``tf_grad``)."""
+  coef = 1.0 + 2.0 * opts.z_loss * (stats[0] + stats[1]) if opts.z_loss else jnp.ones_like(stats[1])
+  if sum_t is not None and not opts.tf_grad:
+    coef = coef + (sum_t - 1.0)
+  return coef
+
+
+def label_grad(x_lab, stats, coef, opts: XentOptions, n_classes, *, mosaic: bool = False):
+  """The label's gradient entry per row (integer labels), before the cotangent and the soft-cap
+  factor: ``coef * p_y - target_y = coef * expm1(log p_y) + (coef - target_y)`` with ``log p_y =
+  (x_y - m) - log_z``: on a confident row ``p_y - 1`` is ``-t / (1 + t)`` to the last bit
+  instead of a difference of two numbers near 1."""
+  m, log_z, _ = stats
+  eps = opts.label_smoothing
+  t_lab = (1.0 - eps) + (eps / n_classes if eps else 0.0)
+  d = coef * expm1((x_lab - m) - log_z, mosaic=mosaic) + (coef - t_lab)
+  return jnp.where(jnp.isneginf(log_z), 0.0, d)  # (a row of -inf: its cotangent brings the NaN)
+
+
+def fused_weights(w, stats):
+  """The fused kernels' row weights with NaN on rows of ``-inf`` logits whose weight is not 0
+  (the unfused path's :func:`nan_rows`, for the gradient formed in the forward pass)."""
+  return jnp.where(jnp.isneginf(stats[1]) & (w != 0), jnp.nan, w)
+
+
+def lse_of(stats):
+  """The absolute log-sum-exp ``m + log_z`` of a kernel's row statistics (the z-loss and the
+  reports; never subtracted from the logits)."""
+  return stats[0] + stats[1]
+
+
 def combine(m, log_z, xent, sum_s, opts: XentOptions, n_classes):
-  """Per-row loss and lse from the per-row statistics (shared by the XLA and chunked kernels).
+  """Per-row loss from the per-row statistics (shared by the XLA and chunked kernels).
 
   ``xent`` is the plain cross-entropy term, ``sum(y * (lse - x))``: with ``s = x - m`` (capped,
   upcast logits minus the row max) it is ``log_z * sum(y) - sum(y*s)`` for dense labels and
@@ -191,26 +296,30 @@ def combine(m, log_z, xent, sum_s, opts: XentOptions, n_classes):
   z-loss adds ``z * lse**2``.
   """
   eps = opts.label_smoothing
-  lse = m + log_z
   loss = xent
   if eps:
     loss = (1.0 - eps) * loss + eps * (log_z - sum_s / n_classes)
   if opts.z_loss:
+    lse = m + log_z
     loss = loss + opts.z_loss * lse * lse
-  return loss, lse
+  return loss
 
 
-def loss_from_stats(m, z, a, b, sum_x, labels, *, sparse: bool, opts: XentOptions, local_c: int):
-  """Per-row ``(loss, lse)`` from a row's online statistics over this shard's classes.
+def loss_from_stats(m, z, a, b, sum_x, labels, *, sparse: bool, opts: XentOptions, local_c: int,
+                    mosaic: bool = False):
+  """Per-row ``(loss, stats)`` from a row's online statistics over this shard's classes
+  (``stats``: :func:`stats_of`).
 
-  ``m`` is the running max, ``z = sum(exp(x - m))``, ``sum_x = sum(x)`` (label smoothing only);
-  dense: ``a = sum(y)``, ``b = sum(y * (x - m))``; sparse: ``b`` is the label's logit (0 when the
-  label is not among this shard's classes). With ``axis_name`` the shards' statistics are merged
-  first (rescaled to the global max). Shared by the chunked and Pallas kernels.
+  ``m`` is the running max, ``sum_x = sum(x)`` (label smoothing only); dense: ``z =
+  sum(exp(x - m))``, ``a = sum(y)``, ``b = sum(y * (x - m))``; sparse: ``z`` is that sum
+  without the label's term and ``b`` is the label's logit (0 when the label is not among this
+  shard's classes; see :func:`label_log_z`). With ``axis_name`` the shards' statistics are
+  merged first (rescaled to the global max). Shared by the chunked and Pallas kernels
+  (``mosaic``: inside a Mosaic TPU kernel, see :func:`expm1`).
   """
   if opts.axis_name is not None:
     mg = pmax(m, opts)
-    z = psum(z * jnp.exp(m - mg), opts)
+    z = psum(z * exp_diff(m, mg), opts)
     if sparse:
       b = psum(b, opts)
     else:
@@ -221,11 +330,11 @@ def loss_from_stats(m, z, a, b, sum_x, labels, *, sparse: bool, opts: XentOption
   n_cls = num_classes(local_c, opts)
   sum_s = sum_x - n_cls * m if opts.label_smoothing else None
   if sparse:
-    log_z = jnp.log(z)
-    loss, lse = combine(m, log_z, log_z - (b - m), sum_s, opts, n_cls)
-    return finish_sparse(loss, labels, n_cls, opts), lse
+    log_z = label_log_z(z, b, m, mosaic=mosaic)
+    loss = combine(m, log_z, log_z - (b - m), sum_s, opts, n_cls)
+    return finish_sparse(loss, labels, n_cls, opts), stats_of(m, log_z, z + jnp.exp(b - m))
   log_z = jnp.log(z)
-  return combine(m, log_z, log_z * a - b, sum_s, opts, n_cls)
+  return combine(m, log_z, log_z * a - b, sum_s, opts, n_cls), stats_of(m, log_z, z)
 
 
 def local_label(logits: jax.Array, labels: jax.Array, opts: XentOptions):
@@ -263,15 +372,15 @@ def finish_sparse(loss, labels, n_classes, opts: XentOptions):
   return zero_ignored(labels, loss, opts)
 
 
-def nan_rows(g, labels, lse, *, sparse: bool, opts: XentOptions, local_c: int):
+def nan_rows(g, labels, log_z, *, sparse: bool, opts: XentOptions, local_c: int):
   """The cotangent with NaN on the rows whose loss is NaN by construction, where it is not 0.
 
   Those rows are the ones with an integer label outside ``[0, C)`` (not ``ignore_index``; TF on
-  GPU) and the rows whose logits are all ``-inf`` (``lse = -inf``; TF and optax): their gradient
+  GPU) and the rows whose logits are all ``-inf`` (``log_z = -inf``; TF and optax): their gradient
   row is then NaN too, instead of a finite row that hides the fault. Rows with a zero cotangent
   (masked by ``where``, ignored) keep a zero gradient.
   """
-  bad = jnp.isneginf(lse)
+  bad = jnp.isneginf(log_z)
   if sparse:
     bad = bad | (labels < 0) | (labels >= num_classes(local_c, opts))
     if opts.ignore_index is not None:
@@ -283,7 +392,7 @@ def merge_stats(m, z, a, b, sum_x, *, sparse: bool):
   """Merges row statistics ``[..., S]`` of S segments of each row (as :func:`loss_from_stats`
   merges vocab shards, without collectives): rescaled to the row max. ``m`` is finite."""
   mg = jnp.max(m, axis=-1)
-  e = jnp.exp(m - mg[..., None])
+  e = exp_diff(m, mg[..., None])
   z = jnp.sum(z * e, axis=-1)
   if sparse:
     b = jnp.sum(b, axis=-1)

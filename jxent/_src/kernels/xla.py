@@ -2,9 +2,17 @@
 
 Every kernel backend implements the same two functions on canonical 2-D inputs:
 
-* ``forward(logits [R, C], labels, *, sparse, opts, need_lse=True) -> (loss f32 [R], lse f32 [R])``
-  (``need_lse=False``: the caller keeps only the loss, a hint a kernel may use or ignore)
-* ``backward(logits, labels, lse, g f32 [R], *, sparse, opts) -> (dlogits [R, C], dlabels | None)``
+* ``forward(logits [R, C], labels, *, sparse, opts, need_lse=True) -> (loss f32 [R], stats)``
+  with the row statistics ``stats = (m, log_z, z)``: ``m`` the row max of the capped logits (0
+  for a row of ``-inf``), ``z = sum(exp(x - m))`` (1 for a row of ``-inf``) and ``log_z =
+  log(z)``, each f32 ``[R]`` (:func:`rowmath.stats_of`; ``need_lse=False``: the caller keeps
+  only the loss, a hint a kernel may use or ignore)
+* ``backward(logits, labels, stats, g f32 [R], *, sparse, opts) -> (dlogits [R, C], dlabels | None)``
+
+The statistics are kept apart, never as an absolute ``lse = m + log_z`` subtracted from the
+logits, so the gradient is shift invariant (:func:`rowmath.softmax`); the sum is taken apart
+from the row's maxima where XLA fuses that (:func:`exact_tail`), so a confident row's loss and
+``p_y - 1`` are exact.
 
 ``labels`` are ``[R, C]`` (dense, any float dtype) or ``[R]`` integers (``sparse=True``). With
 ``opts.axis_name`` the class axis is a local shard of a larger vocabulary and the per-row statistics
@@ -20,9 +28,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from jxent._src.options import XentOptions
-from jxent._src.kernels.rowmath import (combine, finish_sparse, gather_label, ignored_rows, local_label,
-                                num_classes, pmax, prep_logits, psum, safe_max, softcap_factor,
-                                sum_target, tail_grad, tail_log_z)
+from jxent._src.kernels.rowmath import (combine, exp_diff, finish_sparse, grad_coef, gather_label,
+                                        ignored_rows, label_grad, local_label,
+                                        num_classes, pmax, prep_logits, psum, safe_max,
+                                        softcap_factor,
+                                        softmax, stats_of, sum_target, tail_grad,
+                                        tail_log_z)
 
 
 def cpu_fusible(*arrays: jax.Array) -> tuple[jax.Array, ...]:
@@ -88,25 +99,23 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
   cdt = xs.dtype
   half = jnp.finfo(logits.dtype).bits == 16  # (its dot form upcasts both inputs whole on CPU)
   loss_only = (not need_lse or half) and label_dot(opts) and not autodiff and not sparse
-  ms, m, shift, z = _row_stats(xs, raw, rows, k, opts, fusible_max=loss_only)
+  ms, m, shift, u, z = _row_stats(xs, raw, rows, k, opts, fusible_max=loss_only)
   n_cls = num_classes(c, opts)
   sum_s = None
   if opts.label_smoothing:
     sum_x = jnp.sum(prep_logits(raw_sum, opts), axis=-1).reshape(rows, k)
     sum_s = psum(jnp.sum(sum_x, axis=-1), opts) - n_cls * m
-  if cdt == jnp.float64:
-    log_z = tail_log_z(prep_logits(logits, opts), m, opts)
-  else:
-    log_z = jnp.log(psum(z, opts))
+  log_z = jnp.log(z) if u is None else jnp.log1p(u)
+  stats = stats_of(m, log_z, z)
   if sparse:
-    label_s = gather_label(logits_lab, labels, opts) - m
-    loss, lse = combine(m, log_z, log_z - label_s, sum_s, opts, n_cls)
-    return finish_sparse(loss, labels, n_cls, opts), lse
+    x_lab = gather_label(logits_lab, labels, opts)
+    loss = combine(m, log_z, log_z - (x_lab - m), sum_s, opts, n_cls)
+    return finish_sparse(loss, labels, n_cls, opts), stats
   ys = labels_seg.astype(cdt)
   xd = prep_logits(raw_lab, opts)  # xs again, from its own handle for the label terms
   if not label_dot(opts) or autodiff or not rows:  # (autodiff: see _exact_xent)
     return combine(m, log_z, _exact_xent(xd, ys, ms, shift, log_z, opts, autodiff=autodiff),
-                   sum_s, opts, n_cls)
+                   sum_s, opts, n_cls), stats
   if loss_only:
     # Only the loss is wanted: sum(y * (log_z - (x - m))) once log_z is known. XLA:CPU fuses it,
     # the max and the sum of exponentials into one read of x and y with no [R, C] temporary
@@ -140,11 +149,30 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
     return jnp.where(jnp.isnan(xent), exact_xent, xent)
 
   xent = lax.cond(jnp.any(jnp.isnan(xent)), exact, lambda: xent)
-  return combine(m, log_z, xent, sum_s, opts, n_cls)
+  return combine(m, log_z, xent, sum_s, opts, n_cls), stats
+
+
+def exact_tail(dtype) -> bool:
+  """Whether :func:`_row_stats` sums a row's tail apart from its maxima: everywhere but on
+  XLA:CPU for 16- and 32-bit logits, whose reduction fusions take no select or compare (each
+  such reduction, and each second reduction beside it, writes an ``[R, C]`` copy first: 33.6
+  MB at 1024 x 8192); there the sum is the naive formula's (float64 keeps the exact form)."""
+  return jax.default_backend() != "cpu" or jnp.dtype(dtype) == jnp.float64
 
 
 def _row_stats(xs, raw, rows: int, k: int, opts: XentOptions, *, fusible_max: bool = False):
-  """Segment maxima ``ms`` [rows, k], row maxima ``m``, ``shift = ms - m`` and local ``z``.
+  """Segment maxima ``ms`` [rows, k], row maxima ``m``, ``shift = ms - m``, the global ``u =
+  sum(exp(x - m)) - 1`` summed without cancellation (the tail form of :func:`tail_log_z`; None
+  where :func:`exact_tail` is off) and the sum ``z`` itself.
+
+  A row's sum of exponentials is 1 (its maximum) plus a tail; ``1 + tail`` rounds the tail to
+  the ulp of 1, which a confident row's loss ``log1p(tail)`` and its ``p_max - 1 =
+  expm1(-log_z)`` need to the last digit. So (:func:`exact_tail`) each segment sums its terms
+  other than its maxima and counts the maxima; the segments holding the row max add their
+  count less one, the others their count rescaled. The maxima enter as ``x - max`` (0, with
+  derivative 1: JAX's own derivative of the forward stays exact, ``xla_autodiff``). Elsewhere
+  only the plain sum is taken (the naive formula's accuracy). A row of ``-inf`` gives ``u =
+  -1`` and ``z = 0``.
 
   ``xs`` are the upcast, capped logits ``[rows * k, C / k]`` and ``raw`` the same before that.
   For bfloat16 the maxima are taken of ``raw`` and then upcast and capped (both monotone), so
@@ -165,13 +193,29 @@ def _row_stats(xs, raw, rows: int, k: int, opts: XentOptions, *, fusible_max: bo
     ms = jnp.maximum(ms, jnp.finfo(ms.dtype).min)
   else:
     ms = jnp.where(jnp.isneginf(ms), 0.0, ms)
-  zs = jnp.sum(jnp.exp(xs - ms[:, None]), axis=-1).reshape(rows, k)
+  sh = xs - ms[:, None]
+  if not exact_tail(xs.dtype):
+    zs = jnp.sum(jnp.exp(sh), axis=-1).reshape(rows, k)
+    ms = ms.reshape(rows, k)
+    m = pmax(jnp.max(ms, axis=-1), opts)
+    if not fusible_max:
+      m = jnp.where(jnp.isneginf(m), 0.0, m)
+    shift = ms - m[:, None]  # <= 0
+    return ms, m, shift, None, psum(jnp.sum(zs * exp_diff(ms, m[:, None]), axis=-1), opts)
+  top = sh == 0
+  rest = jnp.sum(jnp.where(top, sh, jnp.exp(sh)), axis=-1).reshape(rows, k)
+  count = jnp.sum(jnp.where(top, 1.0, 0.0).astype(xs.dtype), axis=-1).reshape(rows, k)
   ms = ms.reshape(rows, k)
   m = pmax(jnp.max(ms, axis=-1), opts)
   if not fusible_max:
     m = jnp.where(jnp.isneginf(m), 0.0, m)
   shift = ms - m[:, None]  # <= 0
-  return ms, m, shift, jnp.sum(zs * jnp.exp(shift), axis=-1)
+  at_top = shift == 0
+  scale = exp_diff(ms, m[:, None])
+  rest, count = psum((jnp.sum(rest * scale + jnp.where(at_top, 0.0, count * scale), axis=-1),
+                      jnp.sum(jnp.where(at_top, count, 0.0), axis=-1)), opts)
+  u = rest + (count - 1.0)  # (count - 1 first: it may be 0)
+  return ms, m, shift, u, u + 1.0
 
 
 def _exact_xent(xs, ys, ms, shift, log_z, opts: XentOptions, *, autodiff: bool):
@@ -198,55 +242,39 @@ def _exact_xent(xs, ys, ms, shift, log_z, opts: XentOptions, *, autodiff: bool):
   return log_z * sum_y - sum_ys
 
 
-def backward(logits, labels, lse, g, *, sparse: bool, opts: XentOptions, want_dlabels: bool = True):
-  """``dlogits`` (logits dtype) and, for dense labels, ``dlabels`` (labels dtype)."""
+def backward(logits, labels, stats, g, *, sparse: bool, opts: XentOptions, want_dlabels: bool = True):
+  """``dlogits`` (logits dtype) and, for dense labels, ``dlabels`` (labels dtype), from the
+  forward's row statistics ``stats = (m, log_z, z)``.
+
+  ``softmax = exp(x - m) / z`` (:func:`rowmath.softmax`). For integer labels the
+  label's entry is written per row as ``coef * expm1(log p_y) + (coef - target_y)``, where
+  ``log p_y = (x_y - m) - log_z``: no ``p_y - 1`` cancellation on confident rows."""
   logits_lab, logits = cpu_fusible(logits, logits)  # see cpu_fusible
   x = prep_logits(logits, opts)
   local_c = x.shape[-1]
   n_cls = num_classes(local_c, opts)
   eps = opts.label_smoothing
   g = g.astype(x.dtype)
-  lse = lse.astype(x.dtype)
-  lse_safe = jnp.where(jnp.isneginf(lse), 0.0, lse)
-  exact = x.dtype == jnp.float64  # the tails without cancellation (tail_grad)
-  if exact:
-    m = safe_max(x, opts)
+  stats = tuple(v.astype(x.dtype) for v in stats)
+  m, log_z, z = stats
+  if x.dtype == jnp.float64 and not sparse:  # the tail of log_z, for tail_grad (one more pass)
     log_z = tail_log_z(x, m, opts)
-    p = jnp.exp(x - (m + log_z)[:, None])
-  elif (segments(local_c) == 1 and jax.default_backend() == "cpu" and opts.axis_name is None
-      and logits.dtype != jnp.bfloat16):
-    # XLA:CPU is bound by exp: written as the forward's exp(x - max(x)) times a per-row factor,
-    # the exp is shared with the forward pass when both are in one jit program (CSE). (Not for
-    # bfloat16, whose forward reads its own upcasts: value_and_grad 41 -> 21 ms at 16384x1000.)
-    m = safe_max(x, opts)
-    p = jnp.exp(x - m[:, None]) * jnp.exp(m - lse_safe)[:, None]
-  else:
-    p = jnp.exp(x - lse_safe[:, None])
-  coef = jnp.ones_like(lse)
-  if opts.z_loss:
-    coef = coef + 2.0 * opts.z_loss * lse
+    stats = (m, log_z, z)
+  # (On XLA:CPU exp(x - m) is the forward's own when both are in one jit program: CSE.)
+  p = softmax(x, m, z)
   if sparse:
+    coef = grad_coef(stats, opts)
     ign = ignored_rows(labels, opts)
     if ign is not None:
       g = jnp.where(ign, 0.0, g)
     # Every class gets g * (coef * p - eps / C); the label's entry is then overwritten with its
-    # exact value, computed per row in float32 (a scatter of R values instead of an [R, C] one-hot).
+    # exact value, computed per row (a scatter of R values instead of an [R, C] one-hot).
     base = coef[:, None] * p - (eps / n_cls if eps else 0.0)
     dlogits = (g[:, None] * base * softcap_factor(x, opts)).astype(logits.dtype)
     x_lab, local, in_shard = local_label(logits_lab, labels, opts)
     rows = jnp.arange(x.shape[0])
     idx = jnp.where(in_shard, local, local_c)  # out of bounds: dropped
-    if logits.dtype == jnp.float32:  # adding the one-hot term is exact enough
-      d_add = -g * (1.0 - eps) * softcap_factor(x_lab, opts)
-      return dlogits.at[rows, idx].add(d_add.astype(logits.dtype), mode="drop"), None
-    # Half precision: p - 1 would cancel in the output dtype; write the exact value instead.
-    # float64: p - 1 would cancel at the maximum; tail_grad's form instead.
-    t_lab = (1.0 - eps) + (eps / n_cls if eps else 0.0)
-    if exact:
-      d_lab = g * tail_grad(x_lab[:, None], m, log_z, coef[:, None], t_lab)[:, 0]
-    else:
-      d_lab = g * (coef * jnp.exp(x_lab - lse_safe) - t_lab)
-    d_lab = d_lab * softcap_factor(x_lab, opts)
+    d_lab = g * label_grad(x_lab, stats, coef, opts, n_cls) * softcap_factor(x_lab, opts)
     if jax.default_backend() == "cpu" and logits.dtype == jnp.bfloat16:
       # XLA:CPU scatters bfloat16 through a float32 copy of the whole gradient (1.6x slower at
       # 2048x32000): a select against the class index fuses into the elementwise pass.
@@ -257,15 +285,15 @@ def backward(logits, labels, lse, g, *, sparse: bool, opts: XentOptions, want_dl
   labels_sum, labels = cpu_fusible(labels, labels)
   y = labels.astype(x.dtype)
   target = y if not eps else (1.0 - eps) * y + eps / n_cls
-  if not opts.tf_grad:
-    coef = coef + (sum_target(labels_sum.astype(x.dtype), opts) - 1.0)
-  if exact:
-    dx = g[:, None] * tail_grad(x, m, log_z, coef[:, None], target)
+  coef = grad_coef(stats, opts, None if opts.tf_grad else sum_target(labels_sum.astype(x.dtype), opts))
+  if x.dtype == jnp.float64:  # the tails without cancellation at the maxima (tail_grad)
+    dx = g[:, None] * tail_grad(x, stats, coef[:, None], target)
   else:
     dx = g[:, None] * (coef[:, None] * p - target)
   dlabels = None
   if want_dlabels:
-    dlabels = ((g * (1.0 - eps))[:, None] * (lse[:, None] - x)).astype(labels.dtype)
+    # d loss / d y = (1 - eps) * (lse - x) = (1 - eps) * ((m - x) + log_z)
+    dlabels = ((g * (1.0 - eps))[:, None] * ((m[:, None] - x) + log_z[:, None])).astype(labels.dtype)
   dlogits = (dx * softcap_factor(x, opts)).astype(logits.dtype)
   return dlogits, dlabels
 
@@ -283,18 +311,21 @@ def autodiff_f64(logits, labels, sparse: bool, opts: XentOptions):
 def _autodiff_f64_jvp(sparse, opts, primals, tangents):
   logits, labels = primals
   t_logits, t_labels = tangents
-  loss, lse = autodiff_f64(logits, labels, sparse, opts)
-  dlogits, _ = backward(logits, labels, lse, jnp.ones_like(lse), sparse=sparse, opts=opts,
-                        want_dlabels=False)
+  loss, stats = autodiff_f64(logits, labels, sparse, opts)
+  m, log_z, z = stats
+  dlogits, _ = backward(logits, labels, stats, jnp.ones_like(log_z), sparse=sparse,
+                        opts=opts, want_dlabels=False)
   t_loss = jnp.sum(dlogits * t_logits, axis=-1)
   x = prep_logits(logits, opts)
-  p = jnp.exp(x - jnp.where(jnp.isneginf(lse), 0.0, lse)[:, None]) * softcap_factor(x, opts)
-  t_lse = psum(jnp.sum(jnp.where(p == 0, 0.0, p * t_logits), axis=-1), opts)
+  p = softmax(x, m, z) * softcap_factor(x, opts)
+  # (the statistics' tangents: m moves with the row's maximum, log_z = log sum exp(x - m))
+  _, t_m = jax.jvp(lambda v: safe_max(prep_logits(v, opts), opts), (logits,), (t_logits,))
+  t_log_z = psum(jnp.sum(jnp.where(p == 0, 0.0, p * t_logits), axis=-1), opts) - t_m
   if not sparse:
-    m = safe_max(x, opts)
     # d loss / d labels = (1 - eps) (lse - x); at a -inf logit the finite lse - max, as
     # xla_autodiff documents (0 * inf would make every tangent NaN)
-    dy = (1.0 - opts.label_smoothing) * jnp.where(jnp.isneginf(x), (lse - m)[:, None],
-                                                  lse[:, None] - x)
+    dy = (1.0 - opts.label_smoothing) * jnp.where(jnp.isneginf(x), log_z[:, None],
+                                                  (m[:, None] - x) + log_z[:, None])
     t_loss = t_loss + psum(jnp.sum(dy * t_labels.astype(dy.dtype), axis=-1), opts)
-  return (loss, lse), (t_loss, t_lse)
+  # (the tangent of z = exp(log_z) is z * t_log_z)
+  return (loss, stats), (t_loss, (t_m, t_log_z, z * t_log_z))
