@@ -335,3 +335,27 @@ def test_noisy_rows_get_more_rounds(monkeypatch):
   noisy = cli.time_round_robin({"a": fn([0.010]), "b": fn([0.010, 0.030])}, x, reps=10,
                                inner=1, max_reps=30)
   assert [len(v) for v in noisy.values()] == [30, 30]
+
+
+def test_accuracy_table_against_float64_truth(tmp_path, capsys):
+  """``--accuracy``: the ulps table (jxent.bench.accuracy) for integer and dense labels, written
+  to --json; a common logit of 2^24 is within 1 ulp (an absolute lse gave 3.9e6)."""
+  out = tmp_path / "acc.json"
+  rc = cli.main(["--accuracy", "--implementations", "xla,naive", "--dtype", "bfloat16",
+                 "--json", str(out), "--no-progress"])
+  assert rc == 0
+  rows = json.loads(out.read_text())
+  assert {r["implementation"] for r in rows} == {"xla", "naive"}
+  assert {r["labels"] for r in rows} == {"int", "dense"}
+  common = [r for r in rows if r["implementation"] == "xla" and r["regime"] == "every logit 2^24"]
+  assert common and all(r["loss_ulps"] <= 1 and r["grad_ulps"] <= 1 for r in common), common
+  assert "every logit 2^24" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--implementations", "unfused"],
+                                  ["--implementations", "nonesuch"],
+                                  ["--dtype", "int8"],
+                                  ["--json", "/proc/nonesuch/acc.json"]])
+def test_accuracy_table_refuses_bad_input(argv, capsys):
+  assert cli.main(["--accuracy", "--no-progress"] + argv) == 2
+  assert "jxent-bench: error:" in capsys.readouterr().err

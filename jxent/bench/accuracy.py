@@ -109,7 +109,7 @@ def inputs(regime: Regime, dtype, rows: int, classes: int, seed: int = 0):
   rng = np.random.default_rng(seed)
   x, y = regime.make(rng, rows, regime.classes or classes)
   xd = jnp.asarray(x, jnp.float32).astype(dtype) if dtype != jnp.float64 else jnp.asarray(x)
-  return xd, np.asarray(xd.astype(jnp.float64) if dtype != jnp.float64 else xd, np.float64), y
+  return xd, np.asarray(xd).astype(np.float64), y
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,10 +249,10 @@ def measure(name: str, fn: Callable, regime: Regime, dtype, *, rows: int, classe
   x, x64, y = inputs(regime, dtype, rows, classes, seed)
   loss, grad = jax.jit(fn, static_argnums=2)(x, jnp.asarray(y), dense)
   t_loss, t_grad = truth(x64, y)
-  g = ulps(np.asarray(grad.astype(jnp.float64)), t_grad, dtype)
+  g = ulps(np.asarray(grad).astype(np.float64), t_grad, dtype)
   r = np.arange(x.shape[0])
   return Row(name, jnp.dtype(dtype).name, "dense" if dense else "int", regime.name,
-             float(np.max(ulps(np.asarray(loss.astype(jnp.float64)), t_loss, dtype))),
+             float(np.max(ulps(np.asarray(loss).astype(np.float64), t_loss, dtype))),
              float(np.max(g)), float(np.max(g[r, y])))
 
 

@@ -638,7 +638,8 @@ def accuracy_table(args) -> int:
     why = C.why_not_here(n) if n in C.PEERS else None
     if why:
       raise UsageError(f"{n}: {why}")
-  dtypes = [jnp.dtype(d) for d in (args.dtype or "float32").split(",")]
+  dtypes = [jnp.dtype(d) for d in (_parse_dtypes(args.dtype) or ("float32",))]
+  check_outputs(args)
   rows = []
   for labels in ("int", "dense"):
     rows += accuracy.table(names, dtypes, dense=labels == "dense", progress=None if
@@ -657,13 +658,9 @@ def accuracy_table(args) -> int:
 def _main(argv: Optional[list[str]]) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
-  if args.accuracy:
-    try:
-      return accuracy_table(args)
-    except UsageError as e:
-      print(f"jxent-bench: error: {e}", file=sys.stderr)
-      return 2
   try:
+    if args.accuracy:
+      return accuracy_table(args)
     cases, modes, impls = resolve(args)
     check_outputs(args)
     if any(c.dtype == "float64" for c in cases) and not jax.config.jax_enable_x64:

@@ -402,7 +402,8 @@ class PallasMosaicTpuKernel:
                             fused=True)[1:]
     n_cls = rowmath.num_classes(c, opts)
     stats = tuple(v.astype(jnp.float32) for v in stats)
-    sum_t = None if sparse else rowmath.sum_target(labels.astype(jnp.float32), opts)
+    sum_t = (None if sparse or opts.tf_grad
+             else rowmath.sum_target(labels.astype(jnp.float32), opts))
     coef = rowmath.grad_coef(stats, opts, sum_t)
     row = [*stats, coef]
     if sparse:  # the label's entry per row, from its logit (a gather of one value per row)

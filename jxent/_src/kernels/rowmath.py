@@ -174,9 +174,11 @@ def tail_log_z(x: jax.Array, m: jax.Array, opts: XentOptions) -> jax.Array:
 def tail_grad(x, stats, coef, target):
   """``coef * softmax(x) - target`` for float64 with the maxima's entries free of cancellation:
   there ``softmax = exp(-log_z)`` and ``coef * (softmax - 1)`` is ``coef * expm1(-log_z)``, so a
-  confident one-hot row keeps its tiny ``-sum(tail)``; an exact 0 there is +0, as in TF."""
+  confident one-hot row keeps its tiny ``-sum(tail)``; an exact 0 there is +0, as in TF. Only
+  where the maximum's ``p > 1/2`` (``log_z < log 2``, a single maximum): below, ``expm1(-log_z)``
+  is near -1 and adding ``coef - target`` back would cancel (a common logit: 423 ulps)."""
   m, log_z, z = stats
-  top = x == m[:, None]
+  top = (x == m[:, None]) & (log_z < 0.6931471805599453)[:, None]  # log 2
   p = softmax(x, m, z)
   at_top = coef * jnp.expm1(-log_z)[:, None] + (coef - target)
   at_top = jnp.where(at_top == 0, 0.0, at_top)  # (not `+ 0.0`, which XLA folds away)
@@ -257,7 +259,7 @@ def label_log_z(t, x_lab, m, *, mosaic: bool = False):
 def grad_coef(stats, opts: XentOptions, sum_t=None):
   """The softmax's factor in the gradient, ``1 + 2 z_loss lse`` (z-loss), plus ``sum(target) -
   1`` for dense labels whose rows do not sum to 1 (``sum_t``; not with ``tf_grad``)."""
-  coef = 1.0 + 2.0 * opts.z_loss * (stats[0] + stats[1]) if opts.z_loss else jnp.ones_like(stats[1])
+  coef = 1.0 + 2.0 * opts.z_loss * lse_of(stats) if opts.z_loss else jnp.ones_like(stats[1])
   if sum_t is not None and not opts.tf_grad:
     coef = coef + (sum_t - 1.0)
   return coef

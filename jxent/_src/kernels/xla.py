@@ -28,12 +28,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from jxent._src.options import XentOptions
-from jxent._src.kernels.rowmath import (combine, exp_diff, finish_sparse, grad_coef, gather_label,
-                                        ignored_rows, label_grad, local_label,
-                                        num_classes, pmax, prep_logits, psum, safe_max,
-                                        softcap_factor,
-                                        softmax, stats_of, sum_target, tail_grad,
-                                        tail_log_z)
+from jxent._src.kernels.rowmath import (combine, exp_diff, finish_sparse, gather_label, grad_coef,
+                                        ignored_rows, label_grad, local_label, num_classes, pmax,
+                                        prep_logits, psum, safe_max, softcap_factor, softmax,
+                                        stats_of, sum_target, tail_grad, tail_log_z)
 
 
 def cpu_fusible(*arrays: jax.Array) -> tuple[jax.Array, ...]:
@@ -194,24 +192,22 @@ def _row_stats(xs, raw, rows: int, k: int, opts: XentOptions, *, fusible_max: bo
   else:
     ms = jnp.where(jnp.isneginf(ms), 0.0, ms)
   sh = xs - ms[:, None]
-  if not exact_tail(xs.dtype):
+  exact = exact_tail(xs.dtype)
+  if exact:  # the segments' sums without their maxima, and the maxima's counts
+    top = sh == 0
+    rest = jnp.sum(jnp.where(top, sh, jnp.exp(sh)), axis=-1).reshape(rows, k)
+    count = jnp.sum(jnp.where(top, 1.0, 0.0).astype(xs.dtype), axis=-1).reshape(rows, k)
+  else:
     zs = jnp.sum(jnp.exp(sh), axis=-1).reshape(rows, k)
-    ms = ms.reshape(rows, k)
-    m = pmax(jnp.max(ms, axis=-1), opts)
-    if not fusible_max:
-      m = jnp.where(jnp.isneginf(m), 0.0, m)
-    shift = ms - m[:, None]  # <= 0
-    return ms, m, shift, None, psum(jnp.sum(zs * exp_diff(ms, m[:, None]), axis=-1), opts)
-  top = sh == 0
-  rest = jnp.sum(jnp.where(top, sh, jnp.exp(sh)), axis=-1).reshape(rows, k)
-  count = jnp.sum(jnp.where(top, 1.0, 0.0).astype(xs.dtype), axis=-1).reshape(rows, k)
   ms = ms.reshape(rows, k)
   m = pmax(jnp.max(ms, axis=-1), opts)
   if not fusible_max:
     m = jnp.where(jnp.isneginf(m), 0.0, m)
   shift = ms - m[:, None]  # <= 0
-  at_top = shift == 0
   scale = exp_diff(ms, m[:, None])
+  if not exact:
+    return ms, m, shift, None, psum(jnp.sum(zs * scale, axis=-1), opts)
+  at_top = shift == 0
   rest, count = psum((jnp.sum(rest * scale + jnp.where(at_top, 0.0, count * scale), axis=-1),
                       jnp.sum(jnp.where(at_top, count, 0.0), axis=-1)), opts)
   u = rest + (count - 1.0)  # (count - 1 first: it may be 0)
