@@ -522,3 +522,195 @@ class TestCore:
     all_ignored = jxent.softmax_cross_entropy_with_integer_labels(
         x, jnp.full((6,), -100), ignore_index=-100, reduction="mean")
     assert float(all_ignored) == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# class_weight: PyTorch's weight=, against the float64 NumPy statement of its formula
+# (jxent._src.reference.xent with class_weight), every implementation.
+# --------------------------------------------------------------------------------------------
+def _class_weight(rng, c):
+  """Random positive weights with one zero and one negative weight (PyTorch allows both)."""
+  w = rng.uniform(0.2, 2.5, size=c)
+  w[1], w[2] = 0.0, -0.7
+  return jnp.asarray(w, jnp.float32)
+
+
+def _refuses_class_weight(kernel, call):
+  """A kernel without class weights: the call must raise, naming the argument."""
+  if getattr(kernel, "class_weights", False):
+    return False
+  with pytest.raises(ValueError, match="does not take `class_weight`"):
+    call()
+  return True
+
+
+@pytest.mark.parametrize("kernel", kernels())
+class TestClassWeight:
+
+  @pytest.mark.parametrize("options", OPTION_SETS)
+  @pytest.mark.parametrize("shape", [(7, 33), (3, 5, 131)])
+  def test_integer_labels(self, kernel, options, shape):
+    rng = np.random.default_rng(21)
+    x = rand_logits(rng, shape)
+    y = jnp.asarray(rng.integers(0, shape[-1], size=shape[:-1]))
+    y = y.reshape(-1).at[1].set(-100).at[2].set(1).reshape(y.shape)  # ignored; weight 0
+    w = _class_weight(rng, shape[-1])
+    g = jnp.asarray(rng.normal(size=shape[:-1]), jnp.float32)
+    f = lambda x, w: jxent.softmax_cross_entropy_with_integer_labels(
+        x, y, ignore_index=-100, implementation=kernel, class_weight=w, **options)
+    if _refuses_class_weight(kernel, lambda: f(x, w)):
+      return
+    out, vjp = jax.vjp(jax.jit(f), x, w)
+    dx, dw = vjp(g)
+    l, rdx, _, rdw = reference.xent(x, y, sparse=True, ignore_index=-100, g=g, class_weight=w,
+                                    **options)
+    assert_close(out, l, what="loss")
+    assert_close(dx, rdx, what="dlogits")
+    assert_close(dw, rdw, what="dclass_weight")
+    assert float(jnp.abs(dx.reshape(-1, shape[-1])[1]).max()) == 0.0  # ignored row
+
+  @pytest.mark.parametrize("options", OPTION_SETS)
+  def test_dense_labels(self, kernel, options):
+    rng = np.random.default_rng(22)
+    x = rand_logits(rng, (9, 37))
+    y = jnp.asarray(rng.random((9, 37)) * 0.1, jnp.float32)  # unnormalised soft labels
+    w = _class_weight(rng, 37)
+    g = jnp.asarray(rng.normal(size=(9,)), jnp.float32)
+    f = lambda x, y, w: jxent.softmax_cross_entropy(x, y, implementation=kernel, class_weight=w,
+                                                    **options)
+    if _refuses_class_weight(kernel, lambda: f(x, y, w)):
+      return
+    out, vjp = jax.vjp(jax.jit(f), x, y, w)
+    dx, dy, dw = vjp(g)
+    l, rdx, rdy, rdw = reference.xent(x, y, g=g, class_weight=w, **options)
+    assert_close(out, l, what="loss")
+    assert_close(dx, rdx, what="dlogits")
+    assert_close(dy, rdy, what="dlabels")
+    assert_close(dw, rdw, what="dclass_weight")
+
+  @pytest.mark.parametrize("reduction", ["mean", "sum"])
+  @pytest.mark.parametrize("sparse", [True, False])
+  def test_reductions(self, kernel, reduction, sparse):
+    """PyTorch's reductions: integer labels' "mean" divides by sum(w[label]) over the rows not
+    ignored; dense labels' by the number of rows."""
+    rng = np.random.default_rng(23)
+    x = rand_logits(rng, (11, 29))
+    w = _class_weight(rng, 29)
+    if sparse:
+      y = jnp.asarray(rng.integers(3, 29, size=11)).at[4].set(-1).at[5].set(2)
+      f = lambda x, w: jxent.softmax_cross_entropy_with_integer_labels(
+          x, y, ignore_index=-1, reduction=reduction, implementation=kernel, class_weight=w,
+          label_smoothing=0.1)
+      l, rdx, _, rdw = reference.xent(x, y, sparse=True, ignore_index=-1, class_weight=w,
+                                      label_smoothing=0.1)
+      wy = np.where(np.asarray(y) == -1, 0.0, np.asarray(w, np.float64)[np.clip(y, 0, None)])
+      denom = wy.sum()
+    else:
+      y = jnp.asarray(rand_probs(rng, (11, 29)))
+      f = lambda x, w: jxent.softmax_cross_entropy(
+          x, y, reduction=reduction, implementation=kernel, class_weight=w, label_smoothing=0.1)
+      l, rdx, _, rdw = reference.xent(x, y, class_weight=w, label_smoothing=0.1)
+      wy, denom = None, 11.0
+    if _refuses_class_weight(kernel, lambda: f(x, w)):
+      return
+    v, (dx, dw) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, w)
+    if reduction == "sum":
+      assert_close(v, l.sum(), what="value")
+      assert_close(dx, rdx, what="dlogits")
+      assert_close(dw, rdw, what="dclass_weight")
+      return
+    assert_close(v, l.sum() / denom, what="value")
+    assert_close(dx, rdx / denom, what="dlogits")
+    if sparse:  # the denominator's own derivative: - mean / denom at each kept label's class
+      counts = np.bincount(np.asarray(y)[np.asarray(y) >= 0], minlength=29)
+      rdw = rdw / denom - counts * (l.sum() / denom ** 2)
+    else:
+      rdw = rdw / denom
+    assert_close(dw, rdw, what="dclass_weight")
+
+  def test_zero_weight_sum_mean_is_nan(self, kernel):
+    """As PyTorch: "mean" with every kept label's weight 0 is 0 / 0."""
+    x = jnp.asarray(np.random.default_rng(24).normal(size=(4, 19)), jnp.float32)
+    w = jnp.ones(19).at[3].set(0.0)
+    f = lambda: jxent.softmax_cross_entropy_with_integer_labels(
+        x, jnp.full((4,), 3), reduction="mean", implementation=kernel, class_weight=w)
+    if _refuses_class_weight(kernel, f):
+      return
+    assert np.isnan(float(f()))
+
+  @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+  def test_half_precision(self, kernel, dtype):
+    rng = np.random.default_rng(25)
+    x = rand_logits(rng, (6, 45), dtype)
+    y = jnp.asarray(rng.integers(0, 45, size=6))
+    w = _class_weight(rng, 45)
+    f = lambda x: jxent.softmax_cross_entropy_with_integer_labels(
+        x, y, implementation=kernel, class_weight=w, label_smoothing=0.1, reduction="sum")
+    if _refuses_class_weight(kernel, lambda: f(x)):
+      return
+    v, dx = jax.jit(jax.value_and_grad(f))(x)
+    assert v.dtype == dtype and dx.dtype == dtype
+    l, rdx, _, _ = reference.xent(x.astype(jnp.float32), y, sparse=True, class_weight=w,
+                                  label_smoothing=0.1)
+    assert_close(v, l.sum(), dtype, scale=float(np.abs(l).sum()))
+    assert_close(dx, rdx, dtype)
+
+  def test_vmap(self, kernel):
+    rng = np.random.default_rng(26)
+    x = rand_logits(rng, (3, 5, 23))
+    y = jnp.asarray(rng.integers(0, 23, size=(3, 5)))
+    w = _class_weight(rng, 23)
+    f = lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(
+        x, y, implementation=kernel, class_weight=w, label_smoothing=0.2)
+    if _refuses_class_weight(kernel, lambda: f(x, y)):
+      return
+    got = jax.jit(jax.vmap(jax.grad(lambda x, y: f(x, y).sum())))(x, y)
+    _, rdx, _, _ = reference.xent(x, y, sparse=True, class_weight=w, label_smoothing=0.2)
+    assert_close(got, rdx)
+
+
+class TestClassWeightErrors:
+
+  @pytest.mark.parametrize("bad, exc, match", [
+      (np.ones(32, np.float32), ValueError, r"`class_weight` must have shape \(33,\).*got \(32,\)"),
+      (np.ones((1, 33), np.float32), ValueError, r"must have shape \(33,\)"),
+      (np.ones(33, np.int32), TypeError, "`class_weight` must have a floating dtype, got int32"),
+  ])
+  def test_bad_class_weight(self, bad, exc, match):
+    x = jnp.zeros((2, 33)) + jnp.arange(33.0)
+    with pytest.raises(exc, match=match):
+      jxent.softmax_cross_entropy_with_integer_labels(x, jnp.array([0, 1]), class_weight=bad)
+    with pytest.raises(exc, match=match):
+      jxent.softmax_cross_entropy(x, jax.nn.one_hot(jnp.array([0, 1]), 33), class_weight=bad)
+
+  def test_several_class_axes(self):
+    """With a tuple of class axes the weight is flat [C] or the classes' own shape."""
+    rng = np.random.default_rng(27)
+    x = rand_logits(rng, (4, 3, 5))
+    y = jnp.asarray(rng.integers(0, 15, size=4))
+    w = _class_weight(rng, 15)
+    flat = jxent.softmax_cross_entropy_with_integer_labels(x.reshape(4, 15), y, class_weight=w)
+    for cw in (w, w.reshape(3, 5)):
+      got = jxent.softmax_cross_entropy_with_integer_labels(x, y, axis=(1, 2), class_weight=cw)
+      np.testing.assert_allclose(got, flat, rtol=1e-6)
+
+  def test_default_takes_a_weighted_kernel(self):
+    rng = np.random.default_rng(28)
+    x = rand_logits(rng, (5, 17))
+    y = jnp.asarray(rng.integers(0, 17, size=5))
+    w = _class_weight(rng, 17)
+    np.testing.assert_array_equal(
+        jxent.softmax_cross_entropy_with_integer_labels(x, y, class_weight=w),
+        jxent.softmax_cross_entropy_with_integer_labels(x, y, class_weight=w, implementation="xla"))
+
+  def test_unit_weights_are_the_unweighted_loss(self):
+    rng = np.random.default_rng(29)
+    x = rand_logits(rng, (6, 40))
+    y = jnp.asarray(rng.integers(0, 40, size=6))
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, reduction="mean")
+    f = lambda x, w: jxent.softmax_cross_entropy_with_integer_labels(x, y, class_weight=w, **kw)
+    v, dx = jax.value_and_grad(f)(x, jnp.ones(40))
+    rv, rdx = jax.value_and_grad(lambda x: jxent.softmax_cross_entropy_with_integer_labels(
+        x, y, **kw))(x)
+    np.testing.assert_allclose(v, rv, rtol=1e-6)
+    np.testing.assert_allclose(dx, rdx, rtol=1e-5, atol=1e-7)

@@ -226,3 +226,67 @@ def test_import_jxent_alone_does_not_import_keras():
   import sys
   code = "import sys, jxent, jxent.keras; sys.exit('keras' in sys.modules)"
   assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_class_weight_values_and_gradients():
+  """class_weight (PyTorch's weight=) on every path, against float64 NumPy; for one-hot targets
+  without smoothing it equals Keras's fit(class_weight=): class_weight[argmax] as sample weight."""
+  rng = np.random.default_rng(7)
+  w = np.array([0.5, 2.0, 1.5, 0.0], np.float32)
+  logits = rng.normal(size=(6, 4)).astype(np.float32)
+  probs = np.asarray(jax.nn.softmax(logits))
+  ids = rng.integers(0, 4, size=6)
+  onehot = np.eye(4, dtype=np.float32)[ids]
+  soft = np.asarray(jax.nn.softmax(rng.normal(size=(6, 4)))).astype(np.float32)
+  logp = np.asarray(jax.nn.log_softmax(logits.astype(np.float64)))
+  for eps in (0.0, 0.1):
+    for y in (onehot, soft):
+      ys = (1 - eps) * y + eps / 4
+      want = -(w * ys * logp).sum(-1)
+      for from_logits, pred in ((True, logits), (False, probs)):
+        got = CCE(from_logits=from_logits, label_smoothing=eps, class_weight=w,
+                  reduction="none")(y, pred)
+        assert_close(got, want, scale=5)
+    want_s = (1 - eps) * w[ids] * -logp[np.arange(6), ids] - eps / 4 * (w * logp).sum(-1)
+    for from_logits, pred in ((True, logits), (False, probs)):
+      got = SCCE(from_logits=from_logits, label_smoothing=eps, class_weight=list(w),
+                 reduction="none")(ids, pred)
+      assert_close(got, want_s, scale=5)
+  # Keras's fit(class_weight=) semantics for one-hot targets: a per-sample weight w[label]
+  assert_close(CCE(from_logits=True, class_weight=w)(onehot, logits),
+               CCE(from_logits=True)(onehot, logits, sample_weight=w[ids]))
+  assert_close(SCCE(from_logits=True, class_weight={0: 0.5, 1: 2.0, 2: 1.5, 3: 0.0})(ids, logits),
+               SCCE(from_logits=True)(ids, logits, sample_weight=w[ids]))
+  # the logits gradient against jax.grad of the float64 formula
+  f = lambda x: CCE(from_logits=True, class_weight=w, label_smoothing=0.1)(soft, x)
+  ref = lambda x: jnp.mean(-(w * (0.9 * soft + 0.025) * jax.nn.log_softmax(x)).sum(-1))
+  assert_close(jax.grad(f)(jnp.asarray(logits)), jax.grad(ref)(jnp.asarray(logits, jnp.float32)))
+
+
+def test_class_weight_config_round_trip_and_errors():
+  for cw in ([0.5, 2.0, 1.0], np.array([0.5, 2.0, 1.0], np.float32), {0: 0.5, "1": 2.0}):
+    for cls in (CCE, SCCE):
+      loss = cls(from_logits=True, class_weight=cw)
+      cfg = loss.get_config()
+      assert cfg["class_weight"] == ([0.5, 2.0, 1.0] if not isinstance(cw, dict) else cw)
+      again = cls.from_config(cfg)
+      assert again.get_config() == cfg
+      assert_close(again([[0, 1, 0]] if cls is CCE else [1], LG[:1]),
+                   loss([[0, 1, 0]] if cls is CCE else [1], LG[:1]))
+  assert "class_weight" not in CCE().get_config()  # (unset: the config Keras knows)
+  with pytest.raises(ValueError, match="1-D sequence"):
+    CCE(class_weight=[[1.0, 2.0]])
+  with pytest.raises(TypeError, match="class indices to numbers"):
+    SCCE(class_weight={"a": 1.0})
+  with pytest.raises(ValueError, match=r"must have shape \(3,\)"):
+    CCE(from_logits=True, class_weight=[1.0, 2.0])([[0, 1, 0]], LG[:1])
+  with pytest.raises(ValueError, match=r"names class 5, outside \[0, 3\)"):
+    SCCE(from_logits=True, class_weight={5: 1.0})([1], LG[:1])
+
+
+def test_class_weight_keras3_serialization():
+  os.environ.setdefault("KERAS_BACKEND", "jax")
+  keras = pytest.importorskip("keras")
+  loss = SCCE(from_logits=True, class_weight=[1.0, 3.0, 0.5])
+  again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
+  assert type(again) is SCCE and again.get_config() == loss.get_config()

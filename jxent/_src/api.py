@@ -47,6 +47,7 @@ def softmax_cross_entropy(
     logit_softcap: Optional[float] = None,
     axis_name: Optional[str] = None,
     implementation: Any = None,
+    class_weight: Optional[ArrayLike] = None,
 ) -> jax.Array:
   r"""Softmax cross-entropy with dense (one-hot or soft) labels.
 
@@ -74,6 +75,12 @@ def softmax_cross_entropy(
     axis_name: mesh axis name when the class axis is sharded (inside ``shard_map`` / ``pmap``).
     implementation: None (best for the backend), ``"xla"``, ``"chunked_xla"``, ``"pallas_triton"``,
       ``"pallas_mosaic_tpu"``, or a kernel object.
+    class_weight: optional ``[num_classes]`` floating weights (PyTorch's ``weight=``; with
+      ``axis_name``, this shard's slice of the global vector). The loss becomes ``-sum(w *
+      labels' * log_softmax(x))`` (no ``[..., num_classes]`` temporary); ``"mean"`` still divides
+      by the number of examples. Negative weights are allowed, as in PyTorch. Differentiable
+      (the gradient in ``class_weight`` is exact). Taken by ``"xla"``, ``"xla_autodiff"`` and
+      ``"chunked_xla"``; ``implementation=None`` then picks ``"xla"``.
 
   Returns:
     The per-example loss ``[...]`` or a scalar, in the dtype of ``logits``.
@@ -87,7 +94,8 @@ def softmax_cross_entropy(
   opts = make_options(label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap,
                       axis_name=axis_name)
   return core.loss(logits, labels, axis=axis, sparse=False, opts=opts,
-                   implementation=implementation, where=where, reduction=reduction)
+                   implementation=implementation, where=where, reduction=reduction,
+                   class_weight=class_weight)
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -103,6 +111,7 @@ def softmax_cross_entropy_with_integer_labels(
     logit_softcap: Optional[float] = None,
     axis_name: Optional[str] = None,
     implementation: Any = None,
+    class_weight: Optional[ArrayLike] = None,
 ) -> jax.Array:
   r"""Softmax cross-entropy with integer class ids, without building a one-hot.
 
@@ -126,6 +135,11 @@ def softmax_cross_entropy_with_integer_labels(
     logit_softcap: ``c > 0`` or None.
     axis_name: mesh axis name when the class axis is sharded; labels are global class ids.
     implementation: see :func:`softmax_cross_entropy`.
+    class_weight: optional ``[num_classes]`` floating weights, PyTorch's ``weight=`` exactly:
+      ``loss = (1 - eps) * w[label] * (lse - x[label]) + (eps / C) * sum_c w[c] * (lse - x[c])``
+      (+ the unweighted z-loss), and ``"mean"`` divides the sum by ``sum(w[label])`` over the
+      examples not masked or ignored (NaN when that is 0, as in PyTorch). With ``axis_name``,
+      this shard's slice of the global vector. See :func:`softmax_cross_entropy`.
 
   Returns:
     The per-example loss ``[...]`` or a scalar, in the dtype of ``logits``.
@@ -139,7 +153,8 @@ def softmax_cross_entropy_with_integer_labels(
   opts = make_options(label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap,
                       ignore_index=ignore_index, axis_name=axis_name)
   return core.loss(logits, labels, axis=axis, sparse=True, opts=opts,
-                   implementation=implementation, where=where, reduction=reduction)
+                   implementation=implementation, where=where, reduction=reduction,
+                   class_weight=class_weight)
 
 
 def check_integer_labels(labels: ArrayLike, num_classes: int, *,

@@ -17,17 +17,28 @@ import numpy as np
 
 from jxent._src import dispatch
 from jxent._src.options import XentOptions
-from jxent._src.kernels.rowmath import match_vma, nan_rows, total_cotangent
+from jxent._src.kernels import rowmath
+from jxent._src.kernels.rowmath import (class_offset, class_weight_rows, compute_dtype,
+                                        gather_label, match_vma, nan_rows, num_classes,
+                                        prep_logits, total_cotangent, zero_ignored)
 
 
 # --------------------------------------------------------------------------------------------
 # The custom VJP trio.
 # --------------------------------------------------------------------------------------------
 @functools.partial(jax.custom_vjp, nondiff_argnames=("sparse", "opts", "kernel"))
-def xent_2d(logits: jax.Array, labels: jax.Array, sparse: bool, opts: XentOptions,
-            kernel: Any) -> jax.Array:
-  """Per-row cross-entropy of ``logits [R, C]``; returns the float32 (or float64) loss ``[R]``."""
-  return kernel.forward(logits, labels, sparse=sparse, opts=opts, need_lse=False)[0]
+def xent_2d(logits: jax.Array, labels: jax.Array, class_weight: Optional[jax.Array], sparse: bool,
+            opts: XentOptions, kernel: Any) -> jax.Array:
+  """Per-row cross-entropy of ``logits [R, C]``; returns the float32 (or float64) loss ``[R]``.
+  ``class_weight``: None or ``[C]`` in the compute dtype (PyTorch's ``weight=``)."""
+  return kernel.forward(logits, labels, sparse=sparse, opts=opts, need_lse=False,
+                        **_weight_kw(class_weight))[0]
+
+
+def _weight_kw(class_weight) -> dict:
+  """``class_weight=`` for the kernels, only where one is given (kernels without
+  ``class_weights`` take no such argument; :func:`dispatch.resolve` refused them)."""
+  return {} if class_weight is None else {"class_weight": class_weight}
 
 
 def _want_dlabels(labels, sparse):
@@ -35,26 +46,51 @@ def _want_dlabels(labels, sparse):
   return None if (sparse or not labels.perturbed) else jnp.zeros((0,), jnp.float32)
 
 
-def _xent_2d_fwd(logits, labels, sparse, opts, kernel):
+def _xent_2d_fwd(logits, labels, class_weight, sparse, opts, kernel):
   # symbolic_zeros=True: inputs arrive as CustomVJPPrimal(value, perturbed).
   want = _want_dlabels(labels, sparse)
-  loss, stats = kernel.forward(logits.value, labels.value, sparse=sparse, opts=opts)
-  return loss, (logits.value, labels.value, stats, want)
+  cw, want_dw = None, False
+  if class_weight is not None:
+    cw, want_dw = class_weight.value, class_weight.perturbed
+  loss, stats = kernel.forward(logits.value, labels.value, sparse=sparse, opts=opts,
+                               **_weight_kw(cw))
+  return loss, (logits.value, labels.value, stats, want, cw,
+                jnp.zeros((0,), jnp.float32) if want_dw else None)
 
 
 def _xent_2d_bwd(sparse, opts, kernel, res, g):
-  logits, labels, stats, want = res
+  logits, labels, stats, want, cw, want_dw = res
   log_z = stats[1]
   if isinstance(g, jax.custom_derivatives.SymbolicZero):
     g = jnp.zeros(log_z.shape, log_z.dtype)
   g = nan_rows(total_cotangent(g, logits, opts), labels, log_z, sparse=sparse, opts=opts,
                local_c=logits.shape[1])
   dlogits, dlabels = kernel.backward(logits, labels, stats, g, sparse=sparse, opts=opts,
-                                     want_dlabels=want is not None)
-  return match_vma(dlogits, logits), (None if sparse else match_vma(dlabels, labels))
+                                     want_dlabels=want is not None, **_weight_kw(cw))
+  dw = None
+  if want_dw is not None:
+    dw = match_vma(class_weight_grad(logits, labels, stats, g, cw, sparse=sparse, opts=opts), cw)
+  return (match_vma(dlogits, logits), (None if sparse else match_vma(dlabels, labels)), dw)
 
 
 xent_2d.defvjp(_xent_2d_fwd, _xent_2d_bwd, symbolic_zeros=True)
+
+
+def class_weight_grad(logits, labels, stats, g, class_weight, *, sparse: bool, opts: XentOptions):
+  """``d sum(g * loss) / d class_weight`` (this shard's ``[C]``; :func:`rowmath.class_weight_grad`:
+  one more read of the logits, only when the class weight is differentiated)."""
+  x = prep_logits(logits, opts)
+  stats = tuple(v.astype(x.dtype) for v in stats)
+  g = g.astype(x.dtype)
+  local_c = x.shape[-1]
+  xent = None
+  if sparse:
+    g = zero_ignored(labels, g, opts)
+    xent = stats[1] - (gather_label(logits, labels, opts) - stats[0])
+    labels = labels - class_offset(local_c, opts)
+  dw = rowmath.class_weight_grad(x, labels, stats, g, class_weight.astype(x.dtype), opts,
+                                 num_classes(local_c, opts), sparse=sparse, xent=xent)
+  return dw.astype(class_weight.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("sparse", "opts", "kernel"))
@@ -214,19 +250,23 @@ def canonicalize(logits, labels, *, axis, sparse: bool, where=None):
 
 
 def loss(logits, labels, *, axis, sparse: bool, opts: XentOptions, implementation=None,
-         where=None, reduction: Optional[str] = "none"):
+         where=None, reduction: Optional[str] = "none", class_weight=None):
   """The native loss: per-example (``"none"``) or reduced (``"mean"``/``"sum"``), logits dtype.
 
   A scalar reduction with a kernel that can form the gradient in its forward pass (``fused``) uses
-  :func:`xent_2d_fused` (not with ``axis_name``: the gradient needs the global log-sum-exp);
-  otherwise the per-row custom VJP followed by the reduction.
+  :func:`xent_2d_fused` (not with ``axis_name``: the gradient needs the global log-sum-exp; not
+  with ``class_weight``); otherwise the per-row custom VJP followed by the reduction. With
+  ``class_weight`` and integer labels ``"mean"`` divides by the kept rows' ``sum(w[label])``
+  (PyTorch: NaN when it is 0); dense labels divide by the number of kept rows.
   """
   logits = check_logits(logits)
   logits2d, labels2d, row_mask, batch_shape = canonicalize(logits, labels, axis=axis,
                                                            sparse=sparse, where=where)
-  kernel = _kernel(implementation, sparse, logits2d, reduction, opts)
+  cw = check_class_weight(class_weight, logits, axis, opts)
+  kernel = _kernel(implementation, sparse, logits2d, reduction, opts, class_weight=cw is not None)
   kept = _kept(labels2d, row_mask, sparse, opts)
-  if reduction in ("mean", "sum") and hasattr(kernel, "fused") and opts.axis_name is None:
+  if (reduction in ("mean", "sum") and hasattr(kernel, "fused") and opts.axis_name is None
+      and cw is None):
     w = jnp.ones(logits2d.shape[:1], jnp.float32) if kept is None else kept.astype(jnp.float32)
     if reduction == "mean":
       count = jnp.sum(w)
@@ -236,17 +276,47 @@ def loss(logits, labels, *, axis, sparse: bool, opts: XentOptions, implementatio
       w = jnp.where(((labels2d < 0) | (labels2d >= c)) & (w != 0), jnp.nan, w)
     w = jax.lax.stop_gradient(w)
     return call_vjp(xent_2d_fused, logits2d, labels2d, w, sparse, opts, kernel).astype(logits.dtype)
-  per_row = _per_row(logits2d, labels2d, row_mask, sparse, opts, kernel)
+  per_row = _per_row(logits2d, labels2d, row_mask, sparse, opts, kernel, cw)
+  if cw is not None and sparse and reduction == "mean":
+    w_y = class_weight_rows(cw, labels2d, opts, sparse=True)[0]
+    if kept is not None:
+      w_y = jnp.where(kept, w_y, 0.0)
+    return (jnp.sum(per_row) / jnp.sum(w_y)).astype(logits.dtype)
   kept = None if kept is None else kept.reshape(batch_shape)
   return reduce_native(per_row.reshape(batch_shape), kept, reduction, logits.dtype)
 
 
-def _kernel(implementation, sparse, logits2d, reduction=None, opts=None):
+def check_class_weight(class_weight, logits, axis, opts: XentOptions):
+  """Validates ``class_weight`` (trace time): None, or a floating ``[num_classes]`` vector
+  (this shard's classes with ``axis_name``; with several class axes, the flat ``[C]`` or the
+  classes' own shape). Returns it flat in the compute dtype of ``logits``, or None. Negative
+  weights are allowed, as in PyTorch."""
+  if class_weight is None:
+    return None
+  if opts.tf_grad:
+    raise ValueError("`class_weight` is not part of TF's losses (tf_grad); use the native API.")
+  cw = jnp.asarray(class_weight)
+  if not jnp.issubdtype(cw.dtype, jnp.floating):
+    raise TypeError(f"`class_weight` must have a floating dtype, got {cw.dtype} with shape "
+                    f"{cw.shape}.")
+  ax = check_axes(axis, logits.ndim)
+  class_shape = tuple(logits.shape[a] for a in ax)
+  c = num_rows(class_shape)
+  if cw.shape not in ((c,), class_shape):
+    shard = " (this shard's classes: axis_name is set)" if opts.axis_name is not None else ""
+    raise ValueError(f"`class_weight` must have shape ({c},){shard}, one weight per class of "
+                     f"logits {logits.shape} with axis={axis}; got {cw.shape}.")
+  return cw.reshape(c).astype(compute_dtype(logits.dtype))
+
+
+def _kernel(implementation, sparse, logits2d, reduction=None, opts=None, *,
+            class_weight: bool = False):
   """The kernel for these rows; None for zero classes (nothing to compute)."""
   if logits2d.shape[1] == 0:
     return None
   return dispatch.resolve(implementation, sparse=sparse, shape=logits2d.shape,
-                          dtype=logits2d.dtype, reduction=reduction, opts=opts)
+                          dtype=logits2d.dtype, reduction=reduction, opts=opts,
+                          class_weight=class_weight)
 
 
 def _kept(labels2d, row_mask, sparse, opts):
@@ -257,20 +327,21 @@ def _kept(labels2d, row_mask, sparse, opts):
   return kept
 
 
-def _per_row(logits2d, labels2d, row_mask, sparse, opts, kernel):
+def _per_row(logits2d, labels2d, row_mask, sparse, opts, kernel, class_weight=None):
   if kernel is None:  # zero classes: TF 2.21 returns zeros
     loss = jnp.zeros(logits2d.shape[:1], jnp.promote_types(logits2d.dtype, jnp.float32))
   elif getattr(kernel, "autodiff", False):  # JAX differentiates the forward itself
-    loss = kernel.forward(logits2d, labels2d, sparse=sparse, opts=opts, need_lse=False)[0]
+    loss = kernel.forward(logits2d, labels2d, sparse=sparse, opts=opts, need_lse=False,
+                          **_weight_kw(class_weight))[0]
   else:
-    loss = call_vjp(xent_2d, logits2d, labels2d, sparse, opts, kernel)
+    loss = call_vjp(xent_2d, logits2d, labels2d, class_weight, sparse, opts, kernel)
   if row_mask is not None:
     loss = jnp.where(row_mask, loss, 0.0)
   return loss
 
 
 def rows_loss(logits, labels, *, axis, sparse: bool, opts: XentOptions, implementation=None,
-              where=None):
+              where=None, class_weight=None):
   """Per-example loss in the compute dtype, shape ``logits.shape`` without ``axis``.
 
   Returns ``(loss, kept)`` where ``kept`` is the mask of rows that count (``where`` and
@@ -278,8 +349,9 @@ def rows_loss(logits, labels, *, axis, sparse: bool, opts: XentOptions, implemen
   """
   logits2d, labels2d, row_mask, batch_shape = canonicalize(
       logits, labels, axis=axis, sparse=sparse, where=where)
-  kernel = _kernel(implementation, sparse, logits2d)
-  loss = _per_row(logits2d, labels2d, row_mask, sparse, opts, kernel).reshape(batch_shape)
+  cw = check_class_weight(class_weight, check_logits(logits), axis, opts)
+  kernel = _kernel(implementation, sparse, logits2d, class_weight=cw is not None)
+  loss = _per_row(logits2d, labels2d, row_mask, sparse, opts, kernel, cw).reshape(batch_shape)
   kept = _kept(labels2d, row_mask, sparse, opts)
   return loss, (None if kept is None else kept.reshape(batch_shape))
 

@@ -31,14 +31,18 @@ class XlaKernel:
 
   name: ClassVar[str] = "xla"
   platforms: ClassVar[tuple[str, ...]] = ("cpu", "gpu", "cuda", "rocm", "tpu")
+  # forward / backward take ``class_weight=`` (a [C] vector; see rowmath.class_weight_rows)
+  class_weights: ClassVar[bool] = True
   interpret: bool = False
 
-  def forward(self, logits, labels, *, sparse, opts, need_lse=True):
-    return xla.forward(logits, labels, sparse=sparse, opts=opts, need_lse=need_lse)
+  def forward(self, logits, labels, *, sparse, opts, need_lse=True, class_weight=None):
+    return xla.forward(logits, labels, sparse=sparse, opts=opts, need_lse=need_lse,
+                       class_weight=class_weight)
 
-  def backward(self, logits, labels, stats, g, *, sparse, opts, want_dlabels=True):
+  def backward(self, logits, labels, stats, g, *, sparse, opts, want_dlabels=True,
+               class_weight=None):
     return xla.backward(logits, labels, stats, g, sparse=sparse, opts=opts,
-                        want_dlabels=want_dlabels)
+                        want_dlabels=want_dlabels, class_weight=class_weight)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,13 +68,14 @@ class XlaAutodiffKernel(XlaKernel):
   name: ClassVar[str] = "xla_autodiff"
   autodiff: ClassVar[bool] = True
 
-  def forward(self, logits, labels, *, sparse, opts, need_lse=True):
+  def forward(self, logits, labels, *, sparse, opts, need_lse=True, class_weight=None):
     if opts.tf_grad:
       raise ValueError("implementation 'xla_autodiff' differentiates the loss itself and cannot "
                        "give TF's kernel gradient (tf_grad); use 'xla'.")
     if jax.numpy.promote_types(logits.dtype, jax.numpy.float32) == jax.numpy.float64:
-      return xla.autodiff_f64(logits, labels, sparse, opts)  # (the tails, exactly)
-    return xla.forward(logits, labels, sparse=sparse, opts=opts, autodiff=True, need_lse=need_lse)
+      return xla.autodiff_f64(logits, labels, sparse, opts, class_weight)  # (the tails, exactly)
+    return xla.forward(logits, labels, sparse=sparse, opts=opts, autodiff=True, need_lse=need_lse,
+                       class_weight=class_weight)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +96,10 @@ class ChunkedXlaKernel(XlaKernel):
     if not isinstance(self.block, int) or self.block < 1:
       raise ValueError(f"ChunkedXlaKernel: block must be a positive int, got {self.block!r}.")
 
-  def forward(self, logits, labels, *, sparse, opts, need_lse=True):
+  def forward(self, logits, labels, *, sparse, opts, need_lse=True, class_weight=None):
     del need_lse  # (a hint: the lse comes at no extra cost here)
-    return chunked.forward(logits, labels, sparse=sparse, opts=opts, block=self.block)
+    return chunked.forward(logits, labels, sparse=sparse, opts=opts, block=self.block,
+                           class_weight=class_weight)
 
 
 _REGISTRY: dict[str, Callable[[], Any]] = {
@@ -227,11 +233,17 @@ def _default(sparse: bool, shape, dtype, reduction=None, opts=None) -> Any:
     return heuristic(sparse, shape, dtype)
 
 
-def resolve(implementation, *, sparse: bool, shape, dtype, reduction=None, opts=None) -> Any:
+def resolve(implementation, *, sparse: bool, shape, dtype, reduction=None, opts=None,
+            class_weight: bool = False) -> Any:
   """Returns the kernel object for ``implementation``; raises if it cannot run here.
-  ``reduction`` and ``opts`` key the tuned choice of ``implementation=None``."""
+  ``reduction`` and ``opts`` key the tuned choice of ``implementation=None``; ``class_weight``:
+  the call weighs its classes, which only kernels with ``class_weights`` take (the default
+  is then the best of those, ``xla``)."""
   if implementation is None:
-    return _default(sparse, shape, dtype, reduction, opts)
+    kernel = _default(sparse, shape, dtype, reduction, opts)
+    if class_weight and not getattr(kernel, "class_weights", False):
+      return XlaKernel()  # (the Pallas kernels take no class weight yet: the default is XLA's)
+    return kernel
   if isinstance(implementation, str):
     if implementation not in names():
       raise ValueError(f"Unknown implementation {implementation!r}; expected one of "
@@ -257,4 +269,8 @@ def resolve(implementation, *, sparse: bool, shape, dtype, reduction=None, opts=
   if reason is not None:
     raise ValueError(f"implementation {kernel.name!r} cannot be built here: {reason}. Pass "
                      f"implementation=None (which falls back to 'xla') or 'xla'.")
+  if class_weight and not getattr(kernel, "class_weights", False):
+    raise ValueError(f"implementation {getattr(kernel, 'name', kernel)!r} does not take "
+                     f"`class_weight`; pass implementation=None, 'xla', 'xla_autodiff' or "
+                     f"'chunked_xla'.")
   return kernel

@@ -79,8 +79,37 @@ def _probs_xent(y_true, y_pred, axis):
   return -jnp.sum(y_true * jnp.log(out), axis=axis)
 
 
+def class_weight_vector(class_weight, num_classes: int):
+  """A Keras-style ``class_weight`` as a ``[num_classes]`` float vector: None, a sequence or array
+  of weights (integers become float32), or a dict ``{class index: weight}`` as ``Model.fit``
+  takes it (classes it does not name weigh 1; keys may be strings, as a JSON config holds them)."""
+  if class_weight is None:
+    return None
+  if isinstance(class_weight, dict):
+    w = [1.0] * num_classes
+    for key, value in class_weight.items():
+      k = int(key)
+      if not 0 <= k < num_classes:
+        raise ValueError(f"`class_weight` names class {key!r}, outside [0, {num_classes}).")
+      w[k] = float(value)
+    return jnp.asarray(w, jnp.float32)
+  w = jnp.asarray(class_weight)
+  if jnp.issubdtype(w.dtype, jnp.integer) or w.dtype == jnp.bool_:
+    w = w.astype(jnp.float32)
+  return w
+
+
+def _config_class_weight(class_weight):
+  """``class_weight`` as JSON-ready config: a list of floats, a dict, or None."""
+  if class_weight is None or isinstance(class_weight, dict):
+    return class_weight
+  import numpy as np
+  return np.asarray(class_weight, np.float64).tolist()
+
+
 def categorical_crossentropy(y_true: ArrayLike, y_pred: ArrayLike, from_logits: bool = False,
-                             label_smoothing: float = 0.0, axis: int = -1) -> jax.Array:
+                             label_smoothing: float = 0.0, axis: int = -1, *,
+                             class_weight: Any = None) -> jax.Array:
   """``tf.keras.losses.categorical_crossentropy``: per-example loss, ``y_pred`` dtype.
 
   Args:
@@ -89,6 +118,9 @@ def categorical_crossentropy(y_true: ArrayLike, y_pred: ArrayLike, from_logits: 
     from_logits: whether ``y_pred`` holds logits.
     label_smoothing: applied for any value != 0, class count from ``shape[axis]``.
     axis: the class axis (negative values accepted on both paths).
+    class_weight: optional per-class weights (``[num_classes]``, or a dict ``{class: weight}``
+      as ``Model.fit`` takes it): ``loss = -sum(w * y_true' * log(y_pred))``, PyTorch's
+      ``weight=`` (for one-hot targets without smoothing, Keras's ``fit(class_weight=)``).
 
   Returns:
     ``y_pred.shape`` without ``axis``.
@@ -118,6 +150,16 @@ def categorical_crossentropy(y_true: ArrayLike, y_pred: ArrayLike, from_logits: 
   if label_smoothing:
     num_classes = y_true.shape[ax]
     y_true = y_true * (1 - label_smoothing) + jnp.asarray(label_smoothing / num_classes, y_pred.dtype)
+  cw = class_weight_vector(class_weight, y_pred.shape[ax])
+  if cw is not None:
+    cw = core.check_class_weight(cw, y_pred, ax, make_options())
+    if from_logits:
+      loss, _ = core.rows_loss(y_pred, y_true, axis=ax, sparse=False, opts=make_options(),
+                               class_weight=cw)
+      return loss.astype(y_pred.dtype)
+    shape = [1] * y_pred.ndim
+    shape[ax] = -1
+    return _probs_xent(y_true * cw.reshape(shape).astype(y_pred.dtype), y_pred, ax)
   if from_logits:
     return tf_nn.softmax_cross_entropy_with_logits_v2(y_true, y_pred, axis=ax)
   return _probs_xent(y_true, y_pred, ax)
@@ -125,13 +167,16 @@ def categorical_crossentropy(y_true: ArrayLike, y_pred: ArrayLike, from_logits: 
 
 def sparse_categorical_crossentropy(y_true: ArrayLike, y_pred: ArrayLike, from_logits: bool = False,
                                     axis: int = -1, ignore_class: Optional[int] = None,
-                                    label_smoothing: float = 0.0) -> jax.Array:
+                                    label_smoothing: float = 0.0, *,
+                                    class_weight: Any = None) -> jax.Array:
   """``keras.losses.sparse_categorical_crossentropy``: integer targets ``[...]`` (or with a
   size-1 dimension at ``axis``), ``y_pred`` ``[..., num_classes, ...]`` with the classes on
   ``axis``. Entries equal to ``ignore_class`` give 0.
 
   ``label_smoothing`` ε gives the loss of the smoothed one-hot ``(1 - ε)·onehot + ε / C``
-  without building it: ``(1 - ε)·nll + ε·(lse - mean(log p))``.
+  without building it: ``(1 - ε)·nll + ε·(lse - mean(log p))``. ``class_weight`` (``[C]`` or
+  a dict ``{class: weight}``): PyTorch's ``weight=``, ``(1 - ε)·w[y]·nll + (ε / C)·Σ_c w_c·(-log
+  p_c)`` (Keras's ``fit(class_weight=)`` without smoothing); the reduction stays Keras's.
 
   Example:
     >>> import jxent
@@ -156,9 +201,12 @@ def sparse_categorical_crossentropy(y_true: ArrayLike, y_pred: ArrayLike, from_l
     valid = y_true != ignore_class
     labels = jnp.where(valid, y_true, 0)
   opts = tf_nn.TF_OPTS
-  if label_smoothing:
+  cw = class_weight_vector(class_weight, y_pred.shape[ax])
+  if cw is not None:  # (no TF kernel gradient to follow: the true derivative)
+    opts = make_options(label_smoothing=label_smoothing)
+  elif label_smoothing:
     opts = make_options(label_smoothing=label_smoothing, tf_grad=True)
-  loss, _ = core.rows_loss(logits, labels, axis=ax, sparse=True, opts=opts)
+  loss, _ = core.rows_loss(logits, labels, axis=ax, sparse=True, opts=opts, class_weight=cw)
   loss = loss.astype(y_pred.dtype)
   if ignore_class is not None:
     loss = jnp.where(valid, loss, jnp.zeros((), loss.dtype))
@@ -292,6 +340,26 @@ def register_now_or_when_keras_loads() -> bool:
   return False
 
 
+def _check_keras_class_weight(class_weight):
+  """A constructor's ``class_weight``, checked early: None, a dict ``{class: weight}``, or a
+  1-D sequence/array of numbers (kept as given; made a vector at the call)."""
+  if class_weight is None:
+    return None
+  if isinstance(class_weight, dict):
+    for key, value in class_weight.items():
+      try:
+        int(key), float(value)
+      except (TypeError, ValueError):
+        raise TypeError(f"`class_weight` dict must map class indices to numbers, got "
+                        f"{key!r}: {value!r}.") from None
+    return dict(class_weight)
+  w = jnp.asarray(class_weight)
+  if w.ndim != 1 or not (jnp.issubdtype(w.dtype, jnp.floating) or jnp.issubdtype(w.dtype, jnp.integer)):
+    raise ValueError(f"`class_weight` must be None, a dict {{class: weight}} or a 1-D sequence of "
+                     f"numbers (one per class), got shape {w.shape} and dtype {w.dtype}.")
+  return class_weight
+
+
 class _LossBase:
   """A plain callable ``(y_true, y_pred, sample_weight=None)``: usable under ``jit``/``vmap``/
   ``grad`` and as ``model.compile(loss=...)`` in Keras 3, and serializable by Keras 3."""
@@ -340,6 +408,10 @@ class CategoricalCrossentropy(_LossBase):
   "mean", "mean_with_sample_weight" and None (or a :class:`Reduction`). ``sample_weight`` follows
   tf.keras: a scalar, ``[batch]``, ``[batch, 1]``, or per-sample weighting of ``[batch, T]``
   losses. ``dtype`` (Keras 3): compute and return the loss in that floating dtype.
+  ``class_weight`` (a jxent extension: ``[num_classes]`` or a dict ``{class: weight}``) weighs
+  each class's term, PyTorch's ``weight=`` (see :func:`categorical_crossentropy`); the
+  reductions are unchanged (``"sum_over_batch_size"`` divides by the batch size, as Keras's
+  sample weights do). It round-trips through :meth:`get_config` as a list (or the dict).
 
   Example:
     >>> import jxent
@@ -352,16 +424,20 @@ class CategoricalCrossentropy(_LossBase):
 
   def __init__(self, from_logits: bool = False, label_smoothing: float = 0.0, axis: int = -1,
                reduction: Optional[str] = "auto", name: str = "categorical_crossentropy",
-               dtype: Any = None):
+               dtype: Any = None, class_weight: Any = None):
     super().__init__(reduction, name, dtype)
     _check_axis_type(axis)
     self.from_logits = from_logits
     self.label_smoothing = label_smoothing
     self.axis = axis
+    self.class_weight = _check_keras_class_weight(class_weight)
 
   def get_config(self) -> dict:
-    return {**super().get_config(), "from_logits": self.from_logits,
-            "label_smoothing": self.label_smoothing, "axis": self.axis}
+    config = {**super().get_config(), "from_logits": self.from_logits,
+              "label_smoothing": self.label_smoothing, "axis": self.axis}
+    if self.class_weight is not None:
+      config["class_weight"] = _config_class_weight(self.class_weight)
+    return config
 
   def __call__(self, y_true: ArrayLike, y_pred: ArrayLike,
                sample_weight: Optional[ArrayLike] = None) -> jax.Array:
@@ -370,14 +446,17 @@ class CategoricalCrossentropy(_LossBase):
     _check_rank(y_pred)
     y_pred, y_true = _squeeze_or_expand(y_pred, y_true)
     losses = categorical_crossentropy(y_true, y_pred, from_logits=self.from_logits,
-                                      label_smoothing=self.label_smoothing, axis=self.axis)
+                                      label_smoothing=self.label_smoothing, axis=self.axis,
+                                      class_weight=self.class_weight)
     return reduce_weighted(losses, sample_weight, self.reduction)
 
 
 class SparseCategoricalCrossentropy(_LossBase):
   """``tf.keras.losses.SparseCategoricalCrossentropy`` (and Keras 3's) with ``ignore_class``
   (entries equal to it give 0 and are left out of the batch-size mean), ``axis`` (the class axis
-  of ``y_pred``), ``label_smoothing`` (no one-hot is built) and ``dtype``.
+  of ``y_pred``), ``label_smoothing`` (no one-hot is built), ``dtype`` and ``class_weight``
+  (a jxent extension, as in :class:`CategoricalCrossentropy`: PyTorch's ``weight=`` with
+  Keras's reductions).
 
   Example:
     >>> import jxent
@@ -391,18 +470,22 @@ class SparseCategoricalCrossentropy(_LossBase):
   def __init__(self, from_logits: bool = False, ignore_class: Optional[int] = None,
                reduction: Optional[str] = "auto", axis: int = -1,
                name: str = "sparse_categorical_crossentropy", dtype: Any = None,
-               label_smoothing: float = 0.0):
+               label_smoothing: float = 0.0, class_weight: Any = None):
     super().__init__(reduction, name, dtype)
     _check_axis_type(axis)
     self.from_logits = from_logits
     self.ignore_class = ignore_class
     self.axis = axis
     self.label_smoothing = label_smoothing
+    self.class_weight = _check_keras_class_weight(class_weight)
 
   def get_config(self) -> dict:
-    return {**super().get_config(), "from_logits": self.from_logits,
-            "ignore_class": self.ignore_class, "axis": self.axis,
-            "label_smoothing": self.label_smoothing}
+    config = {**super().get_config(), "from_logits": self.from_logits,
+              "ignore_class": self.ignore_class, "axis": self.axis,
+              "label_smoothing": self.label_smoothing}
+    if self.class_weight is not None:
+      config["class_weight"] = _config_class_weight(self.class_weight)
+    return config
 
   def __call__(self, y_true: ArrayLike, y_pred: ArrayLike,
                sample_weight: Optional[ArrayLike] = None) -> jax.Array:
@@ -410,7 +493,8 @@ class SparseCategoricalCrossentropy(_LossBase):
     y_true = jnp.asarray(y_true)
     losses = sparse_categorical_crossentropy(y_true, y_pred, from_logits=self.from_logits,
                                              ignore_class=self.ignore_class, axis=self.axis,
-                                             label_smoothing=self.label_smoothing)
+                                             label_smoothing=self.label_smoothing,
+                                             class_weight=self.class_weight)
     mask = None
     if self.ignore_class is not None:
       mask = (y_true.reshape(losses.shape) if y_true.size == losses.size else y_true

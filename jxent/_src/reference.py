@@ -6,11 +6,15 @@ import numpy as np
 
 
 def xent(logits, labels, *, axis=-1, sparse=False, label_smoothing=0.0, z_loss=0.0,
-         logit_softcap=None, ignore_index=None, tf_grad=False, g=None):
+         logit_softcap=None, ignore_index=None, tf_grad=False, g=None, class_weight=None):
   """Returns ``(loss, dlogits, dlabels)`` in float64 for cotangent ``g`` (ones by default).
 
   ``dlabels`` is None for integer labels. ``tf_grad`` selects TF's kernel gradient
-  ``g * (softmax - labels)``; otherwise the true derivative.
+  ``g * (softmax - labels)``; otherwise the true derivative. ``class_weight`` ``w [C]``:
+  PyTorch's ``weight=``, ``loss = -sum(w * labels' * log p) + z_loss * lse**2`` with the
+  smoothed labels ``labels'`` (for integer labels ``(1 - eps) w_y (-log p_y) + (eps / C)
+  sum_c w_c (-log p_c)``); with it the function also returns ``d loss / d w`` (summed over the
+  rows) as a fourth value.
   """
   x0 = np.moveaxis(np.asarray(logits, np.float64), axis, -1)
   c = x0.shape[-1]
@@ -33,8 +37,11 @@ def xent(logits, labels, *, axis=-1, sparse=False, label_smoothing=0.0, z_loss=0
   else:
     y = np.moveaxis(np.broadcast_to(np.asarray(labels, np.float64), np.shape(logits)), axis, -1)
   yt = (1 - eps) * y + eps / c
+  w = np.ones(c) if class_weight is None else np.asarray(class_weight, np.float64)
   with np.errstate(invalid="ignore", over="ignore"):
-    loss = -np.sum(np.where(yt == 0, 0.0, yt * logp), axis=-1) + z_loss * lse[..., 0] ** 2
+    per_class = np.where(yt == 0, 0.0, -yt * logp)  # d loss / d w, per row and class
+    loss = np.sum(w * per_class, axis=-1) + z_loss * lse[..., 0] ** 2
+  yt = w * yt
   gg = np.ones(loss.shape) if g is None else np.asarray(g, np.float64)
   if sparse:
     loss = np.where(valid, loss, np.nan)
@@ -50,5 +57,11 @@ def xent(logits, labels, *, axis=-1, sparse=False, label_smoothing=0.0, z_loss=0
   if not sparse:
     with np.errstate(invalid="ignore"):
       dlabels = np.moveaxis(-gg[..., None] * (1 - eps) * logp, -1, axis)
-  return loss, dlogits, dlabels
+  if class_weight is None:
+    return loss, dlogits, dlabels
+  if not sparse:
+    dlabels = dlabels * np.moveaxis(np.broadcast_to(w, x.shape), -1, axis)
+  with np.errstate(invalid="ignore"):
+    dw = np.sum((gg[..., None] * per_class).reshape(-1, c), axis=0)
+  return loss, dlogits, dlabels, dw
 

@@ -17,9 +17,10 @@ from jxent._src.options import XentOptions
 BLOCK = 4096
 
 
-def _block_stats(xb, yb, start, labels, sparse, opts, want_sum_x):
+def _block_stats(xb, yb, start, labels, sparse, opts, want_sum_x, wb=None):
   """Block max and the block's partial statistics ``(m, z, a, b, sum_x)`` (see :func:`_merge`);
-  for integer labels ``z`` leaves out the label's term (:func:`rowmath.label_log_z`)."""
+  for integer labels ``z`` leaves out the label's term (:func:`rowmath.label_log_z`). ``wb``:
+  the block's class weights (``sum_x = sum(w x)``, dense labels ``w y``)."""
   bm = jnp.max(xb, axis=-1)
   bm = jnp.where(jnp.isneginf(bm), 0.0, bm)
   s = xb - bm[:, None]
@@ -27,13 +28,18 @@ def _block_stats(xb, yb, start, labels, sparse, opts, want_sum_x):
   if sparse:
     e = jnp.where(jnp.arange(xb.shape[-1])[None, :] == (labels - start)[:, None], 0.0, e)
   z = jnp.sum(e, axis=-1)
-  sum_x = jnp.sum(xb, axis=-1) if want_sum_x else jnp.zeros_like(bm)
+  if want_sum_x:
+    sum_x = jnp.sum(xb if wb is None else xb * wb[None, :], axis=-1)
+  else:
+    sum_x = jnp.zeros_like(bm)
   if sparse:
     local = labels - start
     hit = (local >= 0) & (local < xb.shape[-1])
     picked = jnp.take_along_axis(xb, jnp.clip(local, 0, xb.shape[-1] - 1)[:, None], axis=-1)[:, 0]
     return bm, z, jnp.zeros_like(bm), jnp.where(hit, picked, 0.0), sum_x
   y = yb.astype(xb.dtype)
+  if wb is not None:
+    y = y * wb[None, :]
   sum_y = jnp.sum(y, axis=-1)
   sum_ys = jnp.sum(jnp.where(y == 0, 0.0, y * s), axis=-1)
   return bm, z, sum_y, sum_ys, sum_x
@@ -55,7 +61,7 @@ def _merge(state, new):
 
 
 def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOptions,
-            block: int = BLOCK):
+            block: int = BLOCK, class_weight=None):
   x_all = logits
   rows, c = x_all.shape
   dt = rowmath.compute_dtype(logits.dtype)
@@ -68,7 +74,8 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
   def stats(start, size):
     xb = rowmath.prep_logits(lax.dynamic_slice_in_dim(x_all, start, size, axis=1), opts)
     yb = None if sparse else lax.dynamic_slice_in_dim(labels, start, size, axis=1)
-    return _block_stats(xb, yb, start, labels, sparse, opts, want_sum_x)
+    wb = None if class_weight is None else lax.dynamic_slice_in_dim(class_weight, start, size)
+    return _block_stats(xb, yb, start, labels, sparse, opts, want_sum_x, wb)
 
   zero = jnp.zeros((rows,), dt)
   state = (jnp.full((rows,), -jnp.inf, dt), zero, zero, zero, zero, zero)
@@ -76,4 +83,8 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
   m, z, zc, a, b, sum_x = state
   z = z + zc
   m = jnp.where(jnp.isneginf(m), 0.0, m)
-  return rowmath.loss_from_stats(m, z, a, b, sum_x, glabels, sparse=sparse, opts=opts, local_c=c)
+  weights = None
+  if class_weight is not None:
+    weights = rowmath.class_weight_rows(class_weight, glabels, opts, sparse=sparse)
+  return rowmath.loss_from_stats(m, z, a, b, sum_x, glabels, sparse=sparse, opts=opts, local_c=c,
+                                 weights=weights)

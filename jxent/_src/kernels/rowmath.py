@@ -256,23 +256,30 @@ def label_log_z(t, x_lab, m, *, mosaic: bool = False):
   return jnp.log1p(t + expm1(x_lab - m, mosaic=mosaic))
 
 
-def grad_coef(stats, opts: XentOptions, sum_t=None):
+def grad_coef(stats, opts: XentOptions, sum_t=None, *, weighted: bool = False):
   """The softmax's factor in the gradient, ``1 + 2 z_loss lse`` (z-loss), plus ``sum(target) -
-  1`` for dense labels whose rows do not sum to 1 (``sum_t``; not with ``tf_grad``)."""
-  coef = 1.0 + 2.0 * opts.z_loss * lse_of(stats) if opts.z_loss else jnp.ones_like(stats[1])
+  1`` for dense labels whose rows do not sum to 1 (``sum_t``; not with ``tf_grad``). With
+  ``weighted`` (a class weight) it is ``sum_t + 2 z_loss lse``, ``sum_t`` taken as it is."""
+  zl = 2.0 * opts.z_loss * lse_of(stats) if opts.z_loss else None
+  if weighted:
+    return sum_t if zl is None else sum_t + zl
+  coef = 1.0 + zl if zl is not None else jnp.ones_like(stats[1])
   if sum_t is not None and not opts.tf_grad:
     coef = coef + (sum_t - 1.0)
   return coef
 
 
-def label_grad(x_lab, stats, coef, opts: XentOptions, n_classes, *, mosaic: bool = False):
+def label_grad(x_lab, stats, coef, opts: XentOptions, n_classes, *, mosaic: bool = False,
+               t_lab=None):
   """The label's gradient entry per row (integer labels), before the cotangent and the soft-cap
   factor: ``coef * p_y - target_y = coef * expm1(log p_y) + (coef - target_y)`` with ``log p_y =
   (x_y - m) - log_z``: on a confident row ``p_y - 1`` is ``-t / (1 + t)`` to the last bit
-  instead of a difference of two numbers near 1."""
+  instead of a difference of two numbers near 1. ``t_lab``: the label's target where a class
+  weight scales it (:func:`weighted_targets`); else ``1 - eps + eps / C``."""
   m, log_z, _ = stats
   eps = opts.label_smoothing
-  t_lab = (1.0 - eps) + (eps / n_classes if eps else 0.0)
+  if t_lab is None:
+    t_lab = (1.0 - eps) + (eps / n_classes if eps else 0.0)
   d = coef * expm1((x_lab - m) - log_z, mosaic=mosaic) + (coef - t_lab)
   return jnp.where(jnp.isneginf(log_z), 0.0, d)  # (a row of -inf: its cotangent brings the NaN)
 
@@ -289,18 +296,21 @@ def lse_of(stats):
   return stats[0] + stats[1]
 
 
-def combine(m, log_z, xent, sum_s, opts: XentOptions, n_classes):
+def combine(m, log_z, xent, sum_s, opts: XentOptions, n_classes, wsum=None):
   """Per-row loss from the per-row statistics (shared by the XLA and chunked kernels).
 
   ``xent`` is the plain cross-entropy term, ``sum(y * (lse - x))``: with ``s = x - m`` (capped,
   upcast logits minus the row max) it is ``log_z * sum(y) - sum(y*s)`` for dense labels and
   ``log_z - s[label]`` for integer ones. Label smoothing mixes in ``log_z - sum(s)/C``, and the
-  z-loss adds ``z * lse**2``.
+  z-loss adds ``z * lse**2``. With a class weight ``w`` (``wsum = sum(w)``, over every class)
+  ``xent`` is the weighted term and ``sum_s = sum(w * s)``: the smoothing term is ``(wsum *
+  log_z - sum_s) / C``.
   """
   eps = opts.label_smoothing
   loss = xent
   if eps:
-    loss = (1.0 - eps) * loss + eps * (log_z - sum_s / n_classes)
+    smooth = log_z - sum_s / n_classes if wsum is None else (wsum * log_z - sum_s) / n_classes
+    loss = (1.0 - eps) * loss + eps * smooth
   if opts.z_loss:
     lse = m + log_z
     loss = loss + opts.z_loss * lse * lse
@@ -308,7 +318,7 @@ def combine(m, log_z, xent, sum_s, opts: XentOptions, n_classes):
 
 
 def loss_from_stats(m, z, a, b, sum_x, labels, *, sparse: bool, opts: XentOptions, local_c: int,
-                    mosaic: bool = False):
+                    mosaic: bool = False, weights=None):
   """Per-row ``(loss, stats)`` from a row's online statistics over this shard's classes
   (``stats``: :func:`stats_of`).
 
@@ -317,7 +327,9 @@ def loss_from_stats(m, z, a, b, sum_x, labels, *, sparse: bool, opts: XentOption
   without the label's term and ``b`` is the label's logit (0 when the label is not among this
   shard's classes; see :func:`label_log_z`). With ``axis_name`` the shards' statistics are
   merged first (rescaled to the global max). Shared by the chunked and Pallas kernels
-  (``mosaic``: inside a Mosaic TPU kernel, see :func:`expm1`).
+  (``mosaic``: inside a Mosaic TPU kernel, see :func:`expm1`). With a class weight ``w``,
+  ``weights = (w_y, sum(w))`` (:func:`class_weight_rows`; ``w_y`` per row, integer labels),
+  ``sum_x = sum(w * x)`` and, dense, ``a``, ``b`` are of ``w * y``.
   """
   if opts.axis_name is not None:
     mg = pmax(m, opts)
@@ -330,13 +342,88 @@ def loss_from_stats(m, z, a, b, sum_x, labels, *, sparse: bool, opts: XentOption
       sum_x = psum(sum_x, opts)
     m = mg
   n_cls = num_classes(local_c, opts)
-  sum_s = sum_x - n_cls * m if opts.label_smoothing else None
+  w_y, wsum = (None, None) if weights is None else weights
+  sum_s = None
+  if opts.label_smoothing:
+    sum_s = sum_x - (n_cls if wsum is None else wsum) * m
   if sparse:
     log_z = label_log_z(z, b, m, mosaic=mosaic)
-    loss = combine(m, log_z, log_z - (b - m), sum_s, opts, n_cls)
+    xent = log_z - (b - m)
+    loss = combine(m, log_z, xent if w_y is None else w_y * xent, sum_s, opts, n_cls, wsum)
     return finish_sparse(loss, labels, n_cls, opts), stats_of(m, log_z, z + jnp.exp(b - m))
   log_z = jnp.log(z)
-  return combine(m, log_z, log_z * a - b, sum_s, opts, n_cls), stats_of(m, log_z, z)
+  return combine(m, log_z, log_z * a - b, sum_s, opts, n_cls, wsum), stats_of(m, log_z, z)
+
+
+def class_weight_rows(class_weight, labels, opts: XentOptions, *, sparse: bool):
+  """``(w_y [R] or None, wsum)`` of a class weight ``w`` (this shard's ``[C]``, float32 or
+  float64): the label's weight per row (integer labels; 0 for a label out of range, whose loss
+  is NaN anyway) and ``sum(w)`` over every class (the smoothing term's mass)."""
+  c = class_weight.shape[0]
+  wsum = psum(jnp.sum(class_weight), opts)
+  if not sparse:
+    return None, wsum
+  local = labels - class_offset(c, opts)
+  hit = (local >= 0) & (local < c)
+  w_y = psum(jnp.where(hit, class_weight[jnp.clip(local, 0, c - 1)], 0.0), opts)
+  return w_y, wsum
+
+
+def weighted_targets(class_weight, y, w_y, wsum, opts: XentOptions, n_classes, *, sparse: bool):
+  """The gradient's targets under a class weight ``w``: ``(sum_t [R], target)``. Integer labels:
+  ``sum_t = (1 - eps) w_y + eps * wsum / C``, ``target = (eps / C) * w [C]`` for every class and
+  the label's own ``t_lab = ((1 - eps) + eps / C) * w_y`` (returned as ``target``'s third part:
+  ``(sum_t, target, t_lab)``). Dense (``y [R, C]``): ``target = w * ((1 - eps) y + eps / C)``,
+  ``sum_t`` its row sum (``(1 - eps) * sum(w y) + eps * wsum / C``, over every shard)."""
+  eps = opts.label_smoothing
+  if sparse:
+    sum_t = (1.0 - eps) * w_y + (eps * wsum / n_classes if eps else 0.0)
+    target = (eps / n_classes) * class_weight if eps else None
+    t_lab = ((1.0 - eps) + (eps / n_classes if eps else 0.0)) * w_y
+    return sum_t, target, t_lab
+  wy = class_weight * y
+  sum_t = psum(jnp.sum(wy, axis=-1), opts)
+  if eps:
+    sum_t = (1.0 - eps) * sum_t + eps * wsum / n_classes
+    wy = (1.0 - eps) * wy + (eps / n_classes) * class_weight
+  return sum_t, wy, None
+
+
+def class_weight_tangent(x, labels, stats, t_w, opts: XentOptions, n_classes, *, sparse: bool,
+                         xent=None):
+  """The per-row tangent ``sum_c d loss / d w_c * t_w[c]`` of the loss in the class weight, over
+  the classes of ``x [R, B]`` (capped logits: a block or a shard of the classes; the caller sums
+  the parts). Linear in ``t_w [B]``: its transpose (``jax.linear_transpose``) is ``d loss / d w``
+  for these classes. ``stats`` are the rows' :func:`stats_of`. Integer labels (``labels`` local
+  to the block, ``xent = lse - x_y`` per row): ``(1 - eps) * xent * t_w[y] + (eps / C) *
+  sum_c (lse - x_c) t_w[c]``; dense (``labels [R, B]``): ``sum_c l'_c (lse - x_c) t_w[c]`` with
+  the smoothed labels ``l'`` (a zero label at a ``-inf`` logit adds 0). XLA code, for the
+  derivative in ``class_weight`` only."""
+  m, log_z, _ = stats
+  eps = opts.label_smoothing
+  gap = (m[:, None] - x) + log_z[:, None]  # lse - x, shift invariant
+  if sparse:
+    b = x.shape[-1]
+    hit = (labels >= 0) & (labels < b)
+    out = (1.0 - eps) * xent * jnp.where(hit, t_w[jnp.clip(labels, 0, b - 1)], 0.0)
+    if eps:
+      out = out + (eps / n_classes) * jnp.sum(gap * t_w[None, :], axis=-1)
+    return out
+  y = labels.astype(x.dtype)
+  if eps:
+    y = (1.0 - eps) * y + eps / n_classes
+  return jnp.sum(jnp.where(y == 0, 0.0, y * gap) * t_w[None, :], axis=-1)
+
+
+def class_weight_grad(x, labels, stats, g, class_weight, opts: XentOptions, n_classes, *,
+                      sparse: bool, xent=None):
+  """``d sum(g * loss) / d w`` for the classes of ``x``: the transpose of
+  :func:`class_weight_tangent` (same arguments; ``g [R]`` the rows' cotangents)."""
+  tangent = lambda t: class_weight_tangent(x, labels, stats, t, opts, n_classes, sparse=sparse,
+                                           xent=xent)
+  out = jax.eval_shape(tangent, class_weight)
+  # (under shard_map the rows' tangent varies over the axes of x: so must its cotangent)
+  return jax.linear_transpose(tangent, class_weight)(match_vma(g.astype(out.dtype), out))[0]
 
 
 def local_label(logits: jax.Array, labels: jax.Array, opts: XentOptions):

@@ -28,10 +28,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from jxent._src.options import XentOptions
-from jxent._src.kernels.rowmath import (combine, exp_diff, finish_sparse, gather_label, grad_coef,
-                                        ignored_rows, label_grad, local_label, num_classes, pmax,
-                                        prep_logits, psum, safe_max, softcap_factor, softmax,
-                                        stats_of, sum_target, tail_grad, tail_log_z)
+from jxent._src.kernels.rowmath import (class_offset, class_weight_rows, class_weight_tangent,
+                                        combine, exp_diff, finish_sparse,
+                                        gather_label, grad_coef, ignored_rows, label_grad,
+                                        local_label, num_classes, pmax, prep_logits, psum,
+                                        safe_max, softcap_factor, softmax, stats_of, sum_target,
+                                        tail_grad, tail_log_z, weighted_targets)
 
 
 def cpu_fusible(*arrays: jax.Array) -> tuple[jax.Array, ...]:
@@ -69,7 +71,7 @@ def label_dot(opts: XentOptions) -> bool:
 
 
 def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOptions,
-            autodiff: bool = False, need_lse: bool = True):
+            autodiff: bool = False, need_lse: bool = True, class_weight=None):
   """Per-row loss and log-sum-exp, float32 accumulation (see module docstring).
 
   ``autodiff=True`` (``xla_autodiff``) keeps every derivative JAX takes of it finite at masked
@@ -80,12 +82,21 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
   Each reduction recomputes ``x - m`` from the inputs rather than sharing an ``[R, C]`` array,
   so XLA fuses every one of them into a single read of the logits. Rows may be reduced in
   segments (:func:`segments`) whose statistics are then combined per row.
+
+  ``class_weight`` (``[C]``, the compute dtype, or None) weighs the classes as PyTorch's
+  ``weight=``: it scales the dense labels and the smoothing sum inside the same reductions
+  (broadcast, no ``[R, C]`` copy), and the label's term by ``w[label]``.
   """
   rows, c = logits.shape
   k = segments(c)
 
   def seg(v):
     return v.reshape(rows * k, c // k)
+
+  def weigh(v):  # v [rows * k, c // k] times the class weight, segment by segment
+    if class_weight is None:
+      return v
+    return (v.reshape(rows, k, c // k) * class_weight.reshape(k, c // k)).reshape(rows * k, c // k)
 
   # Segment, then upcast, with a handle for each reduction (see cpu_fusible).
   if sparse:
@@ -99,21 +110,25 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
   loss_only = (not need_lse or half) and label_dot(opts) and not autodiff and not sparse
   ms, m, shift, u, z = _row_stats(xs, raw, rows, k, opts, fusible_max=loss_only)
   n_cls = num_classes(c, opts)
+  w_y, wsum = (None, None)
+  if class_weight is not None:
+    w_y, wsum = class_weight_rows(class_weight, labels, opts, sparse=sparse)
   sum_s = None
   if opts.label_smoothing:
-    sum_x = jnp.sum(prep_logits(raw_sum, opts), axis=-1).reshape(rows, k)
-    sum_s = psum(jnp.sum(sum_x, axis=-1), opts) - n_cls * m
+    sum_x = jnp.sum(weigh(prep_logits(raw_sum, opts)), axis=-1).reshape(rows, k)
+    sum_s = psum(jnp.sum(sum_x, axis=-1), opts) - (n_cls if wsum is None else wsum) * m
   log_z = jnp.log(z) if u is None else jnp.log1p(u)
   stats = stats_of(m, log_z, z)
   if sparse:
     x_lab = gather_label(logits_lab, labels, opts)
-    loss = combine(m, log_z, log_z - (x_lab - m), sum_s, opts, n_cls)
+    xent = log_z - (x_lab - m)
+    loss = combine(m, log_z, xent if w_y is None else w_y * xent, sum_s, opts, n_cls, wsum)
     return finish_sparse(loss, labels, n_cls, opts), stats
-  ys = labels_seg.astype(cdt)
+  ys = weigh(labels_seg.astype(cdt))
   xd = prep_logits(raw_lab, opts)  # xs again, from its own handle for the label terms
   if not label_dot(opts) or autodiff or not rows:  # (autodiff: see _exact_xent)
     return combine(m, log_z, _exact_xent(xd, ys, ms, shift, log_z, opts, autodiff=autodiff),
-                   sum_s, opts, n_cls), stats
+                   sum_s, opts, n_cls, wsum), stats
   if loss_only:
     # Only the loss is wanted: sum(y * (log_z - (x - m))) once log_z is known. XLA:CPU fuses it,
     # the max and the sum of exponentials into one read of x and y with no [R, C] temporary
@@ -139,15 +154,15 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
     log_z_seg, m_seg = (jnp.repeat(v, k)[:, None] for v in (log_z, m))
     x_e, y_e = cpu_fusible(seg(logits), seg(labels))
     gap = jnp.minimum(log_z_seg - (prep_logits(x_e, opts) - m_seg), jnp.finfo(cdt).max)
-    exact_xent = psum(jnp.sum(jnp.sum(y_e.astype(cdt) * gap, axis=-1).reshape(rows, k), axis=-1),
-                      opts)
+    exact_xent = psum(jnp.sum(jnp.sum(weigh(y_e.astype(cdt)) * gap, axis=-1).reshape(rows, k),
+                              axis=-1), opts)
     # (XLA:CPU's minimum drops a NaN: rows of all -inf, or with a NaN or +inf logit, have a
     # non-finite log_z and stay NaN, as in TF and optax.)
     exact_xent = jnp.where(jnp.isfinite(log_z), exact_xent, jnp.nan)
     return jnp.where(jnp.isnan(xent), exact_xent, xent)
 
   xent = lax.cond(jnp.any(jnp.isnan(xent)), exact, lambda: xent)
-  return combine(m, log_z, xent, sum_s, opts, n_cls), stats
+  return combine(m, log_z, xent, sum_s, opts, n_cls, wsum), stats
 
 
 def exact_tail(dtype) -> bool:
@@ -238,13 +253,16 @@ def _exact_xent(xs, ys, ms, shift, log_z, opts: XentOptions, *, autodiff: bool):
   return log_z * sum_y - sum_ys
 
 
-def backward(logits, labels, stats, g, *, sparse: bool, opts: XentOptions, want_dlabels: bool = True):
+def backward(logits, labels, stats, g, *, sparse: bool, opts: XentOptions, want_dlabels: bool = True,
+             class_weight=None):
   """``dlogits`` (logits dtype) and, for dense labels, ``dlabels`` (labels dtype), from the
   forward's row statistics ``stats = (m, log_z, z)``.
 
   ``softmax = exp(x - m) / z`` (:func:`rowmath.softmax`). For integer labels the
   label's entry is written per row as ``coef * expm1(log p_y) + (coef - target_y)``, where
-  ``log p_y = (x_y - m) - log_z``: no ``p_y - 1`` cancellation on confident rows."""
+  ``log p_y = (x_y - m) - log_z``: no ``p_y - 1`` cancellation on confident rows. A
+  ``class_weight`` ``w`` scales the targets (:func:`rowmath.weighted_targets`), broadcast in the
+  same elementwise pass."""
   logits_lab, logits = cpu_fusible(logits, logits)  # see cpu_fusible
   x = prep_logits(logits, opts)
   local_c = x.shape[-1]
@@ -253,24 +271,33 @@ def backward(logits, labels, stats, g, *, sparse: bool, opts: XentOptions, want_
   g = g.astype(x.dtype)
   stats = tuple(v.astype(x.dtype) for v in stats)
   m, log_z, z = stats
+  cw = None if class_weight is None else class_weight.astype(x.dtype)
   if x.dtype == jnp.float64 and not sparse:  # the tail of log_z, for tail_grad (one more pass)
     log_z = tail_log_z(x, m, opts)
     stats = (m, log_z, z)
   # (On XLA:CPU exp(x - m) is the forward's own when both are in one jit program: CSE.)
   p = softmax(x, m, z)
   if sparse:
-    coef = grad_coef(stats, opts)
+    t_lab = None
+    if cw is None:
+      coef = grad_coef(stats, opts)
+      smooth = eps / n_cls if eps else 0.0
+    else:
+      w_y, wsum = class_weight_rows(cw, labels, opts, sparse=True)
+      sum_t, smooth, t_lab = weighted_targets(cw, None, w_y, wsum, opts, n_cls, sparse=True)
+      coef = grad_coef(stats, opts, sum_t, weighted=True)
+      smooth = 0.0 if smooth is None else smooth[None, :]
     ign = ignored_rows(labels, opts)
     if ign is not None:
       g = jnp.where(ign, 0.0, g)
     # Every class gets g * (coef * p - eps / C); the label's entry is then overwritten with its
     # exact value, computed per row (a scatter of R values instead of an [R, C] one-hot).
-    base = coef[:, None] * p - (eps / n_cls if eps else 0.0)
+    base = coef[:, None] * p - smooth
     dlogits = (g[:, None] * base * softcap_factor(x, opts)).astype(logits.dtype)
     x_lab, local, in_shard = local_label(logits_lab, labels, opts)
     rows = jnp.arange(x.shape[0])
     idx = jnp.where(in_shard, local, local_c)  # out of bounds: dropped
-    d_lab = g * label_grad(x_lab, stats, coef, opts, n_cls) * softcap_factor(x_lab, opts)
+    d_lab = g * label_grad(x_lab, stats, coef, opts, n_cls, t_lab=t_lab) * softcap_factor(x_lab, opts)
     if jax.default_backend() == "cpu" and logits.dtype == jnp.bfloat16:
       # XLA:CPU scatters bfloat16 through a float32 copy of the whole gradient (1.6x slower at
       # 2048x32000): a select against the class index fuses into the elementwise pass.
@@ -280,37 +307,46 @@ def backward(logits, labels, stats, g, *, sparse: bool, opts: XentOptions, want_
     return dlogits, None
   labels_sum, labels = cpu_fusible(labels, labels)
   y = labels.astype(x.dtype)
-  target = y if not eps else (1.0 - eps) * y + eps / n_cls
-  coef = grad_coef(stats, opts, None if opts.tf_grad else sum_target(labels_sum.astype(x.dtype), opts))
+  if cw is None:
+    target = y if not eps else (1.0 - eps) * y + eps / n_cls
+    coef = grad_coef(stats, opts, None if opts.tf_grad else sum_target(labels_sum.astype(x.dtype), opts))
+  else:
+    sum_t, target, _ = weighted_targets(cw[None, :], y, None, psum(jnp.sum(cw), opts), opts, n_cls,
+                                        sparse=False)
+    coef = grad_coef(stats, opts, sum_t, weighted=True)
   if x.dtype == jnp.float64:  # the tails without cancellation at the maxima (tail_grad)
     dx = g[:, None] * tail_grad(x, stats, coef[:, None], target)
   else:
     dx = g[:, None] * (coef[:, None] * p - target)
   dlabels = None
   if want_dlabels:
-    # d loss / d y = (1 - eps) * (lse - x) = (1 - eps) * ((m - x) + log_z)
-    dlabels = ((g * (1.0 - eps))[:, None] * ((m[:, None] - x) + log_z[:, None])).astype(labels.dtype)
+    # d loss / d y = (1 - eps) * w * (lse - x) = (1 - eps) * w * ((m - x) + log_z)
+    gy = (g * (1.0 - eps))[:, None]
+    if cw is not None:
+      gy = gy * cw[None, :]
+    dlabels = (gy * ((m[:, None] - x) + log_z[:, None])).astype(labels.dtype)
   dlogits = (dx * softcap_factor(x, opts)).astype(logits.dtype)
   return dlogits, dlabels
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def autodiff_f64(logits, labels, sparse: bool, opts: XentOptions):
+def autodiff_f64(logits, labels, sparse: bool, opts: XentOptions, class_weight=None):
   """``xla_autodiff`` for float64: the forward of :func:`forward`, with a JVP written from
   :func:`backward`'s tail-exact gradient (JAX's own derivative of the forward computes
   ``softmax - 1`` at a confident row's maximum and rounds ``-sum(tail)`` to 0). Forward mode,
-  reverse mode and higher orders (the rule is plain JAX) all see the exact tails."""
-  return forward(logits, labels, sparse=sparse, opts=opts, autodiff=True)
+  reverse mode and higher orders (the rule is plain JAX) all see the exact tails; the class
+  weight's tangent is :func:`rowmath.class_weight_tangent`."""
+  return forward(logits, labels, sparse=sparse, opts=opts, autodiff=True, class_weight=class_weight)
 
 
 @autodiff_f64.defjvp
 def _autodiff_f64_jvp(sparse, opts, primals, tangents):
-  logits, labels = primals
-  t_logits, t_labels = tangents
-  loss, stats = autodiff_f64(logits, labels, sparse, opts)
+  logits, labels, cw = primals
+  t_logits, t_labels, t_cw = tangents
+  loss, stats = autodiff_f64(logits, labels, sparse, opts, cw)
   m, log_z, z = stats
   dlogits, _ = backward(logits, labels, stats, jnp.ones_like(log_z), sparse=sparse,
-                        opts=opts, want_dlabels=False)
+                        opts=opts, want_dlabels=False, class_weight=cw)
   t_loss = jnp.sum(dlogits * t_logits, axis=-1)
   x = prep_logits(logits, opts)
   p = softmax(x, m, z) * softcap_factor(x, opts)
@@ -318,10 +354,18 @@ def _autodiff_f64_jvp(sparse, opts, primals, tangents):
   _, t_m = jax.jvp(lambda v: safe_max(prep_logits(v, opts), opts), (logits,), (t_logits,))
   t_log_z = psum(jnp.sum(jnp.where(p == 0, 0.0, p * t_logits), axis=-1), opts) - t_m
   if not sparse:
-    # d loss / d labels = (1 - eps) (lse - x); at a -inf logit the finite lse - max, as
+    # d loss / d labels = (1 - eps) w (lse - x); at a -inf logit the finite lse - max, as
     # xla_autodiff documents (0 * inf would make every tangent NaN)
     dy = (1.0 - opts.label_smoothing) * jnp.where(jnp.isneginf(x), log_z[:, None],
                                                   (m[:, None] - x) + log_z[:, None])
+    if cw is not None:
+      dy = dy * cw[None, :]
     t_loss = t_loss + psum(jnp.sum(dy * t_labels.astype(dy.dtype), axis=-1), opts)
+  if cw is not None:
+    local = labels - class_offset(x.shape[-1], opts) if sparse else labels
+    xent = log_z - (gather_label(logits, labels, opts) - m) if sparse else None
+    t_loss = t_loss + psum(class_weight_tangent(x, local, stats, t_cw, opts,
+                                                num_classes(x.shape[-1], opts), sparse=sparse,
+                                                xent=xent), opts)
   # (the tangent of z = exp(log_z) is z * t_log_z)
   return (loss, stats), (t_loss, (t_m, t_log_z, z * t_log_z))
