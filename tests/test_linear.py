@@ -234,3 +234,39 @@ def test_float64_is_computed_in_float64(impl):
     np.testing.assert_allclose(np.asarray(dw), xn.T @ dz, rtol=1e-12, atol=1e-15)
   finally:
     jax.config.update("jax_enable_x64", False)
+
+
+@pytest.mark.parametrize("algo", ALGOS + [pytest.param("unfused", id="unfused")])
+@pytest.mark.parametrize("ls, z, cap, ign", COMBOS)
+def test_class_weight_against_reference(algo, ls, z, cap, ign):
+  """class_weight (PyTorch's weight=): value, dx, dw and dclass_weight of the "sum" and the
+  "mean" (divided by the kept rows' sum of w[label]) against the float64 NumPy formula."""
+  x, w, y = data(5)
+  if ign is None:
+    y = jnp.where(y < 0, 7, y)
+  rng = np.random.default_rng(6)
+  cw = jnp.asarray(rng.uniform(0.2, 2.5, size=w.shape[1]), jnp.float32).at[1].set(0.0).at[2].set(-0.7)
+  y = y.at[5].set(1)  # a label of weight 0
+  logits = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  l, dlog, _, dcw = reference.xent(logits, y, sparse=True, label_smoothing=ls, z_loss=z,
+                                   logit_softcap=cap, ignore_index=ign, class_weight=cw)
+  kept = np.ones(y.shape, bool) if ign is None else np.asarray(y) != ign
+  denom = np.sum(np.where(kept, np.asarray(cw, np.float64)[np.clip(y, 0, None)], 0.0))
+  counts = np.bincount(np.asarray(y)[kept], minlength=w.shape[1])
+  for reduction in ("sum", "mean"):
+    f = lambda x, w, cw: jxent.linear_softmax_cross_entropy(
+        x, w, y, class_weight=cw, reduction=reduction, label_smoothing=ls, z_loss=z,
+        logit_softcap=cap, ignore_index=ign, implementation=algo)
+    v, (dx, dw, dc) = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(x, w, cw)
+    s = 1.0 if reduction == "sum" else 1.0 / denom
+    rdc = dcw * s if reduction == "sum" else dcw * s - counts * l.sum() / denom ** 2
+    assert_close(v, l.sum() * s, scale=5, what="loss")
+    assert_close(dx, s * dlog @ np.asarray(w, np.float64).T, scale=5, what="dx")
+    assert_close(dw, s * np.asarray(x, np.float64).T @ dlog, scale=5, what="dw")
+    assert_close(dc, rdc, scale=5, what="dclass_weight")
+
+
+def test_class_weight_bad_shape():
+  x, w, y = data(0)
+  with pytest.raises(ValueError, match=r"`class_weight` must have shape \(101,\).*w \(16, 101\)"):
+    jxent.linear_softmax_cross_entropy(x, w, y, class_weight=jnp.ones(100))

@@ -242,3 +242,27 @@ def test_vocab_parallel_class_weight(sparse, impl):
   got, want = vjp(g), rvjp(g)
   assert_close(got[0], want[0], what="dlogits")
   assert_close(got[2], want[2], what="dclass_weight")
+
+
+@pytest.mark.parametrize("block_n", [None, 5])
+def test_vocab_parallel_linear_class_weight(block_n):
+  """linear_chunked with axis_name and each shard's slice of the class weight."""
+  rng = np.random.default_rng(41)
+  n, d, v = 16, 12, 8 * 11
+  x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(d, v)) * 0.3, jnp.float32)
+  cw = jnp.asarray(rng.uniform(0.2, 2.0, size=v), jnp.float32)
+  y = jnp.asarray(rng.integers(0, v, size=n)).at[0].set(-1)
+  kw = dict(ignore_index=-1, z_loss=1e-3, label_smoothing=0.1, reduction="none",
+            implementation=jxent.LinearChunked(block_v=4, block_n=block_n))
+  m = mesh(4)
+  sharded = smap(lambda x, w, cw: jxent.linear_softmax_cross_entropy(
+      x, w, y, axis_name="model", class_weight=cw, **kw), m,
+      (P(), P(None, "model"), P("model")), P())
+  full = lambda x, w, cw: jxent.linear_softmax_cross_entropy(x, w, y, class_weight=cw, **kw)
+  g = jnp.asarray(rng.normal(size=n), jnp.float32)
+  out, vjp = jax.vjp(jax.jit(sharded), x, w, cw)
+  ref, rvjp = jax.vjp(full, x, w, cw)
+  assert_close(out, ref)
+  for a, b, what in zip(vjp(g), rvjp(g), ("dx", "dw", "dclass_weight")):
+    assert_close(a, b, what=what)

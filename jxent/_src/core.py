@@ -262,7 +262,8 @@ def loss(logits, labels, *, axis, sparse: bool, opts: XentOptions, implementatio
   logits = check_logits(logits)
   logits2d, labels2d, row_mask, batch_shape = canonicalize(logits, labels, axis=axis,
                                                            sparse=sparse, where=where)
-  cw = check_class_weight(class_weight, logits, axis, opts)
+  cw = check_class_weight(class_weight, class_shape(logits, axis), logits.dtype, opts,
+                          what=f"logits {logits.shape} with axis={axis}")
   kernel = _kernel(implementation, sparse, logits2d, reduction, opts, class_weight=cw is not None)
   kept = _kept(labels2d, row_mask, sparse, opts)
   if (reduction in ("mean", "sum") and hasattr(kernel, "fused") and opts.axis_name is None
@@ -278,19 +279,17 @@ def loss(logits, labels, *, axis, sparse: bool, opts: XentOptions, implementatio
     return call_vjp(xent_2d_fused, logits2d, labels2d, w, sparse, opts, kernel).astype(logits.dtype)
   per_row = _per_row(logits2d, labels2d, row_mask, sparse, opts, kernel, cw)
   if cw is not None and sparse and reduction == "mean":
-    w_y = class_weight_rows(cw, labels2d, opts, sparse=True)[0]
-    if kept is not None:
-      w_y = jnp.where(kept, w_y, 0.0)
-    return (jnp.sum(per_row) / jnp.sum(w_y)).astype(logits.dtype)
+    return (jnp.sum(per_row) / label_weight_sum(cw, labels2d, kept, opts)).astype(logits.dtype)
   kept = None if kept is None else kept.reshape(batch_shape)
   return reduce_native(per_row.reshape(batch_shape), kept, reduction, logits.dtype)
 
 
-def check_class_weight(class_weight, logits, axis, opts: XentOptions):
+def check_class_weight(class_weight, class_shape, dtype, opts: XentOptions, *,
+                       what: str = "logits"):
   """Validates ``class_weight`` (trace time): None, or a floating ``[num_classes]`` vector
   (this shard's classes with ``axis_name``; with several class axes, the flat ``[C]`` or the
-  classes' own shape). Returns it flat in the compute dtype of ``logits``, or None. Negative
-  weights are allowed, as in PyTorch."""
+  classes' own ``class_shape``). Returns it flat in the compute dtype of ``dtype`` (the logits'),
+  or None. Negative weights are allowed, as in PyTorch."""
   if class_weight is None:
     return None
   if opts.tf_grad:
@@ -299,14 +298,25 @@ def check_class_weight(class_weight, logits, axis, opts: XentOptions):
   if not jnp.issubdtype(cw.dtype, jnp.floating):
     raise TypeError(f"`class_weight` must have a floating dtype, got {cw.dtype} with shape "
                     f"{cw.shape}.")
-  ax = check_axes(axis, logits.ndim)
-  class_shape = tuple(logits.shape[a] for a in ax)
+  class_shape = tuple(class_shape)
   c = num_rows(class_shape)
   if cw.shape not in ((c,), class_shape):
     shard = " (this shard's classes: axis_name is set)" if opts.axis_name is not None else ""
     raise ValueError(f"`class_weight` must have shape ({c},){shard}, one weight per class of "
-                     f"logits {logits.shape} with axis={axis}; got {cw.shape}.")
-  return cw.reshape(c).astype(compute_dtype(logits.dtype))
+                     f"{what}; got {cw.shape}.")
+  return cw.reshape(c).astype(compute_dtype(dtype))
+
+
+def class_shape(logits, axis) -> tuple[int, ...]:
+  """The shape of the classes of ``logits`` (over the class ``axis``, in its order)."""
+  return tuple(logits.shape[a] for a in check_axes(axis, logits.ndim))
+
+
+def label_weight_sum(class_weight, labels2d, kept, opts: XentOptions):
+  """PyTorch's ``"mean"`` denominator under a class weight, integer labels: ``sum(w[label])``
+  over the rows ``kept`` (None: every row); differentiable in ``class_weight``."""
+  w_y = class_weight_rows(class_weight, labels2d, opts, sparse=True)[0]
+  return jnp.sum(w_y if kept is None else jnp.where(kept, w_y, 0.0))
 
 
 def _kernel(implementation, sparse, logits2d, reduction=None, opts=None, *,
@@ -349,7 +359,9 @@ def rows_loss(logits, labels, *, axis, sparse: bool, opts: XentOptions, implemen
   """
   logits2d, labels2d, row_mask, batch_shape = canonicalize(
       logits, labels, axis=axis, sparse=sparse, where=where)
-  cw = check_class_weight(class_weight, check_logits(logits), axis, opts)
+  logits = check_logits(logits)
+  cw = check_class_weight(class_weight, class_shape(logits, axis), logits.dtype, opts,
+                          what=f"logits {logits.shape} with axis={axis}")
   kernel = _kernel(implementation, sparse, logits2d, class_weight=cw is not None)
   loss = _per_row(logits2d, labels2d, row_mask, sparse, opts, kernel, cw).reshape(batch_shape)
   kept = _kept(labels2d, row_mask, sparse, opts)

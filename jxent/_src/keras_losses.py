@@ -152,7 +152,8 @@ def categorical_crossentropy(y_true: ArrayLike, y_pred: ArrayLike, from_logits: 
     y_true = y_true * (1 - label_smoothing) + jnp.asarray(label_smoothing / num_classes, y_pred.dtype)
   cw = class_weight_vector(class_weight, y_pred.shape[ax])
   if cw is not None:
-    cw = core.check_class_weight(cw, y_pred, ax, make_options())
+    cw = core.check_class_weight(cw, (y_pred.shape[ax],), y_pred.dtype, make_options(),
+                                 what=f"y_pred {y_pred.shape} with axis={axis}")
     if from_logits:
       loss, _ = core.rows_loss(y_pred, y_true, axis=ax, sparse=False, opts=make_options(),
                                class_weight=cw)

@@ -109,23 +109,41 @@ def dot(a, b):
   return jnp.dot(a, b, preferred_element_type=acc_dtype(a, b))
 
 
-def _dlogits_block(zraw, labels, start, stats, x_lab, g, opts, v_total):
+def _dlogits_block(zraw, labels, start, stats, x_lab, g, opts, v_total, weights=None):
   """``g * (coef * p - target)`` of one block of logits (``p = exp(z - m) / z_sum``: shift
-  invariant), with the label's entry from its logit ``x_lab`` (:func:`rowmath.label_grad`)."""
+  invariant), with the label's entry from its logit ``x_lab`` (:func:`rowmath.label_grad`).
+  ``weights = (class weight of the block's columns, w_y, sum(w))`` under a class weight."""
   z = rowmath.prep_logits(zraw, opts)
   eps = opts.label_smoothing
-  coef = rowmath.grad_coef(stats, opts)
-  d = coef[:, None] * rowmath.softmax(z, stats[0], stats[2]) - (eps / v_total if eps else 0.0)
+  t_lab = None
+  if weights is None:
+    coef = rowmath.grad_coef(stats, opts)
+    smooth = eps / v_total if eps else 0.0
+  else:
+    cwb, w_y, wsum = weights
+    sum_t, smooth, t_lab = rowmath.weighted_targets(cwb, None, w_y, wsum, opts, v_total,
+                                                    sparse=True)
+    coef = rowmath.grad_coef(stats, opts, sum_t, weighted=True)
+    smooth = 0.0 if smooth is None else smooth[None, :]
+  d = coef[:, None] * rowmath.softmax(z, stats[0], stats[2]) - smooth
   cols = start + lax.broadcasted_iota(labels.dtype, z.shape, 1)
-  d_lab = rowmath.label_grad(x_lab, stats, coef, opts, v_total)
+  d_lab = rowmath.label_grad(x_lab, stats, coef, opts, v_total, t_lab=t_lab)
   d = jnp.where(cols == labels[:, None], d_lab[:, None], d)
   return g[:, None] * d * rowmath.softcap_factor(z, opts)
+
+
+def _dcw_block(zraw, labels, start, stats, x_lab, g, cwb, opts, v_total):
+  """``d sum(g * loss) / d w`` for one block's columns (:func:`rowmath.class_weight_grad`)."""
+  z = rowmath.prep_logits(zraw, opts)
+  xent = stats[1] - (x_lab - stats[0])
+  return rowmath.class_weight_grad(z, labels - start, stats, g.astype(z.dtype), cwb.astype(z.dtype),
+                                   opts, v_total, sparse=True, xent=xent)
 
 
 # ------------------------------------------------------------------------------------------------
 # Lean: vocab blocks, online log-sum-exp, recompute in the backward pass.
 # ------------------------------------------------------------------------------------------------
-def _chunked_forward(x, w, labels, opts, block_v):
+def _chunked_forward(x, w, labels, opts, block_v, cw=None):
   n, v = x.shape[0], w.shape[1]
   glabels = labels
   labels = labels - rowmath.class_offset(v, opts)  # local ids when the vocabulary is sharded
@@ -144,7 +162,11 @@ def _chunked_forward(x, w, labels, opts, block_v):
     hit = (local >= 0) & (local < size)
     picked = jnp.take_along_axis(zb, jnp.clip(local, 0, size - 1)[:, None], axis=-1)[:, 0]
     lab = lab0 + jnp.where(hit, picked, 0.0)
-    sx = sx0 + (jnp.sum(zb, axis=-1) if opts.label_smoothing else 0.0)
+    if opts.label_smoothing:  # sum(x), or sum(w x) under a class weight
+      sx = sx0 + jnp.sum(zb if cw is None else zb * lax.dynamic_slice_in_dim(cw, start, size)[None],
+                         axis=-1)
+    else:
+      sx = sx0
     return m, z, zc, lab, sx
 
   acc = acc_dtype(x, w)
@@ -152,8 +174,9 @@ def _chunked_forward(x, w, labels, opts, block_v):
   init = (jnp.full((n,), -jnp.inf, acc), zero, zero, zero, zero)
   m, z, zc, lab, sx = fold_blocks(stats, v, block_v, init, peel=_in_shard_map(x, w, labels))
   z = z + zc
+  weights = None if cw is None else rowmath.class_weight_rows(cw, glabels, opts, sparse=True)
   loss, row = rowmath.loss_from_stats(m, z, None, lab, sx, glabels, sparse=True, opts=opts,
-                                      local_c=v)
+                                      local_c=v, weights=weights)
   # the residual: the row statistics and the label's logit (global: summed over the shards)
   return loss, (*row, rowmath.psum(lab, opts))
 
@@ -168,78 +191,93 @@ def _pad_rows(n: int, block_n: int, *arrays):
   return out
 
 
-def _chunked_backward(x, w, labels, res, g, opts, block_v, block_n=None):
+def _chunked_backward(x, w, labels, res, g, opts, block_v, block_n=None, cw=None):
+  """``(dx, dw, dcw)``: ``dcw`` (the class weight's, None without one) in its dtype."""
   v = w.shape[1]
   v_total = rowmath.num_classes(v, opts)
   acc = acc_dtype(x, w)
+  glabels = labels
   g = rowmath.zero_ignored(labels, g, opts).astype(acc)
   labels = labels - rowmath.class_offset(v, opts)
+  if cw is not None:  # the labels' weights and sum(w) (per row: token passes split it), all shards
+    w_y, wsum = rowmath.class_weight_rows(cw.astype(acc), glabels, opts, sparse=True)
+    res = (*res, w_y, jnp.broadcast_to(wsum, w_y.shape))
 
-  def one_pass(xs, ys, ls, gs, dw, accumulate):
+  def one_pass(xs, ys, ls, gs, dw, dcw, accumulate):
     def step(start, size, carry):
-      dx, dw = carry
+      dx, dw, dcw = carry
       wb = lax.dynamic_slice_in_dim(w, start, size, axis=1)
-      dz = _dlogits_block(dot(xs, wb), ys, start, ls[:3], ls[3], gs, opts,
-                          v_total).astype(x.dtype)
+      zraw = dot(xs, wb)
+      weights = None
+      if cw is not None:
+        cwb = lax.dynamic_slice_in_dim(cw, start, size).astype(acc)
+        weights = (cwb, ls[4], ls[5])
+        dcw = lax.dynamic_update_slice_in_dim(
+            dcw, lax.dynamic_slice_in_dim(dcw, start, size)
+            + _dcw_block(zraw, ys, start, ls[:3], ls[3], gs, cwb, opts, v_total), start, axis=0)
+      dz = _dlogits_block(zraw, ys, start, ls[:3], ls[3], gs, opts, v_total,
+                          weights).astype(x.dtype)
       dx = dx + dot(dz, wb.T)
       dwb = dot(xs.T, dz)
       if accumulate:  # later token passes add to the columns written by the earlier ones
         dwb = dwb + lax.dynamic_slice_in_dim(dw, start, size, axis=1).astype(acc)
       dw = lax.dynamic_update_slice_in_dim(dw, dwb.astype(dw.dtype), start, axis=1)
-      return dx, dw
+      return dx, dw, dcw
 
-    dx, dw = fold_blocks(step, v, block_v, (jnp.zeros(xs.shape, acc), dw),
-                         peel=_in_shard_map(xs, ys, *ls, gs, w))
-    return dx.astype(x.dtype), dw
+    dx, dw, dcw = fold_blocks(step, v, block_v, (jnp.zeros(xs.shape, acc), dw, dcw),
+                              peel=_in_shard_map(xs, ys, *ls, gs, w))
+    return dx.astype(x.dtype), dw, dcw
 
   n = x.shape[0]
   dw = jnp.zeros(w.shape, w.dtype)
+  dcw = None if cw is None else jnp.zeros(cw.shape, acc)
   if block_n is None or block_n >= n:
-    dx, dw = one_pass(x, labels, res, g, dw, accumulate=False)
+    dx, dw, dcw = one_pass(x, labels, res, g, dw, dcw, accumulate=False)
   else:
     # Token passes in a loop (one set of temporaries); padded rows have g = 0.
     xp, yp, gp, *rp = _pad_rows(n, block_n, x, labels, g, *res)
     rp[2] = jnp.where(rp[2] == 0, 1.0, rp[2])  # (padded rows: z = 1, as stats_of gives)
 
     def body(i, _, carry):  # the first pass (static i = 0) writes dw, the others add to it
-      dxp, dw = carry
-      dx_i, dw = one_pass(xp[i], yp[i], tuple(r[i] for r in rp), gp[i], dw,
-                          accumulate=not (isinstance(i, int) and i == 0))
-      return dxp.at[i].set(dx_i), dw
+      dxp, dw, dcw = carry
+      dx_i, dw, dcw = one_pass(xp[i], yp[i], tuple(r[i] for r in rp), gp[i], dw, dcw,
+                               accumulate=not (isinstance(i, int) and i == 0))
+      return dxp.at[i].set(dx_i), dw, dcw
 
-    dxp, dw = fold_blocks(body, xp.shape[0], 1, (jnp.zeros(xp.shape, x.dtype), dw))
+    dxp, dw, dcw = fold_blocks(body, xp.shape[0], 1, (jnp.zeros(xp.shape, x.dtype), dw, dcw))
     dx = dxp.reshape(-1, x.shape[1])[:n]
   # dx is this shard's part; match_vma (check_vma=True) or shard_map's transpose sums the parts.
-  return dx, dw
+  return dx, dw, (None if dcw is None else dcw.astype(cw.dtype))
 
 
-def _chunked_forward_passes(x, w, labels, opts, block_v, block_n):
+def _chunked_forward_passes(x, w, labels, opts, block_v, block_n, cw=None):
   n = x.shape[0]
   if block_n is None or block_n >= n:
-    return _chunked_forward(x, w, labels, opts, block_v)
+    return _chunked_forward(x, w, labels, opts, block_v, cw)
   xp, yp = _pad_rows(n, block_n, x, labels)
-  loss, res = lax.map(lambda a: _chunked_forward(a[0], w, a[1], opts, block_v), (xp, yp))
+  loss, res = lax.map(lambda a: _chunked_forward(a[0], w, a[1], opts, block_v, cw), (xp, yp))
   return loss.reshape(-1)[:n], tuple(r.reshape(-1)[:n] for r in res)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("opts", "block_v", "block_n"))
-def linear_xent_chunked(x, w, labels, opts: XentOptions, block_v: int,
+def linear_xent_chunked(x, w, labels, class_weight, opts: XentOptions, block_v: int,
                         block_n: Optional[int] = None):
   """Per-row loss ``[N]`` (float32; float64 for float64 inputs) of ``x [N, D] @ w [D, V]``;
-  lean memory."""
-  return _chunked_forward_passes(x, w, labels, opts, block_v, block_n)[0]
+  lean memory. ``class_weight``: None or ``[V]`` (PyTorch's ``weight=``)."""
+  return _chunked_forward_passes(x, w, labels, opts, block_v, block_n, class_weight)[0]
 
 
-def _linear_xent_chunked_fwd(x, w, labels, opts, block_v, block_n):
-  loss, stats = _chunked_forward_passes(x, w, labels, opts, block_v, block_n)
-  return loss, (x, w, labels, stats)
+def _linear_xent_chunked_fwd(x, w, labels, class_weight, opts, block_v, block_n):
+  loss, stats = _chunked_forward_passes(x, w, labels, opts, block_v, block_n, class_weight)
+  return loss, (x, w, labels, class_weight, stats)
 
 
 def _linear_xent_chunked_bwd(opts, block_v, block_n, res, g):
-  x, w, labels, stats = res
+  x, w, labels, cw, stats = res
   g = rowmath.total_cotangent(g, w, opts)
-  dx, dw = _chunked_backward(x, w, labels, stats, g, opts, block_v, block_n)
-  return rowmath.match_vma(dx, x), rowmath.match_vma(dw, w), None
+  dx, dw, dcw = _chunked_backward(x, w, labels, stats, g, opts, block_v, block_n, cw)
+  return (rowmath.match_vma(dx, x), rowmath.match_vma(dw, w), None,
+          None if cw is None else rowmath.match_vma(dcw, cw))
 
 
 linear_xent_chunked.defvjp(_linear_xent_chunked_fwd, _linear_xent_chunked_bwd)
@@ -248,47 +286,60 @@ linear_xent_chunked.defvjp(_linear_xent_chunked_fwd, _linear_xent_chunked_bwd)
 # ------------------------------------------------------------------------------------------------
 # Fast: token chunks, gradient formed in the forward pass (scalar reductions).
 # ------------------------------------------------------------------------------------------------
-def _fused_all(x, w, labels, weights, opts, block_n, dw_dtype=_F32):
+def _fused_all(x, w, labels, weights, opts, block_n, dw_dtype=_F32, cw=None):
+  """``(total, dx, dw, dcw)``; ``dcw`` (None without a class weight) in the class weight's dtype."""
   n, v = x.shape[0], w.shape[1]
   acc = acc_dtype(x, w)
   if n == 0:
-    return jnp.zeros((), acc), jnp.zeros(x.shape, x.dtype), jnp.zeros(w.shape, w.dtype)
+    return (jnp.zeros((), acc), jnp.zeros(x.shape, x.dtype), jnp.zeros(w.shape, w.dtype),
+            None if cw is None else jnp.zeros(cw.shape, cw.dtype))
   # padded rows get weight 0 (and label 0): they add nothing
   xp, yp, wp = _pad_rows(n, block_n, x, labels, weights)
+  cwa = None if cw is None else cw.astype(acc)
 
   def body(i, carry):
-    total, dxp, dw = carry
+    total, dxp, dw, dcw = carry
     xs, ys, ws = xp[i], yp[i], wp[i]
     zraw = dot(xs, w)
-    loss, stats = xla.forward(zraw, ys, sparse=True, opts=opts)
+    loss, stats = xla.forward(zraw, ys, sparse=True, opts=opts,
+                              **({} if cw is None else {"class_weight": cwa}))
     total = total + jnp.sum(jnp.where(ws == 0, 0.0, loss * ws))
     g = jnp.where(rowmath.ignored_rows(ys, opts) if opts.ignore_index is not None else False, 0.0, ws)
     x_lab = rowmath.local_label(zraw, ys, opts)[0]
-    dz = _dlogits_block(zraw, ys, 0, stats, x_lab, g, opts, v).astype(x.dtype)
+    weights = None
+    if cw is not None:
+      weights = (cwa, *rowmath.class_weight_rows(cwa, ys, opts, sparse=True))
+      dcw = dcw + _dcw_block(zraw, ys, 0, stats, x_lab, g, cwa, opts, v)
+    dz = _dlogits_block(zraw, ys, 0, stats, x_lab, g, opts, v, weights).astype(x.dtype)
     dxp = dxp.at[i].set(dot(dz, w.T).astype(x.dtype))
     dw = (dw + dot(xs.T, dz)).astype(dw_dtype)
-    return total, dxp, dw
+    return total, dxp, dw, dcw
 
-  init = (jnp.zeros((), acc), jnp.zeros(xp.shape, x.dtype), jnp.zeros(w.shape, dw_dtype))
-  total, dxp, dw = lax.fori_loop(0, xp.shape[0], body, init)
-  return total, dxp.reshape(-1, x.shape[1])[:n], dw.astype(w.dtype)
+  init = (jnp.zeros((), acc), jnp.zeros(xp.shape, x.dtype), jnp.zeros(w.shape, dw_dtype),
+          None if cw is None else jnp.zeros(cw.shape, acc))
+  total, dxp, dw, dcw = lax.fori_loop(0, xp.shape[0], body, init)
+  return (total, dxp.reshape(-1, x.shape[1])[:n], dw.astype(w.dtype),
+          None if cw is None else dcw.astype(cw.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("opts", "block_n", "dw_dtype"))
-def linear_xent_fused(x, w, labels, weights, opts: XentOptions, block_n: int, dw_dtype=_F32):
-  """``sum(weights * loss)`` of ``x @ w`` with the gradients formed in the forward pass."""
-  return _fused_all(x, w, labels, weights, opts, block_n, dw_dtype)[0]
+def linear_xent_fused(x, w, labels, weights, class_weight, opts: XentOptions, block_n: int,
+                      dw_dtype=_F32):
+  """``sum(weights * loss)`` of ``x @ w`` with the gradients formed in the forward pass
+  (``class_weight``: None or ``[V]``, whose gradient is formed there too)."""
+  return _fused_all(x, w, labels, weights, opts, block_n, dw_dtype, class_weight)[0]
 
 
-def _linear_xent_fused_fwd(x, w, labels, weights, opts, block_n, dw_dtype):
-  total, dx, dw = _fused_all(x, w, labels, weights, opts, block_n, dw_dtype)
-  return total, (rowmath.match_vma(dx, x), rowmath.match_vma(dw, w))
+def _linear_xent_fused_fwd(x, w, labels, weights, class_weight, opts, block_n, dw_dtype):
+  total, dx, dw, dcw = _fused_all(x, w, labels, weights, opts, block_n, dw_dtype, class_weight)
+  return total, (rowmath.match_vma(dx, x), rowmath.match_vma(dw, w),
+                 None if dcw is None else rowmath.match_vma(dcw, class_weight))
 
 
 def _linear_xent_fused_bwd(opts, block_n, dw_dtype, res, g):
-  dx, dw = res
+  dx, dw, dcw = res
   scale = lambda d: lax.cond(g == 1, lambda: d, lambda: (d * g.astype(d.dtype)).astype(d.dtype))
-  return scale(dx), scale(dw), None, None
+  return scale(dx), scale(dw), None, None, (None if dcw is None else scale(dcw))
 
 
 linear_xent_fused.defvjp(_linear_xent_fused_fwd, _linear_xent_fused_bwd)
@@ -345,6 +396,7 @@ def linear_softmax_cross_entropy(
     axis_name: Optional[str] = None,
     implementation: Any = None,
     memory_budget: Optional[int] = None,
+    class_weight: Optional[ArrayLike] = None,
 ) -> jax.Array:
   """Cross-entropy of ``x @ w`` with integer labels, never building ``[N, V]`` logits.
 
@@ -370,6 +422,10 @@ def linear_softmax_cross_entropy(
       (:func:`jxent.chosen_implementation`), and the lean algorithm without one.
     memory_budget: bytes of compiled temporaries the ``None`` choice may use (default: a
       quarter of the device's memory where it reports it, else 4 GiB); must be > 0.
+    class_weight: optional ``[num_classes]`` floating weights, PyTorch's ``weight=`` (see
+      :func:`jxent.softmax_cross_entropy_with_integer_labels`: ``"mean"`` divides by the sum
+      of the kept rows' ``w[label]``); with ``axis_name``, this shard's slice. Every algorithm
+      takes it inside its vocabulary blocks; its gradient is exact.
 
   Returns:
     The reduced loss (scalar) or per-row losses ``[...]``, in the dtype of ``x``.
@@ -386,6 +442,8 @@ def linear_softmax_cross_entropy(
                       ignore_index=ignore_index, axis_name=axis_name)
   if memory_budget is not None and (isinstance(memory_budget, bool) or not memory_budget > 0):
     raise ValueError(f"`memory_budget` must be a positive number of bytes, got {memory_budget!r}.")
+  cw = core.check_class_weight(class_weight, (w.shape[1],), jnp.result_type(x.dtype, w.dtype), opts,
+                               what=f"w {w.shape}")
   if implementation is None:
     try:
       key = configs.make_key(
@@ -412,7 +470,8 @@ def linear_softmax_cross_entropy(
     raise TypeError(f"`implementation` must be None, a name or a Linear* object, got {implementation!r}.")
   if algo == "unfused":
     logits = jnp.dot(x, w, preferred_element_type=jnp.promote_types(x.dtype, w.dtype))
-    return core.loss(logits, labels, axis=-1, sparse=True, opts=opts, reduction=reduction)
+    return core.loss(logits, labels, axis=-1, sparse=True, opts=opts, reduction=reduction,
+                     class_weight=cw)
   batch_shape = labels.shape
   x2 = x.reshape(-1, x.shape[-1])
   y2 = labels.reshape(-1)
@@ -427,13 +486,21 @@ def linear_softmax_cross_entropy(
                        "axis_name; use 'linear_chunked'.")
     acc = acc_dtype(x, w)
     wts = jnp.ones(y2.shape, acc) if kept is None else kept.astype(acc)
-    if reduction == "mean":
+    denom = None
+    if reduction == "mean" and cw is not None:  # PyTorch: / sum(w[label]) (NaN when 0)
+      denom = core.label_weight_sum(cw, y2, kept, opts).astype(acc)
+      wts = wts / lax.stop_gradient(denom)
+    elif reduction == "mean":
       count = jnp.sum(wts)
       wts = jnp.where(count > 0, wts / jnp.maximum(count, 1.0), 0.0)
     # ("float32": the wider of float32 and the weights' dtype, so float64 stays float64)
     dw_dtype = jnp.dtype(acc if algo.dw_accumulation == "float32" else w.dtype)
-    total = linear_xent_fused(x2, w, y2, lax.stop_gradient(wts), opts, algo.block_n, dw_dtype)
+    total = linear_xent_fused(x2, w, y2, lax.stop_gradient(wts), cw, opts, algo.block_n, dw_dtype)
+    if denom is not None:  # the denominator's own derivative in w (the value is unchanged)
+      total = total + lax.stop_gradient(total) * (1.0 - denom / lax.stop_gradient(denom))
     return total.astype(x.dtype)
-  loss = linear_xent_chunked(x2, w, y2, opts, algo.block_v, algo.block_n)
+  loss = linear_xent_chunked(x2, w, y2, cw, opts, algo.block_v, algo.block_n)
+  if cw is not None and reduction == "mean":
+    return (jnp.sum(loss) / core.label_weight_sum(cw, y2, kept, opts)).astype(x.dtype)
   return core.reduce_native(loss.reshape(batch_shape), None if kept is None else
                             kept.reshape(batch_shape), reduction, x.dtype)
