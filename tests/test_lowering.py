@@ -88,6 +88,27 @@ class TestLowering:
     assert call in text, text[:2000]
 
 
+@pytest.mark.parametrize("kernel", [k for k in _kernels() if k.id != "pallas_mosaic_tpu"])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_class_weight_kernels_lower_for_cuda(kernel, sparse, monkeypatch):
+  """The weighted forward and backward kernels (the class weight read in the row walk) lower for
+  CUDA: value_and_grad of the mean, in the logits and the class weight, label smoothing on."""
+  x = jax.ShapeDtypeStruct((64, 4099), jnp.bfloat16)
+  y = jax.ShapeDtypeStruct((64,), jnp.int32) if sparse else x
+  w = jax.ShapeDtypeStruct((4099,), jnp.float32)
+  kw = dict(reduction="mean", implementation=kernel, label_smoothing=0.1, z_loss=1e-4)
+
+  def fn(x, y, w):
+    if sparse:
+      f = lambda x, w: jxent.softmax_cross_entropy_with_integer_labels(x, y, class_weight=w, **kw)
+    else:
+      f = lambda x, w: jxent.softmax_cross_entropy(x, y, class_weight=w, **kw)
+    return jax.value_and_grad(f, argnums=(0, 1))(x, w)
+
+  text = _lower(fn, (x, y, w), "cuda", monkeypatch)
+  assert text.count(TARGETS["pallas_triton"][1]) == 2  # forward and backward kernels
+
+
 def test_interpret_kernels_do_not_lower_to_custom_calls(monkeypatch):
   """The counterpart: the interpret-mode kernels the shared test base runs are plain HLO."""
   x = jax.ShapeDtypeStruct((8, 300), jnp.float32)

@@ -80,7 +80,7 @@ def class_weight_grad(logits, labels, stats, g, class_weight, *, sparse: bool, o
   """``d sum(g * loss) / d class_weight`` (this shard's ``[C]``; :func:`rowmath.class_weight_grad`:
   one more read of the logits, only when the class weight is differentiated)."""
   x = prep_logits(logits, opts)
-  stats = tuple(v.astype(x.dtype) for v in stats)
+  stats = tuple(v.astype(x.dtype) for v in stats[:3])  # (m, log_z, z): a kernel may keep more
   g = g.astype(x.dtype)
   local_c = x.shape[-1]
   xent = None

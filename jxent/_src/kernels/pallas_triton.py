@@ -148,11 +148,14 @@ def _load_x(x_ref, idx, mask, opts):
   return jnp.where(mask, rowmath.prep_logits(x_ref.load(idx, mask, 0.0), opts), -jnp.inf)
 
 
-def _fold(carry, x, y, mask, *, sparse, opts, is_label=None):
+def _fold(carry, x, y, mask, *, sparse, opts, is_label=None, wv=None):
   """Folds one block into the online statistics ``(m, z, zc, a, b, sum_x)`` (scalars, or one
   per group of a 2-D block; ``zc`` compensates ``z``: :func:`rowmath.add_rescaled`);
-  ``is_label`` (integer labels): the label's lane, left out of the sum."""
+  ``is_label`` (integer labels): the label's lane, left out of the sum; ``wv``: the block's
+  class weights (``sum_x = sum(w x)``; dense labels ``w y``)."""
   m, z, zc, a, b, sx = carry
+  if wv is not None and not sparse:
+    y = y * wv
   red = functools.partial(jnp.sum, axis=-1)
   expand = (lambda v: v) if x.ndim == 1 else (lambda v: v[:, None])
   m_new = jnp.maximum(m, jnp.max(x, axis=-1))
@@ -161,14 +164,27 @@ def _fold(carry, x, y, mask, *, sparse, opts, is_label=None):
     e = jnp.where(is_label, 0.0, e)
   z, zc = rowmath.add_rescaled(z, zc, rowmath.exp_diff(m, m_new), red(e), 1.0)
   if opts.label_smoothing:
-    sx = sx + red(jnp.where(mask, x, 0.0))
+    sx = sx + red(jnp.where(mask, x if wv is None else x * wv, 0.0))
   if not sparse:
     b = b + jnp.where(a == 0, 0.0, (m - m_new) * a) + red(jnp.where(y == 0, 0.0, y * (x - expand(m_new))))
     a = a + red(y)
   return m_new, z, zc, a, b, sx
 
 
-def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c, groups=1, block=None):
+def _weights_needed(sparse, opts) -> bool:
+  """Whether a row walk reads the class weights: dense labels, or label smoothing (integer
+  labels otherwise only need ``w[label]``, a per-row input)."""
+  return not sparse or bool(opts.label_smoothing)
+
+
+def _load_w(w_ref, idx, mask, sparse, opts):
+  """One block of the class weights (None when there are none, or the walk needs none)."""
+  if w_ref is None or not _weights_needed(sparse, opts):
+    return None
+  return w_ref.load(idx, mask, 0.0).astype(jnp.float32)
+
+
+def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c, groups=1, block=None, w_ref=None):
   """One walk over a row with online statistics (one exp per element).
 
   With ``groups == 1`` every step reduces its block to scalars. With ``groups = G > 1`` a step's
@@ -193,7 +209,8 @@ def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c, groups=1, block=No
     mask = idx < c
     y = None if sparse else y_ref.load(idx, mask, 0.0).astype(jnp.float32)
     return _fold(carry, _load_x(x_ref, idx, mask, opts), y, mask, sparse=sparse, opts=opts,
-                 is_label=(idx == label) if sparse else None)
+                 is_label=(idx == label) if sparse else None,
+                 wv=_load_w(w_ref, idx, mask, sparse, opts))
 
   if block is None:
     m, z, zc, a, b, sx = jax.lax.fori_loop(0, pl.cdiv(c, block_c), body, init)
@@ -213,41 +230,52 @@ def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c, groups=1, block=No
   return m, z, a, b, sx
 
 
-def _grad_block(x, y, idx, mask, dx_ref, dy_ref, label, row, g, *, sparse, opts, n_cls):
+def _grad_block(x, y, idx, mask, dx_ref, dy_ref, label, row, g, *, sparse, opts, n_cls, wv=None):
   """Writes one block of ``dlogits`` (and ``dlabels``) from its logits ``x`` (upcast, capped);
-  ``row`` holds the row's scalars (:func:`_grad_row`)."""
+  ``row`` holds the row's scalars (:func:`_grad_row`); ``wv`` the block's class weights."""
   eps = opts.label_smoothing
   m, log_z, inv_z, coef, d_lab = row
   p = jnp.exp(x - m) * inv_z
   if sparse:
-    dx = coef * p - (eps / n_cls if eps else 0.0)
+    smooth = (eps / n_cls if eps else 0.0) if wv is None else (eps / n_cls) * wv
+    dx = coef * p - smooth
     dx = jnp.where(idx == label, d_lab, dx)
   else:
     target = (1.0 - eps) * y
     if dy_ref is not None:
-      dy_ref.store(idx, (g * (1.0 - eps) * ((m - x) + log_z)).astype(dy_ref.dtype), mask)
+      gy = g * (1.0 - eps) if wv is None else (g * (1.0 - eps)) * wv
+      dy_ref.store(idx, (gy * ((m - x) + log_z)).astype(dy_ref.dtype), mask)
     if eps:
       target = target + eps / n_cls
+    if wv is not None:
+      target = target * wv
     dx = coef * p - target
   dx = g * dx * rowmath.softcap_factor(x, opts)
   dx_ref.store(idx, dx.astype(dx_ref.dtype), mask)
 
 
-def _grad_row(stats, sum_t, *, sparse, opts, n_cls):
+def _grad_row(stats, sum_t, *, sparse, opts, n_cls, weights=None):
   """A row's scalars for :func:`_grad_block`: ``(m, log_z, 1 / z, coef, d_lab)``; ``d_lab``
   (integer labels: :func:`rowmath.label_grad`) from the label's logit ``stats[3]`` as the
   forward read it (a second read could round differently after the soft-cap, and ``x_y - m``
-  must be exactly 0 where the label is the max)."""
+  must be exactly 0 where the label is the max). ``weights = (w_y, sum(w))`` under a class
+  weight (dense labels: ``sum_t`` is then the weighted one)."""
   m, log_z, z = stats[:3]
-  coef = rowmath.grad_coef(stats, opts, sum_t)
+  t_lab = None
+  if weights is None:
+    coef = rowmath.grad_coef(stats, opts, sum_t)
+  else:
+    if sparse:
+      sum_t, _, t_lab = rowmath.weighted_targets(None, None, *weights, opts, n_cls, sparse=True)
+    coef = rowmath.grad_coef(stats, opts, sum_t, weighted=True)
   d_lab = None
   if sparse:
-    d_lab = rowmath.label_grad(stats[3], stats[:3], coef, opts, n_cls)
+    d_lab = rowmath.label_grad(stats[3], stats[:3], coef, opts, n_cls, t_lab=t_lab)
   return m, log_z, 1.0 / z, coef, d_lab
 
 
 def _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, stats, g, sum_t, *, sparse, opts, block_c,
-               n_cls, reverse=False):
+               n_cls, reverse=False, w_ref=None, weights=None):
   """Writes ``dlogits`` (and ``dlabels``) for one row; ``g`` already includes masking/scaling.
 
   ``label`` is this row's local class id; ``n_cls`` the global class count (vocab parallel).
@@ -255,7 +283,7 @@ def _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, stats, g, sum_t, *, sparse, 
   blocks are the likeliest still in L2)."""
   c = x_ref.size
   lanes = jnp.arange(block_c)
-  row = _grad_row(stats, sum_t, sparse=sparse, opts=opts, n_cls=n_cls)
+  row = _grad_row(stats, sum_t, sparse=sparse, opts=opts, n_cls=n_cls, weights=weights)
   n = pl.cdiv(c, block_c)
 
   @pl.loop(0, n)
@@ -267,65 +295,91 @@ def _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, stats, g, sum_t, *, sparse, 
     x = rowmath.prep_logits(x_ref.load(idx, mask, 0.0), opts)
     y = None if sparse else y_ref.load(idx, mask, 0.0).astype(jnp.float32)
     _grad_block(x, y, idx, mask, dx_ref, dy_ref, label, row, g, sparse=sparse, opts=opts,
-                n_cls=n_cls)
+                n_cls=n_cls, wv=_load_w(w_ref, idx, mask, sparse, opts))
 
 
-def _sum_target(y_ref, *, opts, block_c):
+def _sum_target(y_ref, *, opts, block_c, w_ref=None, wsum=None):
+  """``sum(target)`` of a row of dense labels; with class weights ``w`` (``wsum = sum(w)``)
+  the weighted ``(1 - eps) sum(w y) + eps wsum / C``."""
   c = y_ref.size
   lanes = jnp.arange(block_c)
 
   def body(i, acc):
     idx = i * block_c + lanes
-    return acc + y_ref.load(idx, idx < c, 0.0).astype(jnp.float32)
+    y = y_ref.load(idx, idx < c, 0.0).astype(jnp.float32)
+    return acc + (y if w_ref is None else y * _load_w(w_ref, idx, idx < c, False, opts))
 
   s = jnp.sum(jax.lax.fori_loop(0, pl.cdiv(c, block_c), body, jnp.zeros((block_c,), jnp.float32)))
-  return (1.0 - opts.label_smoothing) * s + opts.label_smoothing
+  eps = opts.label_smoothing
+  if w_ref is not None:
+    return (1.0 - eps) * s + (eps * wsum / c if eps else 0.0)
+  return (1.0 - eps) * s + eps
 
 
 # ------------------------------------------------------------------------------------------------
 # Kernels (one row each; vmapped over rows, which becomes the grid).
 # ------------------------------------------------------------------------------------------------
-def _fwd_kernel(*refs, sparse, opts, block_c, groups, raw=False):
+def _weight_refs(refs, sparse, weighted):
+  """``(w_ref, weights, rest)``: the class weight inputs that follow a kernel's own, ``w [C]``
+  (shared by every row), ``sum(w)`` and (integer labels) ``w[label]`` per row, as
+  ``weights = (w_y, wsum)`` for :func:`rowmath.loss_from_stats`."""
+  if not weighted:
+    return None, None, refs
+  if sparse:
+    w_ref, ws_ref, wy_ref, *rest = refs
+    return w_ref, (wy_ref[()], ws_ref[()]), rest
+  w_ref, ws_ref, *rest = refs
+  return w_ref, (None, ws_ref[()]), rest
+
+
+def _fwd_kernel(*refs, sparse, opts, block_c, groups, raw=False, weighted=False):
   """Loss and statistics ``(m, log_z, z)`` of one row; with ``axis_name`` (or ``raw``: a segment
-  of a split row), the raw statistics instead (merged by the caller)."""
-  x_ref, y_ref, *outs = refs
+  of a split row), the raw statistics instead (merged by the caller). ``weighted``: class
+  weight inputs follow the labels (:func:`_weight_refs`)."""
+  x_ref, y_ref, *refs = refs
+  w_ref, weights, outs = _weight_refs(refs, sparse, weighted)
   label = y_ref[()] if sparse else None
   stats = _row_stats(x_ref, y_ref, label, sparse=sparse, opts=opts, block_c=block_c,
-                     groups=groups)
+                     groups=groups, w_ref=w_ref)
   if opts.axis_name is not None or raw:
     for ref, value in zip(outs, stats):
       ref[()] = value
     return
-  loss, row = rowmath.loss_from_stats(*stats, label, sparse=sparse, opts=opts, local_c=x_ref.size)
+  loss, row = rowmath.loss_from_stats(*stats, label, sparse=sparse, opts=opts, local_c=x_ref.size,
+                                      weights=weights)
   # (integer labels: the label's logit as read here, for the backward: see _grad_row)
   for ref, value in zip(outs, (loss, *row, *(stats[3:4] if sparse else ()))):
     ref[()] = value
 
 
-def _bwd_kernel(*refs, sparse, opts, block_c, n_cls):
+def _bwd_kernel(*refs, sparse, opts, block_c, n_cls, weighted=False):
   """With ``axis_name`` the caller passes local labels, pre-masked ``g`` and the global
-  ``sum(target)`` (dense), since they need the other shards."""
+  ``sum(target)`` (dense), since they need the other shards. ``weighted``: class weight inputs
+  follow (:func:`_weight_refs`)."""
   sharded = opts.axis_name is not None
   st_ref = None
   if sparse:
-    x_ref, y_ref, m_ref, lz_ref, z_ref, xl_ref, g_ref, dx_ref = refs
+    x_ref, y_ref, m_ref, lz_ref, z_ref, xl_ref, g_ref, *refs = refs
+    w_ref, weights, (dx_ref,) = _weight_refs(refs, sparse, weighted)
     dy_ref, label, sum_t = None, y_ref[()], None
   else:
     if sharded and not opts.tf_grad:
-      x_ref, y_ref, m_ref, lz_ref, z_ref, g_ref, st_ref, dx_ref, *dy = refs
+      x_ref, y_ref, m_ref, lz_ref, z_ref, g_ref, st_ref, *refs = refs
     else:
-      x_ref, y_ref, m_ref, lz_ref, z_ref, g_ref, dx_ref, *dy = refs
+      x_ref, y_ref, m_ref, lz_ref, z_ref, g_ref, *refs = refs
+    w_ref, weights, (dx_ref, *dy) = _weight_refs(refs, sparse, weighted)
     dy_ref = dy[0] if dy else None
     label = None
     sum_t = None
     if not opts.tf_grad:
-      sum_t = st_ref[()] if sharded else _sum_target(y_ref, opts=opts, block_c=block_c)
+      sum_t = st_ref[()] if sharded else _sum_target(
+          y_ref, opts=opts, block_c=block_c, w_ref=w_ref, wsum=None if weights is None else weights[1])
   g = g_ref[()].astype(jnp.float32)
   if sparse and not sharded:
     g = rowmath.zero_ignored(label, g, opts)
   stats = (m_ref[()], lz_ref[()], z_ref[()]) + ((xl_ref[()],) if sparse else ())
   _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, stats, g, sum_t, sparse=sparse, opts=opts,
-             block_c=block_c, n_cls=n_cls)
+             block_c=block_c, n_cls=n_cls, w_ref=w_ref, weights=weights)
 
 
 def _fused_kernel(*refs, sparse, opts, block_c, groups, reverse=False):
@@ -464,6 +518,7 @@ class PallasTritonKernel:
 
   name: ClassVar[str] = "pallas_triton"
   platforms: ClassVar[tuple[str, ...]] = ("gpu", "cuda", "rocm")
+  class_weights: ClassVar[bool] = True  # (forward and backward; scalar reductions use them too)
   # float32 accumulation: float64 logits are refused (use XLA)
   dtypes: ClassVar[tuple] = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
   interpret: bool = False
@@ -498,8 +553,9 @@ class PallasTritonKernel:
     :func:`unavailable`)."""
     return unavailable(abstract_device, interpret=self.interpret)
 
-  def _call(self, kernel, out_shape, rows):
-    """Runs a one-row ``kernel`` over ``rows`` rows; ``out_shape`` holds the per-row outputs."""
+  def _call(self, kernel, out_shape, rows, shared=()):
+    """Runs a one-row ``kernel`` over ``rows`` rows; ``out_shape`` holds the per-row outputs;
+    the inputs at the positions ``shared`` are whole arrays every row reads (the class weight)."""
     params = None
     if not self.interpret:
       params = _plgpu().CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
@@ -507,13 +563,16 @@ class PallasTritonKernel:
     if self.programs is None:
       call = pl.pallas_call(lambda *refs: kernel(*map(_Row, refs)), out_shape=out_shape, grid=(),
                             interpret=self.interpret, compiler_params=params, name=name)
-      return jax.vmap(call)
+      if not shared:
+        return jax.vmap(call)
+      return lambda *args: jax.vmap(call, in_axes=tuple(None if i in shared else 0
+                                                        for i in range(len(args))))(*args)
     programs = min(self.programs, rows)
 
     def persistent(*refs):
       @pl.loop(pl.program_id(0), rows, step=programs)
       def _(r):
-        kernel(*(_Row(ref, r) for ref in refs))
+        kernel(*(_Row(ref) if i in shared else _Row(ref, r) for i, ref in enumerate(refs)))
 
     out_shape = tuple(o.update(shape=(rows, *o.shape)) for o in out_shape)
     return pl.pallas_call(persistent, out_shape=out_shape, grid=(programs,),
@@ -530,19 +589,32 @@ class PallasTritonKernel:
   def _block(self, c):
     return min(self.block_c, pl.next_power_of_2(max(c, 16)))
 
-  def forward(self, logits, labels, *, sparse, opts, need_lse=True):
+  def _weight_args(self, class_weight, labels, rows, sparse, opts):
+    """The class weight inputs of the kernels (:func:`_weight_refs`): ``[w, sum(w) per row,
+    (integer labels) w[label] per row]``, float32, and ``weights`` for
+    :func:`rowmath.loss_from_stats`; empty without a class weight."""
+    if class_weight is None:
+      return [], None
+    cw = class_weight.astype(jnp.float32)
+    w_y, wsum = rowmath.class_weight_rows(cw, labels, opts, sparse=sparse)
+    args = [cw, jnp.broadcast_to(wsum, (rows,))] + ([w_y] if sparse else [])
+    return args, (w_y, wsum)
+
+  def forward(self, logits, labels, *, sparse, opts, need_lse=True, class_weight=None):
     del need_lse  # (a hint: the lse comes at no extra cost here)
     rows, c = logits.shape
     if rows == 0:
       return rowmath.empty_rows(logits, labels, sparse=sparse, want_dlabels=False)
     block = self._block(c)
+    weighted = class_weight is not None
     kernel = functools.partial(_fwd_kernel, sparse=sparse, opts=opts, block_c=block,
-                               groups=min(self.row_groups, block))
+                               groups=min(self.row_groups, block), weighted=weighted)
     scalar = rowmath.out_struct((), jnp.float32, logits)
     split = self._split(c)
-    if opts.axis_name is None and split > 1:
+    if opts.axis_name is None and split > 1 and not weighted:
       # Each row as `split` equal segments, one program each (a free reshape of the rows): the
-      # segments' raw statistics are merged per row in XLA.
+      # segments' raw statistics are merged per row in XLA. (Not with a class weight: each
+      # segment would need its own slice of it; those rows are walked whole.)
       sub = c // split
       kernel = functools.partial(_fwd_kernel, sparse=sparse, opts=opts, block_c=self._block(sub),
                                  groups=min(self.row_groups, self._block(sub)), raw=True)
@@ -553,32 +625,44 @@ class PallasTritonKernel:
       merged = rowmath.merge_stats(*(v.reshape(rows, split) for v in stats), sparse=sparse)
       loss, row = rowmath.loss_from_stats(*merged, labels, sparse=sparse, opts=opts, local_c=c)
       return loss, row + ((merged[3],) if sparse else ())
+    wargs, weights = self._weight_args(class_weight, labels, rows, sparse, opts)
+    shared = (2,) if weighted else ()
     if opts.axis_name is None:
-      loss, *stats = self._call(kernel, (scalar,) * (5 if sparse else 4), rows)(logits, labels)
+      loss, *stats = self._call(kernel, (scalar,) * (5 if sparse else 4), rows, shared)(
+          logits, labels, *wargs)
       return loss, tuple(stats)
     # Vocab parallel: this shard's statistics (labels as local ids), merged over the shards.
     local = rowmath.local_rows(labels, None, opts, c)[0] if sparse else labels
-    stats = self._call(kernel, (scalar,) * 5, rows)(logits, local)
-    loss, row = rowmath.loss_from_stats(*stats, labels, sparse=sparse, opts=opts, local_c=c)
+    stats = self._call(kernel, (scalar,) * 5, rows, shared)(logits, local, *wargs)
+    loss, row = rowmath.loss_from_stats(*stats, labels, sparse=sparse, opts=opts, local_c=c,
+                                        weights=weights)
     return loss, row + ((stats[3],) if sparse else ())  # (the label's logit where it is local)
 
-  def backward(self, logits, labels, stats, g, *, sparse, opts, want_dlabels=True):
+  def backward(self, logits, labels, stats, g, *, sparse, opts, want_dlabels=True,
+               class_weight=None):
     rows, c = logits.shape
     if rows == 0:
       return rowmath.empty_rows(logits, labels, sparse=sparse, want_dlabels=want_dlabels,
                             fused=True)[1:]
+    n_cls = rowmath.num_classes(c, opts)
+    weighted = class_weight is not None
     kernel = functools.partial(_bwd_kernel, sparse=sparse, opts=opts, block_c=self._block(c),
-                               n_cls=rowmath.num_classes(c, opts))
+                               n_cls=n_cls, weighted=weighted)
     args = [logits, labels, *(v.astype(jnp.float32) for v in stats), g.astype(jnp.float32)]
+    wargs, weights = self._weight_args(class_weight, labels, rows, sparse, opts)
     if opts.axis_name is not None:  # what needs the other shards is done here
       if sparse:
         args[1], args[-1] = rowmath.local_rows(labels, args[-1], opts, c)
+      elif weighted:
+        args.append(rowmath.weighted_targets(wargs[0][None, :], labels.astype(jnp.float32), None,
+                                             weights[1], opts, n_cls, sparse=False)[0])
       elif not opts.tf_grad:
         args.append(rowmath.sum_target(labels.astype(jnp.float32), opts))
+    shared = (len(args),) if weighted else ()
     out = [rowmath.out_struct((c,), logits.dtype, logits)]
     if not sparse and want_dlabels:
       out.append(rowmath.out_struct((c,), labels.dtype, logits))
-    res = self._call(kernel, tuple(out), rows)(*args)
+    res = self._call(kernel, tuple(out), rows, shared)(*args, *wargs)
     return res[0], (res[1] if len(res) > 1 else None)
 
   def fused(self, logits, labels, weights, *, sparse, opts, want_dlabels=True):

@@ -370,15 +370,16 @@ def class_weight_rows(class_weight, labels, opts: XentOptions, *, sparse: bool):
 
 
 def weighted_targets(class_weight, y, w_y, wsum, opts: XentOptions, n_classes, *, sparse: bool):
-  """The gradient's targets under a class weight ``w``: ``(sum_t [R], target)``. Integer labels:
-  ``sum_t = (1 - eps) w_y + eps * wsum / C``, ``target = (eps / C) * w [C]`` for every class and
-  the label's own ``t_lab = ((1 - eps) + eps / C) * w_y`` (returned as ``target``'s third part:
-  ``(sum_t, target, t_lab)``). Dense (``y [R, C]``): ``target = w * ((1 - eps) y + eps / C)``,
-  ``sum_t`` its row sum (``(1 - eps) * sum(w y) + eps * wsum / C``, over every shard)."""
+  """The gradient's targets under a class weight ``w``: ``(sum_t [R], target, t_lab)``. Integer
+  labels: ``sum_t = (1 - eps) w_y + eps * wsum / C``, ``target = (eps / C) * w [C]`` for every
+  class (None without smoothing, or when ``class_weight`` is None: a kernel scales its own
+  block) and the label's own ``t_lab = ((1 - eps) + eps / C) * w_y``. Dense (``y [R, C]``,
+  ``t_lab`` None): ``target = w * ((1 - eps) y + eps / C)``, ``sum_t`` its row sum (``(1 -
+  eps) * sum(w y) + eps * wsum / C``, over every shard)."""
   eps = opts.label_smoothing
   if sparse:
     sum_t = (1.0 - eps) * w_y + (eps * wsum / n_classes if eps else 0.0)
-    target = (eps / n_classes) * class_weight if eps else None
+    target = (eps / n_classes) * class_weight if (eps and class_weight is not None) else None
     t_lab = ((1.0 - eps) + (eps / n_classes if eps else 0.0)) * w_y
     return sum_t, target, t_lab
   wy = class_weight * y
