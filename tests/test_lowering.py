@@ -88,11 +88,12 @@ class TestLowering:
     assert call in text, text[:2000]
 
 
-@pytest.mark.parametrize("kernel", [k for k in _kernels() if k.id != "pallas_mosaic_tpu"])
+@pytest.mark.parametrize("kernel", _kernels())
 @pytest.mark.parametrize("sparse", [True, False])
-def test_class_weight_kernels_lower_for_cuda(kernel, sparse, monkeypatch):
+def test_class_weight_kernels_lower(kernel, sparse, monkeypatch):
   """The weighted forward and backward kernels (the class weight read in the row walk) lower for
-  CUDA: value_and_grad of the mean, in the logits and the class weight, label smoothing on."""
+  their platform: value_and_grad of the mean, in the logits and the class weight, label
+  smoothing on."""
   x = jax.ShapeDtypeStruct((64, 4099), jnp.bfloat16)
   y = jax.ShapeDtypeStruct((64,), jnp.int32) if sparse else x
   w = jax.ShapeDtypeStruct((4099,), jnp.float32)
@@ -105,8 +106,9 @@ def test_class_weight_kernels_lower_for_cuda(kernel, sparse, monkeypatch):
       f = lambda x, w: jxent.softmax_cross_entropy(x, y, class_weight=w, **kw)
     return jax.value_and_grad(f, argnums=(0, 1))(x, w)
 
-  text = _lower(fn, (x, y, w), "cuda", monkeypatch)
-  assert text.count(TARGETS["pallas_triton"][1]) == 2  # forward and backward kernels
+  platform, call = TARGETS[kernel.name]
+  text = _lower(fn, (x, y, w), platform, monkeypatch)
+  assert text.count(call) == 2  # forward and backward kernels
 
 
 def test_interpret_kernels_do_not_lower_to_custom_calls(monkeypatch):

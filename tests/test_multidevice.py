@@ -215,13 +215,13 @@ def test_pmap_and_keras_under_pmap_vmap():
 
 @pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("impl", ["xla", "xla_autodiff", "chunked_xla", "pallas_triton",
-                                  "pallas_triton_groups"])
+                                  "pallas_triton_groups", "pallas_mosaic_tpu"])
 def test_vocab_parallel_class_weight(sparse, impl):
   """class_weight with axis_name: each shard passes its slice of the global weight vector;
   loss, dlogits and dclass_weight match the single-device call."""
   vma = not impl.startswith("pallas")  # see test_vocab_parallel_integer_labels
-  impl = {"pallas_triton": _triton(), "pallas_triton_groups": _triton(row_groups=4, programs=3)
-          }.get(impl, impl)
+  impl = {"pallas_triton": _triton(), "pallas_triton_groups": _triton(row_groups=4, programs=3),
+          "pallas_mosaic_tpu": _mosaic()}.get(impl, impl)
   rng = np.random.default_rng(40)
   b, v = 8, 8 * 7
   x = rand_logits(rng, (b, v))

@@ -79,8 +79,9 @@ def softmax_cross_entropy(
       ``axis_name``, this shard's slice of the global vector). The loss becomes ``-sum(w *
       labels' * log_softmax(x))`` (no ``[..., num_classes]`` temporary); ``"mean"`` still divides
       by the number of examples. Negative weights are allowed, as in PyTorch. Differentiable
-      (the gradient in ``class_weight`` is exact). Taken by ``"xla"``, ``"xla_autodiff"`` and
-      ``"chunked_xla"``; ``implementation=None`` then picks ``"xla"``.
+      (the gradient in ``class_weight`` is exact). Every implementation takes it (the Pallas
+      kernels read it in their row walks; scalar reductions then use their forward and
+      backward kernels, not the fused one).
 
   Returns:
     The per-example loss ``[...]`` or a scalar, in the dtype of ``logits``.

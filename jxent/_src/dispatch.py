@@ -237,12 +237,11 @@ def resolve(implementation, *, sparse: bool, shape, dtype, reduction=None, opts=
             class_weight: bool = False) -> Any:
   """Returns the kernel object for ``implementation``; raises if it cannot run here.
   ``reduction`` and ``opts`` key the tuned choice of ``implementation=None``; ``class_weight``:
-  the call weighs its classes, which only kernels with ``class_weights`` take (the default
-  is then the best of those, ``xla``)."""
+  the call weighs its classes, which only kernels with ``class_weights`` take (every built-in
+  kernel does; a user kernel without it is refused)."""
   if implementation is None:
     kernel = _default(sparse, shape, dtype, reduction, opts)
-    if class_weight and not getattr(kernel, "class_weights", False):
-      return XlaKernel()  # (the Pallas kernels take no class weight yet: the default is XLA's)
+    _check_class_weights(kernel, class_weight)
     return kernel
   if isinstance(implementation, str):
     if implementation not in names():
@@ -269,8 +268,12 @@ def resolve(implementation, *, sparse: bool, shape, dtype, reduction=None, opts=
   if reason is not None:
     raise ValueError(f"implementation {kernel.name!r} cannot be built here: {reason}. Pass "
                      f"implementation=None (which falls back to 'xla') or 'xla'.")
+  _check_class_weights(kernel, class_weight)
+  return kernel
+
+
+def _check_class_weights(kernel, class_weight: bool) -> None:
   if class_weight and not getattr(kernel, "class_weights", False):
     raise ValueError(f"implementation {getattr(kernel, 'name', kernel)!r} does not take "
-                     f"`class_weight`; pass implementation=None, 'xla', 'xla_autodiff' or "
-                     f"'chunked_xla'.")
-  return kernel
+                     f"`class_weight` (its forward and backward have no class_weight=); pass "
+                     f"implementation=None or 'xla'.")

@@ -63,11 +63,14 @@ def _finished(stats):
   return m, z + zc, a, b, sx
 
 
-def _update_stats(stats, x, y, col, *, sparse, opts, c):
+def _update_stats(stats, x, y, col, *, sparse, opts, c, wv=None):
   """Folds one tile into the online ``(max, sum-exp, its compensation, sum y, label term, sum
-  x)`` statistics (:func:`rowmath.add_rescaled`)."""
+  x)`` statistics (:func:`rowmath.add_rescaled`); ``wv [1, block]``: the tile's class weights
+  (``sum(w x)``, dense ``w y``)."""
   m_old, z, zc, a, b, sx = stats
   mask = col < c
+  if wv is not None:
+    wv = jnp.where(mask, wv.astype(jnp.float32), 0.0)  # (padded lanes hold anything)
   x = jnp.where(mask, rowmath.prep_logits(x, opts).astype(jnp.float32), -jnp.inf)
   m_new = jnp.maximum(m_old, jnp.max(x, axis=1, keepdims=True))
   e = jnp.exp(x - m_new)
@@ -76,34 +79,42 @@ def _update_stats(stats, x, y, col, *, sparse, opts, c):
   z, zc = rowmath.add_rescaled(z, zc, rowmath.exp_diff(m_old, m_new),
                                jnp.sum(e, axis=1, keepdims=True), 1.0)
   if opts.label_smoothing:
-    sx = sx + jnp.sum(jnp.where(mask, x, 0.0), axis=1, keepdims=True)
+    sx = sx + jnp.sum(jnp.where(mask, x if wv is None else x * wv, 0.0), axis=1, keepdims=True)
   if sparse:
     # (a local label id may point past this shard's classes, into the masked lanes)
     b = b + jnp.sum(jnp.where((col == y) & mask, x, 0.0), axis=1, keepdims=True)
   else:
     yv = jnp.where(mask, y.astype(jnp.float32), 0.0)
+    if wv is not None:
+      yv = yv * wv
     b = (b + jnp.where(a == 0, 0.0, (m_old - m_new) * a)
          + jnp.sum(jnp.where(yv == 0, 0.0, yv * (x - m_new)), axis=1, keepdims=True))
     a = a + jnp.sum(yv, axis=1, keepdims=True)
   return m_new, z, zc, a, b, sx
 
 
-def _grad_tile(x, y, col, row, g, *, sparse, opts, n_cls):
+def _grad_tile(x, y, col, row, g, *, sparse, opts, n_cls, wv=None):
   """``(dlogits, dlabels)`` of one tile; ``g`` already holds the row weights and masking;
   ``row = (m, log_z, z, coef, d_lab)`` are ``[rows, 1]`` (``d_lab``: integer labels, the label's
-  entry, :func:`rowmath.label_grad`); ``n_cls`` is the global class count (vocab parallel)."""
+  entry, :func:`rowmath.label_grad`); ``n_cls`` is the global class count (vocab parallel);
+  ``wv [1, block]`` the tile's class weights."""
   eps = opts.label_smoothing
   m, log_z, z, coef, d_lab = row
   x = rowmath.prep_logits(x, opts).astype(jnp.float32)
   p = jnp.exp(x - m) * (1.0 / z)
   dy = None
+  if wv is not None:
+    wv = wv.astype(jnp.float32)
   if sparse:
-    d = jnp.where(col == y, d_lab, coef * p - (eps / n_cls if eps else 0.0))
+    smooth = (eps / n_cls if eps else 0.0) if wv is None else (eps / n_cls) * wv
+    d = jnp.where(col == y, d_lab, coef * p - smooth)
   else:
     target = (1.0 - eps) * y.astype(jnp.float32)
     dy = g * (1.0 - eps) * ((m - x) + log_z)
     if eps:
       target = target + eps / n_cls
+    if wv is not None:
+      target, dy = target * wv, dy * wv
     d = coef * p - target
   return g * d * rowmath.softcap_factor(x, opts), dy
 
@@ -111,11 +122,20 @@ def _grad_tile(x, y, col, row, g, *, sparse, opts, n_cls):
 # ------------------------------------------------------------------------------------------------
 # Kernels.
 # ------------------------------------------------------------------------------------------------
-def _fwd_kernel(x_ref, y_ref, *refs, sparse, opts, block_c, c):
+def _fwd_kernel(x_ref, y_ref, *refs, sparse, opts, block_c, c, weighted=False):
   """Grid (row blocks, class blocks): online statistics in VMEM scratch across class blocks.
 
   Writes the loss and ``(m, log_z, z)``; with ``axis_name``, this shard's raw statistics instead
-  (merged over the shards by the caller)."""
+  (merged over the shards by the caller). ``weighted``: the class weight ``[1, block]`` tile,
+  ``sum(w)`` and (integer labels) ``w[label]`` per row follow the labels."""
+  w_ref, weights = None, None
+  if weighted:
+    if sparse:
+      w_ref, ws_ref, wy_ref, *refs = refs
+      weights = (wy_ref, ws_ref)
+    else:
+      w_ref, ws_ref, *refs = refs
+      weights = (None, ws_ref)
   n_out = 4 if opts.axis_name is None else 5
   outs, scratch = refs[:n_out], refs[n_out:]
   j = pl.program_id(1)
@@ -126,8 +146,11 @@ def _fwd_kernel(x_ref, y_ref, *refs, sparse, opts, block_c, c):
       ref[...] = val
 
   col = _cols(j * block_c, x_ref.shape)
+  wv = None
+  if w_ref is not None and (not sparse or opts.label_smoothing):
+    wv = w_ref[...]
   stats = _update_stats(tuple(ref[...] for ref in scratch), x_ref[...], y_ref[...], col,
-                        sparse=sparse, opts=opts, c=c)
+                        sparse=sparse, opts=opts, c=c, wv=wv)
   for ref, val in zip(scratch, stats):
     ref[...] = val
 
@@ -137,22 +160,31 @@ def _fwd_kernel(x_ref, y_ref, *refs, sparse, opts, block_c, c):
       for ref, val in zip(outs, _finished(stats)):
         ref[...] = val
       return
-    loss, row = rowmath.loss_from_stats(*_finished(stats), y_ref[...], sparse=sparse, opts=opts, local_c=c,
-                                        mosaic=True)
+    w_rows = None if weights is None else tuple(None if r is None else r[...] for r in weights)
+    loss, row = rowmath.loss_from_stats(*_finished(stats), y_ref[...], sparse=sparse, opts=opts,
+                                        local_c=c, mosaic=True, weights=w_rows)
     for ref, val in zip(outs, (loss, *row)):
       ref[...] = val
 
 
-def _bwd_kernel(*refs, sparse, opts, block_c, n_cls):
+def _bwd_kernel(*refs, sparse, opts, block_c, n_cls, weighted=False):
   """Grid (row blocks, class blocks), all parallel: one tile of ``dlogits`` from the saved row
-  statistics and the per-row ``coef`` and (integer labels) label entry ``d_lab``.
+  statistics and the per-row ``coef`` and (integer labels) label entry ``d_lab``; ``weighted``:
+  the class weight's ``[1, block]`` tile follows ``g``.
 
   With ``axis_name`` the caller passes local labels and ``g`` with ignored rows zeroed."""
+  w_ref = None
   if sparse:
-    x_ref, y_ref, m_ref, lz_ref, z_ref, coef_ref, dl_ref, g_ref, dx_ref = refs
+    x_ref, y_ref, m_ref, lz_ref, z_ref, coef_ref, dl_ref, g_ref, *refs = refs
+    if weighted:
+      w_ref, *refs = refs
+    (dx_ref,) = refs
     dy_ref = None
   else:
-    x_ref, y_ref, m_ref, lz_ref, z_ref, coef_ref, g_ref, dx_ref, *dy = refs
+    x_ref, y_ref, m_ref, lz_ref, z_ref, coef_ref, g_ref, *refs = refs
+    if weighted:
+      w_ref, *refs = refs
+    dx_ref, *dy = refs
     dl_ref, dy_ref = None, (dy[0] if dy else None)
   col = _cols(pl.program_id(1) * block_c, x_ref.shape)
   y = y_ref[...]
@@ -160,7 +192,10 @@ def _bwd_kernel(*refs, sparse, opts, block_c, n_cls):
   if sparse and opts.axis_name is None:
     g = rowmath.zero_ignored(y, g, opts)
   row = (m_ref[...], lz_ref[...], z_ref[...], coef_ref[...], None if dl_ref is None else dl_ref[...])
-  dx, dy = _grad_tile(x_ref[...], y, col, row, g, sparse=sparse, opts=opts, n_cls=n_cls)
+  wv = None
+  if w_ref is not None and (not sparse or opts.label_smoothing):
+    wv = w_ref[...]
+  dx, dy = _grad_tile(x_ref[...], y, col, row, g, sparse=sparse, opts=opts, n_cls=n_cls, wv=wv)
   dx_ref[...] = dx.astype(dx_ref.dtype)
   if dy_ref is not None:
     dy_ref[...] = dy.astype(dy_ref.dtype)
@@ -300,6 +335,7 @@ class PallasMosaicTpuKernel:
 
   name: ClassVar[str] = "pallas_mosaic_tpu"
   platforms: ClassVar[tuple[str, ...]] = ("tpu",)
+  class_weights: ClassVar[bool] = True  # (forward and backward; scalar reductions use them too)
   # float32 accumulation: float64 logits are refused (use XLA)
   dtypes: ClassVar[tuple] = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
   interpret: bool = False
@@ -369,7 +405,7 @@ class PallasMosaicTpuKernel:
                                  weights.astype(jnp.float32)[:, None])
     return res[0][:, 0], res[1], (res[2] if want_dy else None)
 
-  def forward(self, logits, labels, *, sparse, opts, need_lse=True):
+  def forward(self, logits, labels, *, sparse, opts, need_lse=True, class_weight=None):
     del need_lse  # (a hint: the lse comes at no extra cost here)
     rows, c = logits.shape
     if rows == 0:
@@ -381,34 +417,56 @@ class PallasMosaicTpuKernel:
     row_spec = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
     y_spec = row_spec if sparse else pl.BlockSpec((br, bc), lambda i, j: (i, j))
     y = labels[:, None] if sparse else labels
+    args, in_specs = [logits, y], [pl.BlockSpec((br, bc), lambda i, j: (i, j)), y_spec]
+    weights = None
+    if class_weight is not None:  # w as a [1, C] row of tiles; sum(w), w[label] per row
+      cw = class_weight.astype(jnp.float32)
+      weights = rowmath.class_weight_rows(cw, glabels, opts, sparse=sparse)
+      args += [cw[None, :], jnp.broadcast_to(weights[1], (rows, 1))]
+      in_specs += [pl.BlockSpec((1, bc), lambda i, j: (0, j)), row_spec]
+      if sparse:
+        args.append(weights[0][:, None])
+        in_specs.append(row_spec)
     vmem = _pltpu().VMEM((br, 1), jnp.float32)  # the six online statistics
     n_out = 4 if opts.axis_name is None else 5
     out_shape = (rowmath.out_struct((rows, 1), jnp.float32, logits),) * n_out
     res = pl.pallas_call(
-        functools.partial(_fwd_kernel, sparse=sparse, opts=opts, block_c=bc, c=c),
-        grid=grid, in_specs=[pl.BlockSpec((br, bc), lambda i, j: (i, j)), y_spec],
+        functools.partial(_fwd_kernel, sparse=sparse, opts=opts, block_c=bc, c=c,
+                          weighted=class_weight is not None),
+        grid=grid, in_specs=in_specs,
         out_specs=(row_spec,) * n_out, out_shape=out_shape, scratch_shapes=[vmem] * 6,
         compiler_params=self._params(("parallel", "arbitrary")), interpret=self.interpret,
-        name="jxent_xent_fwd")(logits, y)
+        name="jxent_xent_fwd")(*args)
     res = [r[:, 0] for r in res]
     if opts.axis_name is None:
       return res[0], tuple(res[1:])
-    return rowmath.loss_from_stats(*res, glabels, sparse=sparse, opts=opts, local_c=c)
+    return rowmath.loss_from_stats(*res, glabels, sparse=sparse, opts=opts, local_c=c,
+                                   weights=weights)
 
-  def backward(self, logits, labels, stats, g, *, sparse, opts, want_dlabels=True):
+  def backward(self, logits, labels, stats, g, *, sparse, opts, want_dlabels=True,
+               class_weight=None):
     rows, c = logits.shape
     if rows == 0:
       return rowmath.empty_rows(logits, labels, sparse=sparse, want_dlabels=want_dlabels,
                             fused=True)[1:]
     n_cls = rowmath.num_classes(c, opts)
     stats = tuple(v.astype(jnp.float32) for v in stats)
-    sum_t = (None if sparse or opts.tf_grad
-             else rowmath.sum_target(labels.astype(jnp.float32), opts))
-    coef = rowmath.grad_coef(stats, opts, sum_t)
+    t_lab = None
+    if class_weight is not None:
+      cw = class_weight.astype(jnp.float32)
+      w_y, wsum = rowmath.class_weight_rows(cw, labels, opts, sparse=sparse)
+      sum_t, _, t_lab = rowmath.weighted_targets(
+          None if sparse else cw[None, :], None if sparse else labels.astype(jnp.float32), w_y,
+          wsum, opts, n_cls, sparse=sparse)
+      coef = rowmath.grad_coef(stats, opts, sum_t, weighted=True)
+    else:
+      sum_t = (None if sparse or opts.tf_grad
+               else rowmath.sum_target(labels.astype(jnp.float32), opts))
+      coef = rowmath.grad_coef(stats, opts, sum_t)
     row = [*stats, coef]
     if sparse:  # the label's entry per row, from its logit (a gather of one value per row)
       x_lab, _, _ = rowmath.local_label(logits, labels, opts)
-      row.append(rowmath.label_grad(x_lab, stats, coef, opts, n_cls))
+      row.append(rowmath.label_grad(x_lab, stats, coef, opts, n_cls, t_lab=t_lab))
     if sparse and opts.axis_name is not None:  # what needs the other shards is done here
       labels, g = rowmath.local_rows(labels, g, opts, c)
     br, bc, grid = self._grid(rows, c, logits.dtype)
@@ -417,11 +475,15 @@ class PallasMosaicTpuKernel:
     args = [logits, labels[:, None] if sparse else labels, *(v[:, None] for v in row),
             g.astype(jnp.float32)[:, None]]
     in_specs = [blk_spec, row_spec if sparse else blk_spec] + [row_spec] * (len(row) + 1)
+    if class_weight is not None:
+      args.append(cw[None, :])
+      in_specs.append(pl.BlockSpec((1, bc), lambda i, j: (0, j)))
     out_shape = [rowmath.out_struct((rows, c), logits.dtype, logits)]
     if not sparse and want_dlabels:
       out_shape.append(rowmath.out_struct((rows, c), labels.dtype, logits))
     res = pl.pallas_call(
-        functools.partial(_bwd_kernel, sparse=sparse, opts=opts, block_c=bc, n_cls=n_cls),
+        functools.partial(_bwd_kernel, sparse=sparse, opts=opts, block_c=bc, n_cls=n_cls,
+                          weighted=class_weight is not None),
         grid=grid, in_specs=in_specs, out_specs=[blk_spec] * len(out_shape),
         out_shape=tuple(out_shape), compiler_params=self._params(("parallel", "parallel")),
         interpret=self.interpret, name="jxent_xent_bwd")(*args)
