@@ -14,9 +14,11 @@ import jax.numpy as jnp
 @dataclasses.dataclass(frozen=True)
 class Case:
   """One benchmark shape. ``kind="logits"``: ``[n, v]`` logits; ``kind="linear"``: ``x [n, d]``
-  times ``w [d, v]``. ``labels`` is "int", "dense", "logprobs" or "selected" (logits cases
-  only; "logprobs" is the RL objective ``mean(log_probs) + 0.01 * mean(entropy)`` at
-  temperature 0.7, "selected" adds the mean log-prob of 16 chosen ids per token)."""
+  times ``w [d, v]``. ``labels`` is "int", "dense", "weighted", "logprobs" or "selected"
+  (logits cases only; "weighted" is the integer-label loss with a ``[v]`` class weight,
+  PyTorch's ``weight=`` and its mean; "logprobs" is the RL objective ``mean(log_probs) + 0.01 *
+  mean(entropy)`` at temperature 0.7, "selected" adds the mean log-prob of 16 chosen ids per
+  token)."""
 
   kind: str
   n: int
@@ -53,7 +55,7 @@ MODE_LEGEND = {
     "forward": "the mean loss alone",
     "value_and_grad": "jax.value_and_grad of the mean loss (w.r.t. the logits; x and w for linear)",
 }
-LABEL_KINDS = ("int", "dense", "logprobs", "selected")
+LABEL_KINDS = ("int", "dense", "weighted", "logprobs", "selected")
 SELECTED = 16  # "selected": the log-probs objective plus the log-probs of 16 chosen ids per token
 JXENT_LOGPROBS = ("xla", "chunked_xla", "pallas_triton")
 REDUCTION = "mean"  # every row times the mean over the rows
@@ -156,6 +158,8 @@ def applies(name: str, case: Case) -> bool:
     return name in JXENT_LINEAR + ("unfused",)
   if case.labels in ("logprobs", "selected"):
     return name in JXENT_LOGPROBS + ("naive",)
+  if case.labels == "weighted":  # (Keras has no per-class weight in its losses)
+    return name in JXENT_LOGITS + ("optax", "naive")
   return name in JXENT_LOGITS + ("optax", "naive", "keras")
 
 
@@ -173,6 +177,8 @@ def make_inputs(case: Case, key):
     return (logits, jax.nn.one_hot(ids, case.v, dtype=dt))
   if case.labels == "selected":
     return (logits, ids, jax.random.randint(k3, (case.n, SELECTED), 0, case.v))
+  if case.labels == "weighted":  # a class weight in [0.5, 2)
+    return (logits, ids, jax.random.uniform(k3, (case.v,), jnp.float32, 0.5, 2.0))
   return (logits, ids)
 
 
@@ -184,6 +190,8 @@ def loss_fn(name: str, case: Case) -> Callable:
   name, params = parse_implementation(name)
   if case.labels in ("logprobs", "selected"):
     return _logprobs_fn(name, params, case.labels == "selected")
+  if case.labels == "weighted":
+    return _weighted_fn(name, params)
   if case.kind == "linear":
     if name in JXENT_LINEAR:
       algo = _kernel(name, params)
@@ -220,6 +228,27 @@ def loss_fn(name: str, case: Case) -> Callable:
       return lambda x, y: keras.losses.categorical_crossentropy(y, x, from_logits=True).mean()
     return lambda x, y: keras.losses.sparse_categorical_crossentropy(y, x, from_logits=True).mean()
   raise ValueError(f"implementation {name!r} does not apply to {case}")
+
+
+def _weighted_fn(name: str, params: dict) -> Callable:
+  """PyTorch's ``F.cross_entropy(logits, y, weight=w)`` (mean: ``sum(w[y] * nll) / sum(w[y])``):
+  jxent's ``class_weight``, or the hand port over optax's or the naive per-row loss."""
+  import jxent
+  if name in JXENT_LOGITS:
+    impl = _kernel(name.removesuffix("_rows"), params)
+    if name.endswith("_rows"):
+      return lambda x, y, w: jnp.sum(jxent.softmax_cross_entropy_with_integer_labels(
+          x, y, class_weight=w, implementation=impl).astype(jnp.float32)) / jnp.sum(w[y])
+    return lambda x, y, w: jxent.softmax_cross_entropy_with_integer_labels(
+        x, y, class_weight=w, reduction="mean", implementation=impl)
+  if name == "optax":
+    import optax
+    return lambda x, y, w: jnp.sum(
+        w[y] * optax.softmax_cross_entropy_with_integer_labels(x, y)) / jnp.sum(w[y])
+  if name == "naive":
+    return lambda x, y, w: -jnp.sum(
+        w[y] * jnp.take_along_axis(jax.nn.log_softmax(x), y[:, None], -1)[:, 0]) / jnp.sum(w[y])
+  raise ValueError(f"implementation {name!r} does not apply to weighted labels")
 
 
 def _logprobs_fn(name: str, params: dict, selected: bool = False) -> Callable:

@@ -55,9 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                  help="comma list of logits dtypes (float32, bfloat16, float16); default float32, "
                       "or a preset's own")
   p.add_argument("--labels", default=None,
-                 help="label kinds of custom logits cases (with --shape): int,dense,logprobs,"
-                      "selected (logprobs: RL per-token log-probs and entropy, token_log_probs; "
-                      "selected: the same plus 16 selected ids per token); default int")
+                 help="label kinds of custom logits cases (with --shape): int,dense,weighted,"
+                      "logprobs,selected (weighted: integer labels with a class weight, "
+                      "PyTorch's weight=; logprobs: RL per-token log-probs and entropy, "
+                      "token_log_probs; selected: the same plus 16 selected ids per token); "
+                      "default int")
   p.add_argument("--accuracy", action="store_true",
                  help="the accuracy table instead of timings: max errors in ulps against float64 "
                       "truth on the rounded inputs (loss / gradient / true class), per regime, "
@@ -416,7 +418,8 @@ def _chosen(case: C.Case):
   """``(kernel, source)`` that ``implementation=None`` takes for ``case`` (mean reduction)."""
   op, shape = ("linear", (case.n, case.d, case.v)) if case.kind == "linear" else (
       "xent", (case.n, case.v))
-  return autotune.chosen_implementation(op, shape, case.dtype, labels=case.labels)
+  labels = "int" if case.labels == "weighted" else case.labels  # (tuned as integer labels)
+  return autotune.chosen_implementation(op, shape, case.dtype, labels=labels)
 
 
 def _chosen_logprobs(case: C.Case):
@@ -464,7 +467,7 @@ def tune(cases, args) -> int:
   out = args.tune_out or f"jxent-tuning-{kind}.json"
   entries, lines = {}, []
   for case in cases:
-    if case.labels in ("logprobs", "selected"):
+    if case.labels in ("logprobs", "selected", "weighted"):
       continue
     op, shape = ("linear", (case.n, case.d, case.v)) if case.kind == "linear" else (
         "xent", (case.n, case.v))
