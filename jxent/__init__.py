@@ -39,6 +39,7 @@ __all__ = [
     "softmax_cross_entropy_with_integer_labels",
     "token_log_probs",
     "ChunkedXlaKernel",
+    "PallasMosaicGpuKernel",
     "PallasMosaicTpuKernel",
     "PallasTritonKernel",
     "XlaAutodiffKernel",
@@ -48,6 +49,7 @@ __all__ = [
 _LAZY = {
     "PallasTritonKernel": "jxent._src.kernels.pallas_triton",
     "PallasMosaicTpuKernel": "jxent._src.kernels.pallas_mosaic_tpu",
+    "PallasMosaicGpuKernel": "jxent._src.kernels.pallas_mosaic_gpu",
 }
 
 

@@ -231,6 +231,8 @@ _FUZZ_KERNELS = {
                                                                row_groups=8, programs=2),
     "pallas_mosaic_tpu": lambda: jxent.PallasMosaicTpuKernel(interpret=True, block_r=8,
                                                              block_c=128),
+    "pallas_mosaic_gpu": lambda: jxent.PallasMosaicGpuKernel(interpret=True, block_c=64,
+                                                             max_concurrent_steps=2),
 }
 
 
@@ -461,6 +463,7 @@ class TestCore:
       (dict(implementation="nope"), ValueError, "Unknown implementation"),
       (dict(implementation="pallas_triton"), ValueError, "cannot run on the 'cpu'"),
       (dict(implementation="pallas_mosaic_tpu"), ValueError, "cannot run on the 'cpu'"),
+      (dict(implementation="pallas_mosaic_gpu"), ValueError, "cannot run on the 'cpu'"),
   ])
   def test_bad_input(self, bad, exc, match):
     args = dict(logits=jnp.ones((2, 3)), labels=jnp.zeros((2,), jnp.int32))
@@ -500,6 +503,9 @@ class TestCore:
       ("PallasMosaicTpuKernel", dict(block_c=100), "multiple of 128"),
       ("PallasMosaicTpuKernel", dict(block_r=0), "block_r must be a positive int, got 0"),
       ("ChunkedXlaKernel", dict(block=-2), "block must be a positive int, got -2"),
+      ("PallasMosaicGpuKernel", dict(block_c=96), "multiple of 64 up to 256, got 96"),
+      ("PallasMosaicGpuKernel", dict(max_concurrent_steps=0),
+       "max_concurrent_steps must be a positive int, got 0"),
   ])
   def test_bad_kernel_parameters(self, kernel, bad, match):
     with pytest.raises(ValueError, match=match):

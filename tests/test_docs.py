@@ -8,7 +8,7 @@ import pytest
 
 from jxent._src import (api, autotune, dispatch, keras_losses, linear, logprobs,
                         tf_losses, tf_nn)
-from jxent._src.kernels import pallas_mosaic_tpu, pallas_triton
+from jxent._src.kernels import pallas_mosaic_gpu, pallas_mosaic_tpu, pallas_triton
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -29,7 +29,7 @@ def test_readme_python_blocks_run(i):
 @pytest.mark.parametrize(
     "module",
     [api, dispatch, tf_nn, tf_losses, keras_losses, linear, logprobs, autotune, pallas_triton,
-     pallas_mosaic_tpu])
+     pallas_mosaic_tpu, pallas_mosaic_gpu])
 def test_docstring_examples(module):
   failures, tried = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
   assert tried > 0 and failures == 0

@@ -52,7 +52,7 @@ GRAPH = {m: {t for t, _, _ in _edges(m) if t in MODULES} for m in MODULES}
 
 
 def test_the_kernels_stand_side_by_side():
-  assert KERNELS == {"xla", "chunked", "pallas_triton", "pallas_mosaic_tpu"}, KERNELS
+  assert KERNELS == {"xla", "chunked", "pallas_triton", "pallas_mosaic_tpu", "pallas_mosaic_gpu"}, KERNELS
   assert not list(SRC.glob("xla.py")) and not list(SRC.glob("rowmath.py"))
 
 

@@ -16,7 +16,10 @@ IMPLS = [pytest.param(None, id="default"), pytest.param("xla", id="xla"),
          pytest.param(jxent.PallasTritonKernel(interpret=True, block_c=64, programs=3),
                       id="pallas_triton_persistent"),
          pytest.param(jxent.PallasMosaicTpuKernel(interpret=True, block_r=8, block_c=128),
-                      id="pallas_mosaic_tpu")]
+                      id="pallas_mosaic_tpu"),
+         pytest.param(jxent.PallasMosaicGpuKernel(interpret=True, block_c=64,
+                                                  max_concurrent_steps=2),
+                      id="pallas_mosaic_gpu")]
 
 
 def np_ref(x, y, inv_t, cap=None, keep=None, g_lp=None, g_ent=None):
@@ -121,7 +124,8 @@ def test_vocab_32003_chunked():
   close(ent, rent, 1e-4)
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked_xla", "pallas_triton", "pallas_mosaic_tpu"])
+@pytest.mark.parametrize("impl", ["xla", "chunked_xla", "pallas_triton", "pallas_mosaic_tpu",
+                                  "pallas_mosaic_gpu"])
 def test_vocab_parallel_equals_unsharded(impl):
   rng = np.random.default_rng(4)
   x = rand_logits(rng, (6, 64))
@@ -131,7 +135,9 @@ def test_vocab_parallel_equals_unsharded(impl):
   kernel = {"chunked_xla": jxent.ChunkedXlaKernel(block=8),
             "pallas_triton": jxent.PallasTritonKernel(interpret=True, block_c=8),
             "pallas_mosaic_tpu": jxent.PallasMosaicTpuKernel(interpret=True, block_r=8,
-                                                             block_c=128)}.get(impl, impl)
+                                                             block_c=128),
+            "pallas_mosaic_gpu": jxent.PallasMosaicGpuKernel(interpret=True, block_c=64)}.get(
+                impl, impl)
   kw = dict(temperature=t, ignore_index=-1, logit_softcap=5.0, return_entropy=True,
             implementation=kernel)
   mesh = Mesh(np.array(jax.devices()[:4]), ("model",))
@@ -143,7 +149,7 @@ def test_vocab_parallel_equals_unsharded(impl):
   ref, rvjp = jax.vjp(lambda x: jxent.token_log_probs(x, y, **kw), x)
   close(out[0], np.asarray(ref[0]))
   close(out[1], np.asarray(ref[1]))
-  close(vjp(g)[0], np.asarray(rvjp(g)[0]))
+  close(jax.jit(vjp)(g)[0], np.asarray(rvjp(g)[0]))  # (jitted: Mosaic GPU's interpreter)
 
 
 def test_kernel_without_log_probs_refused_clearly():
@@ -439,7 +445,7 @@ def test_vocab_parallel_selected_ids(impl):
   g = tuple(jnp.asarray(rng.normal(size=o.shape), jnp.float32) for o in ref)
   for a, b in zip(out, ref):
     close(a, np.asarray(b))
-  close(vjp(g)[0], np.asarray(rvjp(g)[0]))
+  close(jax.jit(vjp)(g)[0], np.asarray(rvjp(g)[0]))  # (jitted: Mosaic GPU's interpreter)
 
 
 @pytest.mark.parametrize("axis_name", [None, "model"])

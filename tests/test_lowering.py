@@ -16,12 +16,13 @@ import pytest
 
 import jxent
 from jxent._src import configs, dispatch
-from jxent._src.kernels import pallas_mosaic_tpu, pallas_triton
+from jxent._src.kernels import pallas_mosaic_gpu, pallas_mosaic_tpu, pallas_triton
 from helpers import abstract_gpu, abstract_gpu_mesh
 
 TARGETS = {
     "pallas_triton": ("cuda", "__gpu$xla.gpu.triton"),
     "pallas_mosaic_tpu": ("tpu", "tpu_custom_call"),
+    "pallas_mosaic_gpu": ("cuda", "custom_call @mosaic_gpu"),  # (mosaic_gpu_v2 in jax 0.10)
 }
 OPTIONS = [
     {},
@@ -46,6 +47,10 @@ def _kernels():
                    id="pallas_triton_persistent"),
       pytest.param(pallas_triton.PallasTritonKernel(row_groups=128), id="pallas_triton_groups"),
       pytest.param(pallas_mosaic_tpu.PallasMosaicTpuKernel(), id="pallas_mosaic_tpu"),
+      pytest.param(pallas_mosaic_gpu.PallasMosaicGpuKernel(), id="pallas_mosaic_gpu"),
+      # the largest tiles: the pipeline's stages, then block_c, shrink to fit shared memory
+      pytest.param(pallas_mosaic_gpu.PallasMosaicGpuKernel(block_c=256, max_concurrent_steps=8),
+                   id="pallas_mosaic_gpu_big_tiles"),
   ]
 
 
@@ -112,20 +117,26 @@ def test_class_weight_kernels_lower(kernel, sparse, monkeypatch):
 
 
 def test_interpret_kernels_do_not_lower_to_custom_calls(monkeypatch):
-  """The counterpart: the interpret-mode kernels the shared test base runs are plain HLO."""
+  """The counterpart: the interpret-mode kernels the shared test base runs call no device kernel."""
   x = jax.ShapeDtypeStruct((8, 300), jnp.float32)
   y = jax.ShapeDtypeStruct((8,), jnp.int32)
   for kernel in (pallas_triton.PallasTritonKernel(interpret=True),
-                 pallas_mosaic_tpu.PallasMosaicTpuKernel(interpret=True)):
+                 pallas_mosaic_tpu.PallasMosaicTpuKernel(interpret=True),
+                 pallas_mosaic_gpu.PallasMosaicGpuKernel(interpret=True)):
     fn = lambda x, y: jax.value_and_grad(lambda x: jxent.softmax_cross_entropy_with_integer_labels(
         x, y, reduction="mean", implementation=kernel))(x)
     text = jax.jit(fn).trace(x, y).lower().as_text()
-    assert "custom_call" not in text
+    # (Mosaic GPU's interpret mode simulates its memory through CPU callbacks: custom calls too)
+    for name, call in TARGETS.values():
+      assert call not in text, (kernel.name, name)
+    if kernel.name != "pallas_mosaic_gpu":
+      assert "custom_call" not in text
 
 
 @pytest.mark.parametrize("kernel", [pallas_triton.PallasTritonKernel(),
-                                    pallas_mosaic_tpu.PallasMosaicTpuKernel()],
-                         ids=["pallas_triton", "pallas_mosaic_tpu"])
+                                    pallas_mosaic_tpu.PallasMosaicTpuKernel(),
+                                    pallas_mosaic_gpu.PallasMosaicGpuKernel()],
+                         ids=["pallas_triton", "pallas_mosaic_tpu", "pallas_mosaic_gpu"])
 @pytest.mark.parametrize("sparse", [True, False])
 def test_vocab_parallel_lowers_under_shard_map(kernel, sparse, monkeypatch):
   """The compiled kernels inside shard_map with axis_name and check_vma=True (the interpret-mode
@@ -154,8 +165,10 @@ def test_vocab_parallel_lowers_under_shard_map(kernel, sparse, monkeypatch):
 
 @pytest.mark.parametrize("kernel", [pallas_triton.PallasTritonKernel(),
                                     pallas_triton.PallasTritonKernel(programs=264, block_c=4096),
-                                    pallas_mosaic_tpu.PallasMosaicTpuKernel()],
-                         ids=["pallas_triton", "pallas_triton_persistent", "pallas_mosaic_tpu"])
+                                    pallas_mosaic_tpu.PallasMosaicTpuKernel(),
+                                    pallas_mosaic_gpu.PallasMosaicGpuKernel()],
+                         ids=["pallas_triton", "pallas_triton_persistent", "pallas_mosaic_tpu",
+                              "pallas_mosaic_gpu"])
 @pytest.mark.parametrize("shape,dtype", [((64, 4099), jnp.bfloat16), ((16, 128256), jnp.float32)])
 @pytest.mark.parametrize("entropy", [True, False])
 def test_token_log_probs_lower(kernel, shape, dtype, entropy, monkeypatch):
@@ -283,3 +296,34 @@ def test_a_triton_lowering_failure_also_falls_back(monkeypatch):
       _lower(*_mean_value_and_grad("pallas_triton"), "cuda", monkeypatch)
   finally:
     pallas_triton.unavailable.cache_clear()
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_mosaic_gpu_fused_mean_is_its_two_walks(sparse, monkeypatch):
+  """value_and_grad of the mean with the Mosaic GPU kernel: its fused form is the statistics walk
+  and the gradient walk, two Mosaic GPU calls (the backward only scales the gradient)."""
+  kernel = pallas_mosaic_gpu.PallasMosaicGpuKernel()
+  x = jax.ShapeDtypeStruct((512, 128256), jnp.bfloat16)
+  y = jax.ShapeDtypeStruct((512,), jnp.int32) if sparse else x
+  fn = (jxent.softmax_cross_entropy_with_integer_labels if sparse else jxent.softmax_cross_entropy)
+  text = _lower(lambda x, y: jax.value_and_grad(lambda x: fn(x, y, implementation=kernel,
+                                                             reduction="mean"))(x), (x, y), "cuda",
+                monkeypatch)
+  assert text.count(TARGETS["pallas_mosaic_gpu"][1]) == 2
+
+
+def test_mosaic_gpu_tiles_fit_shared_memory():
+  """The tile plan: stages first, then block_c, shrink until the tiles fit the budget; aligned
+  LLM shapes need no padding."""
+  k = pallas_mosaic_gpu.PallasMosaicGpuKernel(block_c=256, max_concurrent_steps=8)
+  f32, bf16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
+  for piped, slotted in (((bf16,), ()), ((f32,), ()), ((f32, f32), (f32, f32)), ((bf16,), (bf16,))):
+    rp, cp, bc, steps, stages = k._geometry(8192, 128256, piped, slotted)
+    used = 64 * bc * (stages * sum(d.itemsize for d in piped) + 2 * sum(d.itemsize for d in slotted))
+    assert used <= pallas_mosaic_gpu.SMEM_BUDGET and bc % 64 == 0 and cp == steps * bc
+    assert stages >= 2 or bc == 64
+  assert k._geometry(8192, 128256, (bf16,)) == (8192, 128256, 256, 501, 6)
+  assert k._geometry(8192, 128256, (f32, f32), (f32, f32)) == (8192, 128256, 64, 2004, 2)
+  with pytest.raises(ValueError, match="block_c must be a multiple of 64 up to 256, got 512"):
+    pallas_mosaic_gpu.PallasMosaicGpuKernel(block_c=512)
+  assert pallas_mosaic_gpu.PallasMosaicGpuKernel()._geometry(100, 4099, (bf16,)) == (128, 4352, 256, 17, 3)

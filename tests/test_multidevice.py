@@ -32,16 +32,21 @@ def _mosaic():
   return PallasMosaicTpuKernel(interpret=True, block_r=8, block_c=128)
 
 
+def _mosaic_gpu():
+  from jxent._src.kernels.pallas_mosaic_gpu import PallasMosaicGpuKernel
+  return PallasMosaicGpuKernel(interpret=True, block_c=64, max_concurrent_steps=2)
+
+
 @pytest.mark.parametrize("tp", [2, 8])  # (the smallest and the widest model axis)
 @pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("impl", ["xla", "xla_autodiff", "chunked_xla", "pallas_triton",
-                                  "pallas_triton_groups", "pallas_mosaic_tpu"])
+                                  "pallas_triton_groups", "pallas_mosaic_tpu", "pallas_mosaic_gpu"])
 def test_vocab_parallel_integer_labels(tp, options, impl):
   # Pallas interpret mode (the HLO interpreter) cannot type-check manual axes yet (JAX asks for
   # check_vma=False); tests/test_lowering.py lowers the compiled kernel with check_vma=True.
   vma = not impl.startswith("pallas")
   impl = {"pallas_triton": _triton(), "pallas_triton_groups": _triton(row_groups=4, programs=3),
-          "pallas_mosaic_tpu": _mosaic()}.get(impl, impl)
+          "pallas_mosaic_tpu": _mosaic(), "pallas_mosaic_gpu": _mosaic_gpu()}.get(impl, impl)
   rng = np.random.default_rng(tp)
   b, v = 16, 8 * 13
   x = rand_logits(rng, (b, v))
@@ -55,7 +60,9 @@ def test_vocab_parallel_integer_labels(tp, options, impl):
   out, vjp = jax.vjp(jax.jit(sharded), x, y)
   ref, rvjp = jax.vjp(full, x, y)
   assert_close(out, ref)
-  assert_close(vjp(g)[0], rvjp(g)[0])
+  # (the backward jitted too: Mosaic GPU's interpreter waits for every device of the mesh in one
+  # barrier, which eager shard_map, running the devices in turn, never reaches)
+  assert_close(jax.jit(vjp)(g)[0], rvjp(g)[0])
   # a scalar reduction per data shard (kernels with a fused path use forward + backward here)
   total = smap(lambda x, y: jxent.softmax_cross_entropy_with_integer_labels(
       x, y, axis_name="model", reduction="sum", **kw)[None], m, (P("data", "model"), P("data")),
@@ -68,10 +75,12 @@ def test_vocab_parallel_integer_labels(tp, options, impl):
 
 @pytest.mark.parametrize("tp", [2, 8])  # (the smallest and the widest model axis)
 @pytest.mark.parametrize("options", OPTIONS)
-@pytest.mark.parametrize("impl", ["xla", "xla_autodiff", "pallas_triton", "pallas_mosaic_tpu"])
+@pytest.mark.parametrize("impl", ["xla", "xla_autodiff", "pallas_triton", "pallas_mosaic_tpu",
+                                  "pallas_mosaic_gpu"])
 def test_vocab_parallel_dense_labels(tp, options, impl):
   vma = impl.startswith("xla")  # see test_vocab_parallel_integer_labels
-  impl = {"pallas_triton": _triton(), "pallas_mosaic_tpu": _mosaic()}.get(impl, impl)
+  impl = {"pallas_triton": _triton(), "pallas_mosaic_tpu": _mosaic(),
+          "pallas_mosaic_gpu": _mosaic_gpu()}.get(impl, impl)
   options = dict(options, implementation=impl)
   rng = np.random.default_rng(10 + tp)
   b, v = 8, 8 * 9
@@ -85,7 +94,7 @@ def test_vocab_parallel_dense_labels(tp, options, impl):
   out, vjp = jax.vjp(jax.jit(sharded), x, y)
   ref, rvjp = jax.vjp(full, x, y)
   assert_close(out, ref)
-  for a, b_ in zip(vjp(g), rvjp(g)):
+  for a, b_ in zip(jax.jit(vjp)(g), rvjp(g)):  # (jitted: see above)
     assert_close(a, b_)
 
 
@@ -215,13 +224,13 @@ def test_pmap_and_keras_under_pmap_vmap():
 
 @pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("impl", ["xla", "xla_autodiff", "chunked_xla", "pallas_triton",
-                                  "pallas_triton_groups", "pallas_mosaic_tpu"])
+                                  "pallas_triton_groups", "pallas_mosaic_tpu", "pallas_mosaic_gpu"])
 def test_vocab_parallel_class_weight(sparse, impl):
   """class_weight with axis_name: each shard passes its slice of the global weight vector;
   loss, dlogits and dclass_weight match the single-device call."""
   vma = not impl.startswith("pallas")  # see test_vocab_parallel_integer_labels
   impl = {"pallas_triton": _triton(), "pallas_triton_groups": _triton(row_groups=4, programs=3),
-          "pallas_mosaic_tpu": _mosaic()}.get(impl, impl)
+          "pallas_mosaic_tpu": _mosaic(), "pallas_mosaic_gpu": _mosaic_gpu()}.get(impl, impl)
   rng = np.random.default_rng(40)
   b, v = 8, 8 * 7
   x = rand_logits(rng, (b, v))

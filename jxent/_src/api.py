@@ -23,7 +23,7 @@ def implementations(kind: Optional[str] = None) -> tuple[str, ...]:
   Example:
     >>> import jxent
     >>> jxent.implementations("logits")
-    ('chunked_xla', 'pallas_mosaic_tpu', 'pallas_triton', 'xla', 'xla_autodiff')
+    ('chunked_xla', 'pallas_mosaic_gpu', 'pallas_mosaic_tpu', 'pallas_triton', 'xla', 'xla_autodiff')
     >>> jxent.implementations("linear")
     ('linear_chunked', 'linear_fused_grad', 'unfused')
   """
@@ -74,7 +74,7 @@ def softmax_cross_entropy(
     logit_softcap: ``c > 0`` or None.
     axis_name: mesh axis name when the class axis is sharded (inside ``shard_map`` / ``pmap``).
     implementation: None (best for the backend), ``"xla"``, ``"chunked_xla"``, ``"pallas_triton"``,
-      ``"pallas_mosaic_tpu"``, or a kernel object.
+      ``"pallas_mosaic_gpu"``, ``"pallas_mosaic_tpu"``, or a kernel object.
     class_weight: optional ``[num_classes]`` floating weights (PyTorch's ``weight=``; with
       ``axis_name``, this shard's slice of the global vector). The loss becomes ``-sum(w *
       labels' * log_softmax(x))`` (no ``[..., num_classes]`` temporary); ``"mean"`` still divides

@@ -112,6 +112,7 @@ _REGISTRY: dict[str, Callable[[], Any]] = {
 _LAZY: dict[str, tuple[str, str]] = {
     "pallas_triton": ("jxent._src.kernels.pallas_triton", "PallasTritonKernel"),
     "pallas_mosaic_tpu": ("jxent._src.kernels.pallas_mosaic_tpu", "PallasMosaicTpuKernel"),
+    "pallas_mosaic_gpu": ("jxent._src.kernels.pallas_mosaic_gpu", "PallasMosaicGpuKernel"),
 }
 
 

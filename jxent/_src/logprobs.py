@@ -370,7 +370,8 @@ def _kernel_for(implementation, shape, dtype):
   if isinstance(kernel, dispatch.XlaKernel):
     return XlaRows(c)
   raise ValueError(f"token_log_probs runs on implementation None, 'xla', 'chunked_xla', "
-                   f"'pallas_triton' or 'pallas_mosaic_tpu' (or their kernel objects); got "
+                   f"'pallas_triton', 'pallas_mosaic_gpu' or 'pallas_mosaic_tpu' (or their kernel "
+                   f"objects); got "
                    f"{getattr(kernel, 'name', kernel)!r}, which does not compute it yet.")
 
 
@@ -422,7 +423,9 @@ def token_log_probs(
     implementation: None (the loss's default where it computes this, else ``"xla"``),
       ``"xla"`` (whole rows, fused by XLA), ``"chunked_xla"`` / :class:`jxent.ChunkedXlaKernel`
       (class blocks of ``block``), or ``"pallas_triton"`` / :class:`jxent.PallasTritonKernel`
-      (one pass per row on GPU), or ``"pallas_mosaic_tpu"`` (row x class tiles on TPU).
+      (one pass per row on GPU), ``"pallas_mosaic_gpu"`` / :class:`jxent.PallasMosaicGpuKernel`
+      (64-row blocks, TMA-pipelined class tiles, Hopper), or ``"pallas_mosaic_tpu"`` (row x
+      class tiles on TPU).
 
   Returns:
     ``log_probs [...]``; ``(log_probs [...], entropy [...])`` with ``return_entropy``; and, with
