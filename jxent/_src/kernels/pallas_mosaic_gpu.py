@@ -478,27 +478,14 @@ class PallasMosaicGpuKernel:
     m, log_z, z = row_stats
     g = g.astype(jnp.float32)
     cw = None if class_weight is None else class_weight.astype(jnp.float32)
-    weights = None if cw is None else rowmath.class_weight_rows(cw, labels, opts, sparse=sparse)
+    coef, t_lab = rowmath.grad_scalars(labels, row_stats, opts, n_cls, sparse=sparse,
+                                       class_weight=cw)
     if sparse:
-      t_lab = None
-      if cw is None:
-        coef = rowmath.grad_coef(row_stats, opts)
-      else:
-        sum_t, _, t_lab = rowmath.weighted_targets(None, None, *weights, opts, n_cls, sparse=True)
-        coef = rowmath.grad_coef(row_stats, opts, sum_t, weighted=True)
       fifth = rowmath.label_grad(stats[3].astype(jnp.float32), row_stats, coef, opts, n_cls,
                                  t_lab=t_lab)
       labels_k, g = rowmath.local_rows(labels, g, opts, c)
       labels_k = labels_k.astype(jnp.int32)
     else:
-      y = labels.astype(jnp.float32)
-      if cw is None:
-        coef = rowmath.grad_coef(row_stats, opts,
-                                 None if opts.tf_grad else rowmath.sum_target(y, opts))
-      else:
-        sum_t = rowmath.weighted_targets(cw[None, :], y, None, weights[1], opts, n_cls,
-                                         sparse=False)[0]
-        coef = rowmath.grad_coef(row_stats, opts, sum_t, weighted=True)
       fifth, labels_k = log_z, labels
     want_dy = not sparse and want_dlabels
     ins = [logits, labels_k, m, 1.0 / z, coef, g, fifth]

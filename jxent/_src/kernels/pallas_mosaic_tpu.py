@@ -451,18 +451,8 @@ class PallasMosaicTpuKernel:
                             fused=True)[1:]
     n_cls = rowmath.num_classes(c, opts)
     stats = tuple(v.astype(jnp.float32) for v in stats)
-    t_lab = None
-    if class_weight is not None:
-      cw = class_weight.astype(jnp.float32)
-      w_y, wsum = rowmath.class_weight_rows(cw, labels, opts, sparse=sparse)
-      sum_t, _, t_lab = rowmath.weighted_targets(
-          None if sparse else cw[None, :], None if sparse else labels.astype(jnp.float32), w_y,
-          wsum, opts, n_cls, sparse=sparse)
-      coef = rowmath.grad_coef(stats, opts, sum_t, weighted=True)
-    else:
-      sum_t = (None if sparse or opts.tf_grad
-               else rowmath.sum_target(labels.astype(jnp.float32), opts))
-      coef = rowmath.grad_coef(stats, opts, sum_t)
+    coef, t_lab = rowmath.grad_scalars(labels, stats, opts, n_cls, sparse=sparse,
+                                       class_weight=class_weight)
     row = [*stats, coef]
     if sparse:  # the label's entry per row, from its logit (a gather of one value per row)
       x_lab, _, _ = rowmath.local_label(logits, labels, opts)
@@ -476,7 +466,7 @@ class PallasMosaicTpuKernel:
             g.astype(jnp.float32)[:, None]]
     in_specs = [blk_spec, row_spec if sparse else blk_spec] + [row_spec] * (len(row) + 1)
     if class_weight is not None:
-      args.append(cw[None, :])
+      args.append(class_weight.astype(jnp.float32)[None, :])
       in_specs.append(pl.BlockSpec((1, bc), lambda i, j: (0, j)))
     out_shape = [rowmath.out_struct((rows, c), logits.dtype, logits)]
     if not sparse and want_dlabels:

@@ -390,6 +390,23 @@ def weighted_targets(class_weight, y, w_y, wsum, opts: XentOptions, n_classes, *
   return sum_t, wy, None
 
 
+
+def grad_scalars(labels, stats, opts: XentOptions, n_classes, *, sparse: bool,
+                 class_weight=None):
+  """``(coef [R], t_lab [R] or None)``: the gradient's per-row scalars that a kernel's backward
+  walk takes (:func:`grad_coef`; ``t_lab``, the label's target under a class weight, for
+  :func:`label_grad`). ``labels``: the global ones (integer) or ``[R, C]`` (dense);
+  ``class_weight``: this shard's ``[C]`` or None."""
+  if class_weight is None:
+    sum_t = None if sparse or opts.tf_grad else sum_target(labels.astype(jnp.float32), opts)
+    return grad_coef(stats, opts, sum_t), None
+  cw = class_weight.astype(jnp.float32)
+  w_y, wsum = class_weight_rows(cw, labels, opts, sparse=sparse)
+  sum_t, _, t_lab = weighted_targets(None if sparse else cw[None, :],
+                                     None if sparse else labels.astype(jnp.float32), w_y, wsum,
+                                     opts, n_classes, sparse=sparse)
+  return grad_coef(stats, opts, sum_t, weighted=True), t_lab
+
 def class_weight_tangent(x, labels, stats, t_w, opts: XentOptions, n_classes, *, sparse: bool,
                          xent=None):
   """The per-row tangent ``sum_c d loss / d w_c * t_w[c]`` of the loss in the class weight, over
