@@ -56,10 +56,14 @@ def _table(header, rows) -> list:
   return out
 
 
+KERNELS = ("pallas_triton", "pallas_mosaic_gpu")  # (the GPU kernels the record times by default)
+
+
 def _cfg(l) -> str:
   keys = ("block_c", "num_warps", "num_stages", "row_groups", "programs", "split_rows",
-          "reverse_grad")
-  return ", ".join(f"{k}={l[k]}" for k in keys if l.get(k) not in (None, False))
+          "reverse_grad", "max_concurrent_steps")
+  cfg = ", ".join(f"{k}={l[k]}" for k in keys if l.get(k) not in (None, False))
+  return f"{l['impl']}: {cfg}" if l.get("impl", "pallas_triton") != "pallas_triton" else cfg
 
 
 def _best(rows, field):
@@ -75,22 +79,22 @@ def targets(lines) -> list:
   lm_case = f"{LM[0]}x{LM[1]} bf16"
   out = []
   fwd = [dict(l, how=f"sweep: {_cfg(l)}", x=l["fwd_x_floor"]) for l in sweep if "fwd_x_floor" in l]
-  fwd += [dict(l, how="record: pallas_triton defaults", x=l["x_floor"]) for l in rec
-          if l["case"] == f"{lm_case} int" and l["mode"] == "forward" and l["impl"] == "pallas_triton"]
+  fwd += [dict(l, how=f"record: {l['impl']} defaults", x=l["x_floor"]) for l in rec
+          if l["case"] == f"{lm_case} int" and l["mode"] == "forward" and l["impl"] in KERNELS]
   b = _best(fwd, "x")
   out.append((f"integer labels forward {LM[0]}x{LM[1]}: <= {FWD_TARGET}x the copy floor",
               b and b["x"], b and b["x"] <= FWD_TARGET, b and b["how"]))
   vg = [dict(l, how=f"sweep: {_cfg(l)}", x=l["vg_x_three_pass_floor"]) for l in sweep
         if "vg_x_three_pass_floor" in l]
-  vg += [dict(l, how="record: pallas_triton defaults", x=l["x_floor"]) for l in rec
+  vg += [dict(l, how=f"record: {l['impl']} defaults", x=l["x_floor"]) for l in rec
          if l["case"] == f"{lm_case} int" and l["mode"] in VG_MODES
-         and l["impl"] == "pallas_triton"]
+         and l["impl"] in KERNELS]
   b = _best(vg, "x")
   out.append((f"value_and_grad of the mean {LM[0]}x{LM[1]}: <= {VG_TARGET}x the three-pass floor",
               b and b["x"], b and b["x"] <= VG_TARGET, b and b["how"]))
   for case in sorted({l["case"] for l in rec if l["case"].endswith(" dense")}):
     d = [dict(l, how=l["impl"], x=l["x_floor"]) for l in rec if l["case"] == case
-         and l["mode"] in VG_MODES and l["impl"] in ("pallas_triton", "xla")]
+         and l["mode"] in VG_MODES and l["impl"] in KERNELS + ("xla",)]
     b = _best(d, "x")
     out.append((f"dense labels value_and_grad {case}: <= {DENSE_TARGET}x the floor",
                 b and b["x"], b and b["x"] <= DENSE_TARGET, b and b["how"]))

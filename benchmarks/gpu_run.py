@@ -106,8 +106,17 @@ def injected(kind: str) -> set:
 
 
 def features(kernel, classes: int) -> frozenset:
-  """The launch features of a Triton configuration that were never compiled on a GPU before
-  this run (a failure of one excludes every configuration that has all of its features)."""
+  """The launch features of a Triton or Mosaic GPU configuration that were never compiled on a
+  GPU before this run (a failure of one excludes every configuration that has all of its
+  features: a failing Mosaic GPU default excludes every Mosaic GPU configuration)."""
+  if getattr(kernel, "name", "") == "pallas_mosaic_gpu":
+    default = type(kernel)()
+    f = {"mosaic_gpu"}
+    if kernel.block_c != default.block_c:
+      f.add(f"mosaic_gpu_block_c_{kernel.block_c}")
+    if kernel.max_concurrent_steps != default.max_concurrent_steps:
+      f.add(f"mosaic_gpu_steps_{kernel.max_concurrent_steps}")
+    return frozenset(f)
   if not hasattr(kernel, "block_c"):
     return frozenset({"other"})
   f = set()
@@ -139,6 +148,9 @@ class Run:
     self.threads = threads  # compile threads (the sections compile their programs ahead, together)
     self.kernel = functools.partial(jxent.PallasTritonKernel, interpret=True) if dry else \
         jxent.PallasTritonKernel
+    # the Mosaic GPU kernel (#25): compiled, checked, timed and tuned beside Triton, never gating
+    self.mosaic = functools.partial(jxent.PallasMosaicGpuKernel, interpret=True) if dry else \
+        jxent.PallasMosaicGpuKernel
 
   def left(self) -> float:
     return min(self.deadline, self.section_deadline) - time.monotonic()
@@ -236,6 +248,8 @@ def section_check(run: Run) -> bool:
   K = run.kernel
   kernels = {"pallas_triton": K(), "pallas_triton_persistent_groups": K(programs=4 if run.dry else 264,
                                                                          block_c=4096, row_groups=64)}
+  if run.allowed(run.mosaic(), 0):  # (unless it failed to compile)
+    kernels["pallas_mosaic_gpu"] = run.mosaic()
   shapes = [(16, 1000)] if run.dry else [(256, 128256), (128, 256000), (512, 32003)]
   key = jax.random.key(0)
   cases = []
@@ -330,7 +344,10 @@ def _novel(run: Run):
            "vg"),
           ("split_rows", K(split_rows=8, block_c=bc, num_warps=8), few, "fwd"),
           ("reverse_grad", K(block_c=bc, num_warps=8, reverse_grad=True), big, "vg"),
-          ("token_log_probs", K(), big, "logprobs")] + one
+          ("token_log_probs", K(), big, "logprobs"),
+          # the Mosaic GPU kernels: statistics and gradient walks, and their token_log_probs walks
+          ("mosaic_gpu", run.mosaic(), big, "vg"),
+          ("mosaic_gpu_token_log_probs", run.mosaic(), big, "logprobs")] + one
 
 
 def section_compile(run: Run):
@@ -371,7 +388,7 @@ def section_compile(run: Run):
   for name, k, (n, v), what, _thread, box in jobs:
     status = "compiled" if "compile_s" in box else ("error" if "error" in box else "timeout")
     if status != "compiled":
-      bad = frozenset({"logprobs"}) if what == "logprobs" else features(k, v)
+      bad = frozenset({name}) if what == "logprobs" else features(k, v)
       if bad and bad not in run.failed:  # (an empty set would leave nothing out but everything)
         run.failed.append(bad)
     run.emit("compile", variant=name, shape=[n, v], status=status, **box)
@@ -421,6 +438,8 @@ def section_record(run: Run, bw: float):
   shapes = [(64, 4099)] if run.dry else [(8192, 128256), (32768, 32000),
                                                        (4096, 256000), (8192, 151936)]
   impls = ["pallas_triton", "xla", "optax", "naive"]
+  if run.allowed(run.mosaic(), 0):  # (unless it failed to compile or to check)
+    impls.insert(1, "pallas_mosaic_gpu")
   for n, v in shapes:
     for labels in ("int", "dense"):
       case = C.Case("logits", n, v, dtype="bfloat16", labels=labels)
@@ -428,9 +447,9 @@ def section_record(run: Run, bw: float):
         run.emit("record", case=f"{n}x{v} {labels}", skipped="deadline")
         continue
       inputs = [C.make_inputs(case, jax.random.key(r)) for r in range(2)]
-      # (in a dry run pallas_triton's interpret-mode timings mean nothing; the check ran it)
+      # (in a dry run the Pallas kernels' interpret-mode timings mean nothing; the check ran them)
       rows = [(mode, name) for mode in C.MODES for name in impls if C.applies(name, case)
-              and not (run.dry and name == "pallas_triton")]
+              and not (run.dry and name.startswith("pallas"))]
       progs = compile_all(run, [_lower(row_function(name, case, mode), *inputs[0])
                                 for mode, name in rows])
       for (mode, name), prog in zip(rows, progs):
@@ -443,10 +462,10 @@ def section_record(run: Run, bw: float):
 # ------------------------------------------------------------------------------------------------
 def _sweep_shapes(run: Run):
   """``[(n, v, candidates)]``: the launch sweep, the large vocabulary first."""
-  K = run.kernel
+  K, M = run.kernel, run.mosaic
   if run.dry:
     return [(32, 3000, [K(), K(block_c=1024, row_groups=4), K(block_c=512, split_rows=4),
-                        K(block_c=512, programs=4, reverse_grad=True)]),
+                        K(block_c=512, programs=4, reverse_grad=True), M(block_c=128)]),
             (16, 500, [K(block_c=autotune.one_block(500), num_warps=nw) for nw in (8, 16)])]
   cands = [K()]
   cands += [K(block_c=bc, num_warps=nw, num_stages=st, row_groups=gr)
@@ -462,6 +481,11 @@ def _sweep_shapes(run: Run):
   # three), against the default walk and the best walks above
   small = [K(), K(block_c=4096, num_warps=8)]
   small += [K(block_c=autotune.one_block(32000), num_warps=nw) for nw in (8, 16, 32)]
+  # Mosaic GPU: class tiles of 64 to 256, 2 to 4 TMA copies in flight
+  mosaic = [M()] + [M(block_c=bc, max_concurrent_steps=st) for bc in (64, 128, 256)
+                    for st in (2, 3, 4)]
+  cands += mosaic
+  small += [M(), M(block_c=128, max_concurrent_steps=4)]
   # (the defaults are also a grid point: each configuration is timed once)
   return [(8192, 128256, list(dict.fromkeys(cands))), (32768, 32000, small)]
 
@@ -541,7 +565,7 @@ def _sweep(run: Run, bw: float, n: int, v: int, cands) -> list:
       return dict(grad_rel=err, fwd_ms=f_ms, fwd_x_floor=f_ms / (nbytes / bw * 1e3), vg_ms=vg_ms,
                   vg_x_three_pass_floor=vg_ms / (3 * nbytes / bw * 1e3))
 
-    res = run.case("tune", 5, one, shape=[n, v], **cfg)
+    res = run.case("tune", 5, one, shape=[n, v], impl=k.name, **cfg)
     if res and not res.get("wrong") and "vg_ms" in res:
       sweep.append(dict(autotune.describe(k), ms=res["vg_ms"], fwd_ms=res["fwd_ms"], temp_bytes=None))
   return sweep

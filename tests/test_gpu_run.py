@@ -8,6 +8,8 @@ import pathlib
 import subprocess
 import sys
 
+import jxent
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -24,6 +26,12 @@ def test_dry_run(tmp_path):
   assert checks and all(l["ok"] for l in checks), [l for l in checks if not l["ok"]]
   assert lines[-1] == {"section": "end", "gate": "pass"}
   assert not [l for l in lines if "crashed" in l or "error" in l or l.get("wrong")]
+  # the Mosaic GPU kernel (#25): compiled first, checked (not gating), swept
+  compiled = {l["variant"] for l in lines if l["section"] == "compile" and l.get("status") == "compiled"}
+  assert {"mosaic_gpu", "mosaic_gpu_token_log_probs"} <= compiled, compiled
+  assert len([l for l in checks if l["impl"] == "pallas_mosaic_gpu"]) == 4
+  assert [l for l in lines if l["section"] == "tune" and l.get("impl") == "pallas_mosaic_gpu"
+          and l.get("grad_rel", 1) <= 2e-2]
   reverse = [l["grad_rel"] for l in lines if l.get("reverse_grad")]
   assert len(reverse) == 1 and reverse[0] <= 2e-2, reverse
   record = [l for l in lines if l["section"] == "record" and "median_ms" in l]
@@ -127,7 +135,12 @@ def test_full_run_sweep_candidates_are_valid_and_distinct(tmp_path):
   assert [(n, v) for n, v, _ in shapes] == [(8192, 128256), (32768, 32000)]
   for _, _, cands in shapes:
     assert len(set(cands)) == len(cands) and not any(k.interpret for k in cands)
-  assert any(k.block_c >= 32000 for k in shapes[1][2])  # the one-load candidates
+  assert any(k.block_c >= 32000 for k in shapes[1][2] if k.name == "pallas_triton")  # one-load
+  mosaic = [k for k in shapes[0][2] if k.name == "pallas_mosaic_gpu"]
+  assert len(mosaic) == 9 and {k.block_c for k in mosaic} == {64, 128, 256}  # (default: a grid point)
+  assert gpu_run.features(mosaic[0], 128256) == {"mosaic_gpu"}
+  assert gpu_run.features(jxent.PallasMosaicGpuKernel(block_c=128), 128256) == {
+      "mosaic_gpu", "mosaic_gpu_block_c_128"}
 
 
 def _tiny_wheel(folder: pathlib.Path) -> str:
@@ -176,10 +189,13 @@ def test_a_bad_variant_does_not_cost_the_run(tmp_path):
   left out of the sweep, the autotuner and the config; the default path and xla alone gate the
   timing, and the run ends by itself."""
   lines = _dry(tmp_path, "--budget", "400",
-               inject="fail:split_rows,hang:reverse_grad,wrong:pallas_triton_persistent_groups")
+               inject="fail:split_rows,hang:reverse_grad,wrong:pallas_triton_persistent_groups,"
+                      "fail:mosaic_gpu")
   status = {l["variant"]: l["status"] for l in lines if l["section"] == "compile" and "variant" in l}
   assert status["split_rows"] == "error" and status["reverse_grad"] == "timeout"
-  assert status["row_groups"] == "compiled"
+  assert status["row_groups"] == "compiled" and status["mosaic_gpu"] == "error"
+  # (a Mosaic GPU kernel that fails to compile is in neither the check nor the sweep)
+  assert not [l for l in lines if l.get("impl") == "pallas_mosaic_gpu"]
   wrong = [l for l in lines if l["section"] == "check" and l.get("status") == "wrong"]
   assert wrong and all({"programs", "row_groups"} <= set(l["excluded"]) for l in wrong)
   assert lines[-1] == {"section": "end", "gate": "pass"}

@@ -213,3 +213,18 @@ def test_gpu_candidates_try_the_whole_row_as_one_block(monkeypatch):
   assert one((32768, 32000), "none") == set()
   assert one((8192, 128256), "mean") == set()
   assert [autotune.one_block(c) for c in (1, 16, 17, 32000, 32768)] == [16, 16, 32, 32768, 32768]
+
+
+def test_gpu_candidates_include_mosaic_gpu_where_it_builds(monkeypatch):
+  """The autotuner tries the Mosaic GPU kernel beside Triton (so a GPU run can make it the
+  default where it measures faster), and leaves it out where this jax cannot build it."""
+  from jxent._src.kernels import pallas_mosaic_gpu
+  monkeypatch.setattr(dispatch, "platform", lambda: "gpu")
+  monkeypatch.setattr(pallas_triton, "unavailable", lambda *a, **k: None)
+  mosaic = lambda: [k for k in autotune._candidates("xent", (8192, 128256), "mean")
+                    if getattr(k, "name", "") == "pallas_mosaic_gpu"]
+  monkeypatch.setattr(pallas_mosaic_gpu, "unavailable", lambda *a, **k: None)
+  assert {(k.block_c, k.max_concurrent_steps) for k in mosaic()} == {
+      (128, 2), (128, 4), (256, 2), (256, 4)}
+  monkeypatch.setattr(pallas_mosaic_gpu, "unavailable", lambda *a, **k: "no Mosaic GPU here")
+  assert mosaic() == []

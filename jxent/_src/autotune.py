@@ -74,6 +74,11 @@ def _candidates(op: str, shape, reduction) -> list:
       # The whole row as one block: the fused kernel reads it once for the loss and the gradient
       # (two passes over HBM instead of three), if the compiler keeps it in registers.
       cands += [k(block_c=one_block(shape[1]), num_warps=nw) for nw in (8, 16, 32)]
+    # Mosaic GPU (the backend JAX keeps): class tiles of 128 or 256, 2 to 4 TMA copies in flight;
+    # tried where this jax builds it (never the default until measured at least as fast)
+    m = dispatch.kernel_class("pallas_mosaic_gpu")
+    if m().unavailable(configs.abstract_device()) is None:
+      cands += [m(block_c=bc, max_concurrent_steps=s) for bc in (128, 256) for s in (2, 4)]
   if plat == "tpu":
     k = dispatch.kernel_class("pallas_mosaic_tpu")
     cands += [k(), k(block_r=128, block_c=4096)]

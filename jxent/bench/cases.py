@@ -57,11 +57,12 @@ MODE_LEGEND = {
 }
 LABEL_KINDS = ("int", "dense", "weighted", "logprobs", "selected")
 SELECTED = 16  # "selected": the log-probs objective plus the log-probs of 16 chosen ids per token
-JXENT_LOGPROBS = ("xla", "chunked_xla", "pallas_triton")
+JXENT_LOGPROBS = ("xla", "chunked_xla", "pallas_triton", "pallas_mosaic_gpu")
 REDUCTION = "mean"  # every row times the mean over the rows
 TEMPERATURE = 0.7
 
-JXENT_LOGITS = ("xla", "xla_autodiff", "chunked_xla", "pallas_triton", "pallas_triton_rows", "pallas_mosaic_tpu")
+JXENT_LOGITS = ("xla", "xla_autodiff", "chunked_xla", "pallas_triton", "pallas_triton_rows",
+                "pallas_mosaic_gpu", "pallas_mosaic_tpu")
 JXENT_LINEAR = ("linear_chunked", "linear_fused_grad")
 PEERS = ("optax", "naive", "keras", "unfused")
 
@@ -134,6 +135,11 @@ def why_not_here(name: str) -> Optional[str]:
     return f"needs a GPU, this backend is {plat}"
   if name == "pallas_mosaic_tpu" and plat != "tpu":
     return f"needs a TPU, this backend is {plat}"
+  if name == "pallas_mosaic_gpu":
+    if plat not in ("gpu", "cuda"):
+      return f"needs an NVIDIA GPU (Hopper), this backend is {plat}"
+    from jxent._src.kernels import pallas_mosaic_gpu  # (lazy: Pallas, only where it may run)
+    return pallas_mosaic_gpu.unavailable()
   hints = {"optax": 'pip install "jxent[bench]"', "keras": 'pip install "jxent[examples]", '
            "which has keras, or pip install keras"}
   for peer, hint in hints.items():
