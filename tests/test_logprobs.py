@@ -127,6 +127,11 @@ def test_vocab_32003_chunked():
 @pytest.mark.parametrize("impl", ["xla", "chunked_xla", "pallas_triton", "pallas_mosaic_tpu",
                                   "pallas_mosaic_gpu"])
 def test_vocab_parallel_equals_unsharded(impl):
+  if impl == "pallas_mosaic_gpu" and jax.__version__.startswith("0.11."):
+    # (measured on 0.11.2: XLA:CPU's compiler crashes with a segmentation fault compiling the
+    # interpreted backward under this 4-device mesh; 0.10.2 and 0.12.1 run it, and the compiled
+    # kernel's vocab-parallel lowering is tested on every version in tests/test_lowering.py)
+    pytest.skip("jax 0.11's XLA:CPU segfaults compiling Mosaic GPU interpret mode on this mesh")
   rng = np.random.default_rng(4)
   x = rand_logits(rng, (6, 64))
   y = jnp.asarray(rng.integers(0, 64, size=6)).at[1].set(-1)

@@ -68,6 +68,15 @@ def _interpret_params():
   return InterpretParams()
 
 
+@functools.lru_cache(maxsize=None)
+def _load_takes_ref_alone() -> bool:
+  """Whether ``plgpu.load`` takes the ref without an index (jax >= 0.11, where passing one is
+  deprecated)."""
+  import inspect
+  idx = inspect.signature(_plgpu().load).parameters.get("idx")
+  return idx is None or idx.default is not inspect.Parameter.empty
+
+
 def _first_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
 
@@ -116,7 +125,8 @@ class _Layout:
     plgpu = _plgpu()
     layout = {"tile": plgpu.Layout.WGMMA, "row": plgpu.Layout.WGMMA.reduce(1),
               "col": plgpu.Layout.WGMMA.reduce(0)}[kind]
-    return plgpu.load(ref, (), layout=layout)
+    # (jax 0.10 asks for the index; 0.11 deprecates passing it: the whole ref, indexed or not)
+    return plgpu.load(ref, *(() if _load_takes_ref_alone() else ((),)), layout=layout)
 
   def cols(self, start, shape):
     if self.interpret:
