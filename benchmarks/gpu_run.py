@@ -116,6 +116,8 @@ def features(kernel, classes: int) -> frozenset:
       f.add(f"mosaic_gpu_block_c_{kernel.block_c}")
     if kernel.max_concurrent_steps != default.max_concurrent_steps:
       f.add(f"mosaic_gpu_steps_{kernel.max_concurrent_steps}")
+    if kernel.programs is not None:
+      f.add("mosaic_gpu_programs")
     return frozenset(f)
   if not hasattr(kernel, "block_c"):
     return frozenset({"other"})
@@ -347,6 +349,7 @@ def _novel(run: Run):
           ("token_log_probs", K(), big, "logprobs"),
           # the Mosaic GPU kernels: statistics and gradient walks, and their token_log_probs walks
           ("mosaic_gpu", run.mosaic(), big, "vg"),
+          ("mosaic_gpu_persistent", run.mosaic(programs=programs), big, "vg"),
           ("mosaic_gpu_token_log_probs", run.mosaic(), big, "logprobs")] + one
 
 
@@ -484,8 +487,9 @@ def _sweep_shapes(run: Run):
   # Mosaic GPU: class tiles of 64 to 256, 2 to 4 TMA copies in flight
   mosaic = [M()] + [M(block_c=bc, max_concurrent_steps=st) for bc in (64, 128, 256)
                     for st in (2, 3, 4)]
-  cands += mosaic
-  small += [M(), M(block_c=128, max_concurrent_steps=4)]
+  cands += mosaic + [M(programs=132), M(block_c=128, max_concurrent_steps=4, programs=132)]
+  # (32768 rows are 512 blocks of 64: the persistent launch walks ~4 per SM)
+  small += [M(), M(block_c=128, max_concurrent_steps=4), M(programs=132)]
   # (the defaults are also a grid point: each configuration is timed once)
   return [(8192, 128256, list(dict.fromkeys(cands))), (32768, 32000, small)]
 

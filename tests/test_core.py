@@ -236,6 +236,39 @@ _FUZZ_KERNELS = {
 }
 
 
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["int", "dense"])
+def test_mosaic_gpu_persistent_launch(sparse):
+  """``programs=P``: P programs walk the blocks of 64 rows p, p + P, ... (300 rows are 5 blocks
+  over 2 programs: one program takes a third block, the other skips its third step), for the
+  statistics walk, the gradient walk and token_log_probs, against the float64 reference."""
+  kernel = jxent.PallasMosaicGpuKernel(interpret=True, block_c=64, max_concurrent_steps=2,
+                                       programs=2)
+  rng = np.random.default_rng(11)
+  x = rand_logits(rng, (300, 130))
+  opts = dict(label_smoothing=0.1, z_loss=1e-3, logit_softcap=5.0)
+  g = jnp.asarray(rng.normal(size=300), jnp.float32)
+  if sparse:
+    y = jnp.asarray(rng.integers(0, 130, size=300)).at[7].set(-100)
+    fn = lambda x: jxent.softmax_cross_entropy_with_integer_labels(
+        x, y, ignore_index=-100, implementation=kernel, **opts)
+    loss, dl, _ = reference.xent(x, y, sparse=True, ignore_index=-100, **opts)
+  else:
+    y = jnp.asarray(rand_probs(rng, (300, 130)))
+    fn = lambda x: jxent.softmax_cross_entropy(x, y, implementation=kernel, **opts)
+    loss, dl, _ = reference.xent(x, y, **opts)
+  out, vjp = jax.vjp(fn, x)
+  assert_close(out, loss)
+  assert_close(vjp(g)[0], np.asarray(dl) * np.asarray(g)[:, None])
+  v, dx = jax.value_and_grad(lambda x: fn(x).sum())(x)  # (the fused form: both walks)
+  assert_close(v, loss.sum(), scale=5)
+  assert_close(dx, dl, scale=5)
+  if sparse:
+    lp = jxent.token_log_probs(x, jnp.maximum(y, 0), implementation=kernel)
+    assert_close(lp, jax.nn.log_softmax(x)[jnp.arange(300), jnp.maximum(y, 0)])
+  with pytest.raises(ValueError, match="programs must be a positive int, got 0"):
+    jxent.PallasMosaicGpuKernel(programs=0)
+
 class TestPallasRandom:
   """Random shapes (block boundaries included), options and reductions for the Pallas kernels in
   interpret mode, against the float64 reference."""

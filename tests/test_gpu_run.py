@@ -28,7 +28,7 @@ def test_dry_run(tmp_path):
   assert not [l for l in lines if "crashed" in l or "error" in l or l.get("wrong")]
   # the Mosaic GPU kernel (#25): compiled first, checked (not gating), swept
   compiled = {l["variant"] for l in lines if l["section"] == "compile" and l.get("status") == "compiled"}
-  assert {"mosaic_gpu", "mosaic_gpu_token_log_probs"} <= compiled, compiled
+  assert {"mosaic_gpu", "mosaic_gpu_persistent", "mosaic_gpu_token_log_probs"} <= compiled, compiled
   assert len([l for l in checks if l["impl"] == "pallas_mosaic_gpu"]) == 4
   assert [l for l in lines if l["section"] == "tune" and l.get("impl") == "pallas_mosaic_gpu"
           and l.get("grad_rel", 1) <= 2e-2]
@@ -137,7 +137,10 @@ def test_full_run_sweep_candidates_are_valid_and_distinct(tmp_path):
     assert len(set(cands)) == len(cands) and not any(k.interpret for k in cands)
   assert any(k.block_c >= 32000 for k in shapes[1][2] if k.name == "pallas_triton")  # one-load
   mosaic = [k for k in shapes[0][2] if k.name == "pallas_mosaic_gpu"]
-  assert len(mosaic) == 9 and {k.block_c for k in mosaic} == {64, 128, 256}  # (default: a grid point)
+  assert len(mosaic) == 11 and {k.block_c for k in mosaic} == {64, 128, 256}  # (default: a grid point)
+  assert {k.programs for k in mosaic} == {None, 132}
+  assert gpu_run.features(jxent.PallasMosaicGpuKernel(programs=132), 128256) == {
+      "mosaic_gpu", "mosaic_gpu_programs"}
   assert gpu_run.features(mosaic[0], 128256) == {"mosaic_gpu"}
   assert gpu_run.features(jxent.PallasMosaicGpuKernel(block_c=128), 128256) == {
       "mosaic_gpu", "mosaic_gpu_block_c_128"}

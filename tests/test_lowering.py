@@ -51,6 +51,9 @@ def _kernels():
       # the largest tiles: the pipeline's stages, then block_c, shrink to fit shared memory
       pytest.param(pallas_mosaic_gpu.PallasMosaicGpuKernel(block_c=256, max_concurrent_steps=8),
                    id="pallas_mosaic_gpu_big_tiles"),
+      # the persistent launch: 132 programs (an H200's SMs) walking the row blocks in turn
+      pytest.param(pallas_mosaic_gpu.PallasMosaicGpuKernel(block_c=128, programs=132),
+                   id="pallas_mosaic_gpu_persistent"),
   ]
 
 

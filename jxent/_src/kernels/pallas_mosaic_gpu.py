@@ -2,7 +2,8 @@
 (Hopper: TMA loads into swizzled shared memory, a pipelined class loop, one warpgroup per block
 of 64 rows), the backend JAX keeps as it deprecates Pallas Triton.
 
-* forward: a grid of row blocks (``plgpu.kernel``); each walks its rows' class axis in
+* forward: a grid of row blocks (``plgpu.kernel``; or ``programs=P`` persistent programs, each
+  walking the blocks ``p, p + P, ...``); each walks its rows' class axis in
   ``[64, block_c]`` tiles through ``plgpu.emit_pipeline`` (``max_concurrent_steps`` TMA copies in
   flight), keeping the online statistics ``(m, z, its compensation, a, b, sum_x)`` per row in
   registers (the WGMMA row layout), and writes the raw statistics of
@@ -175,40 +176,74 @@ def _specs(ins, kinds, i, block_c, lay):
 # ------------------------------------------------------------------------------------------------
 # The two kernel shapes: a statistics walk (per-row outputs) and a tile writer ([R, C] outputs).
 # ------------------------------------------------------------------------------------------------
-def _stats_kernel(*refs, kinds, fold, init, finish, n_out, block_c, steps, max_steps, interpret):
-  """One block of 64 rows: the pipelined class walk of ``fold`` over the inputs (``kinds``),
-  then ``finish(carry)`` (``n_out`` per-row vectors) to GMEM through shared memory."""
+def _row_blocks(one, blocks, programs):
+  """Runs ``one(i)`` for this program's blocks of 64 rows: block ``i = program`` (a grid of one
+  program per block), or with ``programs = P`` (a persistent launch of P programs) the blocks
+  ``program, program + P, ...`` in turn."""
+  pid = lax.axis_index("rows")
+  if programs is None:
+    one(pid)
+    return
+
+  def step(k, carry):
+    i = pid + k * programs
+
+    @pl.when(i < blocks)
+    def _():
+      one(i)
+    return carry
+
+  lax.fori_loop(0, -(-blocks // programs), step, 0)
+
+
+def _stats_kernel(*refs, kinds, fold, init, finish, n_out, block_c, steps, max_steps, interpret,
+                  blocks, programs):
+  """Each block of 64 rows (:func:`_row_blocks`): the pipelined class walk of ``fold`` over the
+  inputs (``kinds``), then ``finish(carry)`` (``n_out`` per-row vectors) to GMEM through shared
+  memory."""
   plgpu = _plgpu()
   lay = _Layout(interpret)
   n_in = len(kinds)
   ins, outs, scratch = refs[:n_in], refs[n_in:n_in + n_out], refs[n_in + n_out:]
-  i = lax.axis_index("rows")
 
   def body(idx, *args):
     *smem, carry = args
     col = lay.cols(idx[0] * block_c, (ROWS, block_c))
     return fold(carry, col, *(lay.load(ref, k) for ref, k in zip(smem, kinds)))
 
-  carry = plgpu.emit_pipeline(body, grid=(steps,), in_specs=_specs(ins, kinds, i, block_c, lay),
-                              max_concurrent_steps=max_steps, init_carry=init(lay))(*ins)
-  for ref, value in zip(scratch, finish(carry)):
-    ref[...] = value
-  plgpu.commit_smem()
-  for ref, out in zip(scratch, outs):
-    plgpu.copy_smem_to_gmem(ref, out.at[pl.ds(i * ROWS, ROWS)])
-  plgpu.wait_smem_to_gmem(0)
+  def one(i):
+    carry = plgpu.emit_pipeline(body, grid=(steps,), in_specs=_specs(ins, kinds, i, block_c, lay),
+                                max_concurrent_steps=max_steps, init_carry=init(lay))(*ins)
+    for ref, value in zip(scratch, finish(carry)):
+      ref[...] = value
+    plgpu.commit_smem()
+    for ref, out in zip(scratch, outs):
+      plgpu.copy_smem_to_gmem(ref, out.at[pl.ds(i * ROWS, ROWS)])
+    plgpu.wait_smem_to_gmem(0)  # (the scratch is written again by the next block)
+
+  _row_blocks(one, blocks, programs)
 
 
-def _write_kernel(*refs, kinds, tiles, n_out, block_c, steps, max_steps, interpret):
-  """One block of 64 rows: the pipelined class walk that writes ``tiles(col, *blocks)`` (``n_out``
-  ``[64, block_c]`` tiles per step). Each output tile is stored into one of two shared-memory
-  slots and copied out by TMA while the next is computed (the copy of two steps back has
-  finished reading its slot before the slot is written again)."""
+def _write_kernel(*refs, kinds, tiles, n_out, block_c, steps, max_steps, interpret, blocks,
+                  programs):
+  """Each block of 64 rows (:func:`_row_blocks`): the pipelined class walk that writes
+  ``tiles(col, *blocks)`` (``n_out`` ``[64, block_c]`` tiles per step). Each output tile is
+  stored into one of two shared-memory slots and copied out by TMA while the next is computed
+  (the copy of two steps back has finished reading its slot before the slot is written again;
+  every copy has finished before the next block of rows starts)."""
   plgpu = _plgpu()
   lay = _Layout(interpret)
   n_in = len(kinds)
   ins, outs, slots = refs[:n_in], refs[n_in:n_in + n_out], refs[n_in + n_out:]
-  i = lax.axis_index("rows")
+
+  def one(i):
+    _write_block(i, ins, outs, slots, kinds, tiles, block_c, steps, max_steps, lay)
+
+  _row_blocks(one, blocks, programs)
+
+
+def _write_block(i, ins, outs, slots, kinds, tiles, block_c, steps, max_steps, lay):
+  plgpu = _plgpu()
 
   def body(idx, *smem):
     j = idx[0]
@@ -352,6 +387,9 @@ class PallasMosaicGpuKernel:
     block_c: classes per tile of the class walk (a multiple of 64 up to 256; smaller rows use
       one tile).
     max_concurrent_steps: TMA copies in flight in the pipelined class walk (>= 1).
+    programs: None (one program per block of 64 rows) or P, a persistent launch: P programs
+      (at most the number of blocks), program ``p`` walking the blocks ``p, p + P, ...`` in turn
+      (e.g. the GPU's SM count).
 
   Example:
     >>> import jax.numpy as jnp, jxent
@@ -369,9 +407,11 @@ class PallasMosaicGpuKernel:
   interpret: bool = False
   block_c: int = 256
   max_concurrent_steps: int = 3
+  programs: Optional[int] = None
 
   def __post_init__(self):
-    for field in ("block_c", "max_concurrent_steps"):
+    for field in ("block_c", "max_concurrent_steps") + (("programs",) if self.programs is not None
+                                                         else ()):
       value = getattr(self, field)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"PallasMosaicGpuKernel: {field} must be a positive int, got {value!r}.")
@@ -409,6 +449,13 @@ class PallasMosaicGpuKernel:
     pad = [(0, rows_p - v.shape[0])] + ([] if cols_p is None else [(0, cols_p - v.shape[1])])
     return jnp.pad(v, pad) if any(p for _, p in pad) else v
 
+  def _launch(self, blocks: int):
+    """``(programs in the grid, the persistent stride or None)`` for ``blocks`` blocks of rows."""
+    if self.programs is None:
+      return blocks, None
+    p = min(self.programs, blocks)
+    return p, p
+
   def _call(self, kernel, out_shape, grid_rows, scratch=()):
     plgpu = _plgpu()
     return plgpu.kernel(kernel, out_type=out_shape, grid=(grid_rows,), grid_names=("rows",),
@@ -427,11 +474,13 @@ class PallasMosaicGpuKernel:
     rp, cp, bc, steps, stages = self._geometry(
         rows, c, piped=[a.dtype for a, k in zip(ins, kinds) if k == "tile"])
     args = [self._pad_as(a, k, rp, cp) for a, k in zip(ins, kinds)]
+    grid, programs = self._launch(rp // ROWS)
     kernel = functools.partial(_stats_kernel, kinds=tuple(kinds), fold=fold, init=init,
                                finish=finish, n_out=n_out, block_c=bc, steps=steps,
-                               max_steps=stages, interpret=self.interpret)
+                               max_steps=stages, interpret=self.interpret, blocks=rp // ROWS,
+                               programs=programs)
     vec = jax.ShapeDtypeStruct((rp,), jnp.float32)
-    out = self._call(kernel, (vec,) * n_out, rp // ROWS,
+    out = self._call(kernel, (vec,) * n_out, grid,
                      [_plgpu().SMEM((ROWS,), jnp.float32)] * n_out)(*args)
     return tuple(v[:rows] for v in out)
 
@@ -441,13 +490,14 @@ class PallasMosaicGpuKernel:
     rp, cp, bc, steps, stages = self._geometry(
         rows, c, piped=[a.dtype for a, k in zip(ins, kinds) if k == "tile"], slotted=out_dtypes)
     args = [self._pad_as(a, k, rp, cp) for a, k in zip(ins, kinds)]
+    grid, programs = self._launch(rp // ROWS)
     kernel = functools.partial(_write_kernel, kinds=tuple(kinds), tiles=tiles,
                                n_out=len(out_dtypes), block_c=bc, steps=steps, max_steps=stages,
-                               interpret=self.interpret)
+                               interpret=self.interpret, blocks=rp // ROWS, programs=programs)
     lay = _Layout(self.interpret)
     out = tuple(jax.ShapeDtypeStruct((rp, cp), d) for d in out_dtypes)
     slots = [_plgpu().SMEM((2, ROWS, bc), d, transforms=lay.transforms(d, bc)) for d in out_dtypes]
-    res = self._call(kernel, out, rp // ROWS, slots)(*args)
+    res = self._call(kernel, out, grid, slots)(*args)
     return tuple(v[:rows, :c] for v in res)
 
   def _stats(self, logits, labels, *, sparse, opts, c, class_weight=None):
