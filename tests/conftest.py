@@ -65,7 +65,6 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-
 def _per_device_barrier_check():
   """Mosaic GPU interpret mode on several devices (``shard_map``): JAX's interpreter checks, as a
   kernel ends on one device, that no barrier of *any* device is still allocated, while the other

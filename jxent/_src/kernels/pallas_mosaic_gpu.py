@@ -237,32 +237,26 @@ def _write_kernel(*refs, kinds, tiles, n_out, block_c, steps, max_steps, interpr
   ins, outs, slots = refs[:n_in], refs[n_in:n_in + n_out], refs[n_in + n_out:]
 
   def one(i):
-    _write_block(i, ins, outs, slots, kinds, tiles, block_c, steps, max_steps, lay)
+    def body(idx, *smem):
+      j = idx[0]
+      col = lay.cols(j * block_c, (ROWS, block_c))
+      values = tiles(col, *(lay.load(ref, k) for ref, k in zip(smem, kinds)))
+      slot = lax.rem(j, 2)
+      for value, buf in zip(values, slots):
+        buf.at[slot][...] = value.astype(buf.dtype)
+      plgpu.commit_smem()
+      for buf, out in zip(slots, outs):
+        plgpu.copy_smem_to_gmem(buf.at[slot],
+                                out.at[pl.ds(i * ROWS, ROWS), pl.ds(j * block_c, block_c)],
+                                commit_group=False)
+      plgpu.commit_smem_to_gmem_group()
+      plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+
+    plgpu.emit_pipeline(body, grid=(steps,), in_specs=_specs(ins, kinds, i, block_c, lay),
+                        max_concurrent_steps=max_steps)(*ins)
+    plgpu.wait_smem_to_gmem(0)  # (the slots are written again by the next block)
 
   _row_blocks(one, blocks, programs)
-
-
-def _write_block(i, ins, outs, slots, kinds, tiles, block_c, steps, max_steps, lay):
-  plgpu = _plgpu()
-
-  def body(idx, *smem):
-    j = idx[0]
-    col = lay.cols(j * block_c, (ROWS, block_c))
-    values = tiles(col, *(lay.load(ref, k) for ref, k in zip(smem, kinds)))
-    slot = lax.rem(j, 2)
-    for value, buf in zip(values, slots):
-      buf.at[slot][...] = value.astype(buf.dtype)
-    plgpu.commit_smem()
-    for buf, out in zip(slots, outs):
-      plgpu.copy_smem_to_gmem(buf.at[slot],
-                              out.at[pl.ds(i * ROWS, ROWS), pl.ds(j * block_c, block_c)],
-                              commit_group=False)
-    plgpu.commit_smem_to_gmem_group()
-    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-
-  plgpu.emit_pipeline(body, grid=(steps,), in_specs=_specs(ins, kinds, i, block_c, lay),
-                      max_concurrent_steps=max_steps)(*ins)
-  plgpu.wait_smem_to_gmem(0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -593,9 +587,3 @@ class PallasMosaicGpuKernel:
       ins += [f32(g_ent), log_z - f32(ent)]  # (E_p[z] - m)
     tiles = functools.partial(_lp_tiles, opts=opts)
     return self._walk_write(tiles, (logits.dtype,), ins, ["tile"] + ["row"] * (len(ins) - 1), c)[0]
-
-
-def preferred(shape, dtype, sparse) -> bool:
-  """Not measured on a GPU yet: never the default (``pallas_triton`` stays it)."""
-  del shape, dtype, sparse
-  return False

@@ -391,7 +391,6 @@ def weighted_targets(class_weight, y, w_y, wsum, opts: XentOptions, n_classes, *
   return sum_t, wy, None
 
 
-
 def grad_scalars(labels, stats, opts: XentOptions, n_classes, *, sparse: bool,
                  class_weight=None):
   """``(coef [R], t_lab [R] or None)``: the gradient's per-row scalars that a kernel's backward
@@ -407,6 +406,7 @@ def grad_scalars(labels, stats, opts: XentOptions, n_classes, *, sparse: bool,
                                      None if sparse else labels.astype(jnp.float32), w_y, wsum,
                                      opts, n_classes, sparse=sparse)
   return grad_coef(stats, opts, sum_t, weighted=True), t_lab
+
 
 def class_weight_tangent(x, labels, stats, t_w, opts: XentOptions, n_classes, *, sparse: bool,
                          xent=None):
