@@ -141,8 +141,8 @@ def test_a_function_level_import_counts():
 def test_xla_holds_only_the_xla_kernel():
   tree = ast.parse((KERNEL_DIR / "xla.py").read_text())
   public = {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}
-  assert public == {"cpu_fusible", "segments", "label_dot", "exact_tail", "forward", "backward",
-                    "autodiff_f64"}, public
+  assert public == {"cpu_fusible", "segments", "label_dot", "label_tail", "exact_tail", "forward",
+                    "backward", "autodiff_f64"}, public
 
 
 def test_import_jxent_loads_neither_keras_nor_pallas():

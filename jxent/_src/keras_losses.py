@@ -182,7 +182,7 @@ def sparse_categorical_crossentropy(y_true: ArrayLike, y_pred: ArrayLike, from_l
   Example:
     >>> import jxent
     >>> jxent.keras.sparse_categorical_crossentropy([1, 2], [[0.05, 0.95, 0], [0.1, 0.8, 0.1]])
-    Array([0.05129344, 2.3025851 ], dtype=float32)
+    Array([0.0512934, 2.3025851], dtype=float32)
   """
   _check_axis_type(axis)
   y_pred = core.check_logits(jnp.asarray(y_pred), "y_pred")

@@ -267,9 +267,10 @@ def _xent_init(lay):
   return (lay.row_vector(_NEG), zero, zero, zero, zero, zero)
 
 
-def _xent_finish(carry):
+def _xent_finish(carry, *, sparse):
+  """The raw statistics of :func:`rowmath.loss_from_stats` (dense: :func:`rowmath.block_tail`)."""
   m, z, zc, a, b, sx = carry
-  return m, z + zc, a, b, sx
+  return m, z + zc if sparse else rowmath.block_tail(z, zc), a, b, sx
 
 
 def _xent_fold(carry, col, x, y, w=None, *, sparse, opts, c):
@@ -289,9 +290,14 @@ def _xent_fold(carry, col, x, y, w=None, *, sparse, opts, c):
     is_label = (col == _bcast(y, shape)) & valid
     e = jnp.where(is_label, 0.0, e)
     b = b + jnp.where(is_label, x, 0.0).sum(axis=1)
+  else:  # the tile's maxima enter as a count, after its tail (rowmath.block_tail)
+    top = x == _bcast(m_new, shape)
+    e = jnp.where(top, 0.0, e)
   # (m starts at the float32 minimum, not -inf: m - m_new is never NaN; exp_diff corrects its
   # rounding, 8 ulps of the whole sum at a jump of 20 in the max)
   z, zc = rowmath.add_rescaled(z, zc, rowmath.exp_diff(m, m_new), e.sum(axis=1), 1.0)
+  if not sparse:
+    z, zc = rowmath.add_rescaled(z, zc, 1.0, jnp.where(top, 1.0, 0.0).sum(axis=1), 1.0)
   if opts.label_smoothing:
     sx = sx + jnp.where(valid, x if wv is None else x * wv, 0.0).sum(axis=1)
   if not sparse:
@@ -304,12 +310,18 @@ def _xent_fold(carry, col, x, y, w=None, *, sparse, opts, c):
   return m_new, z, zc, a, b, sx
 
 
-def _xent_tiles(col, x, y, m, inv_z, coef, g, r5, w=None, *, sparse, opts, n_cls, want_dy):
+def _xent_tiles(col, x, y, m, inv_z, coef, g, r5, *rest, sparse, opts, n_cls, want_dy):
   """``dlogits`` (and dense ``dlabels``) of one tile from the rows' scalars ``(m, 1 / z, coef,
-  g, d_lab | log_z)``: ``g * (coef * softmax - target)``, the label's entry ``d_lab`` exact
-  (:func:`rowmath.label_grad`); ``w``: the class weights of these classes."""
+  g, d_lab | log_z)`` and, dense, ``(m_top, tc)`` (:func:`rowmath.top_scalars`): ``g * (coef *
+  softmax - target)``, the label's entry ``d_lab`` exact (:func:`rowmath.label_grad`), dense
+  the row max's (:func:`rowmath.dense_grad`); then ``w``, the class weights of these classes,
+  if any."""
   eps = opts.label_smoothing
   shape = x.shape
+  top = None
+  if not sparse:
+    top, rest = tuple(_bcast(v, shape) for v in rest[:2]), rest[2:]
+  w = rest[0] if rest else None
   x = rowmath.prep_logits(x, opts).astype(jnp.float32)
   wv = None if w is None else _bcast_col(w.astype(jnp.float32), shape)
   m, inv_z, coef, g, r5 = (_bcast(v, shape) for v in (m, inv_z, coef, g, r5))
@@ -321,7 +333,7 @@ def _xent_tiles(col, x, y, m, inv_z, coef, g, r5, w=None, *, sparse, opts, n_cls
   target = (1.0 - eps) * y.astype(jnp.float32) + (eps / n_cls if eps else 0.0)
   if wv is not None:
     target = target * wv
-  out = [g * (coef * p - target) * rowmath.softcap_factor(x, opts)]
+  out = [g * rowmath.dense_grad(x, m, p, target, coef, *top) * rowmath.softcap_factor(x, opts)]
   if want_dy:
     gy = g * (1.0 - eps) if wv is None else (g * (1.0 - eps)) * wv
     out.append(gy * ((m - x) + r5))
@@ -503,7 +515,8 @@ class PallasMosaicGpuKernel:
       ins.append(class_weight.astype(jnp.float32))  # (integer labels otherwise need w[y] only)
       kinds.append("col")
     fold = functools.partial(_xent_fold, sparse=sparse, opts=opts, c=c)
-    return self._walk_stats(fold, _xent_init, _xent_finish, 5, ins, kinds, c)
+    finish = functools.partial(_xent_finish, sparse=sparse)
+    return self._walk_stats(fold, _xent_init, finish, 5, ins, kinds, c)
 
   def forward(self, logits, labels, *, sparse, opts, need_lse=True, class_weight=None):
     del need_lse  # (a hint: the statistics come at no extra cost here)
@@ -544,7 +557,9 @@ class PallasMosaicGpuKernel:
       fifth, labels_k = log_z, labels
     want_dy = not sparse and want_dlabels
     ins = [logits, labels_k, m, 1.0 / z, coef, g, fifth]
-    kinds = ["tile", "row" if sparse else "tile"] + ["row"] * 5
+    if not sparse:
+      ins += list(rowmath.top_scalars(m, log_z, coef))
+    kinds = ["tile", "row" if sparse else "tile"] + ["row"] * (len(ins) - 2)
     if cw is not None and (not sparse or opts.label_smoothing):
       ins.append(cw)
       kinds.append("col")

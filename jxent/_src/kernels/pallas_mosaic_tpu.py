@@ -57,10 +57,11 @@ def _init_stats(rows):
   return (jnp.full((rows, 1), _NEG, jnp.float32), zero, zero, zero, zero, zero)
 
 
-def _finished(stats):
-  """The online ``(m, z, zc, a, b, sum_x)`` as :func:`rowmath.loss_from_stats` takes them."""
+def _finished(stats, sparse):
+  """The online ``(m, z, zc, a, b, sum_x)`` as :func:`rowmath.loss_from_stats` takes them
+  (dense: :func:`rowmath.block_tail`)."""
   m, z, zc, a, b, sx = stats
-  return m, z + zc, a, b, sx
+  return m, z + zc if sparse else rowmath.block_tail(z, zc), a, b, sx
 
 
 def _update_stats(stats, x, y, col, *, sparse, opts, c, wv=None):
@@ -76,8 +77,14 @@ def _update_stats(stats, x, y, col, *, sparse, opts, c, wv=None):
   e = jnp.exp(x - m_new)
   if sparse:  # (the label's term is left out of the sum)
     e = jnp.where(col == y, 0.0, e)
+  else:  # (the tile's maxima enter as a count, after its tail: rowmath.block_tail)
+    top = x == m_new
+    e = jnp.where(top, 0.0, e)
   z, zc = rowmath.add_rescaled(z, zc, rowmath.exp_diff(m_old, m_new),
                                jnp.sum(e, axis=1, keepdims=True), 1.0)
+  if not sparse:
+    z, zc = rowmath.add_rescaled(z, zc, 1.0,
+                                 jnp.sum(jnp.where(top, 1.0, 0.0), axis=1, keepdims=True), 1.0)
   if opts.label_smoothing:
     sx = sx + jnp.sum(jnp.where(mask, x if wv is None else x * wv, 0.0), axis=1, keepdims=True)
   if sparse:
@@ -95,11 +102,11 @@ def _update_stats(stats, x, y, col, *, sparse, opts, c, wv=None):
 
 def _grad_tile(x, y, col, row, g, *, sparse, opts, n_cls, wv=None):
   """``(dlogits, dlabels)`` of one tile; ``g`` already holds the row weights and masking;
-  ``row = (m, log_z, z, coef, d_lab)`` are ``[rows, 1]`` (``d_lab``: integer labels, the label's
-  entry, :func:`rowmath.label_grad`); ``n_cls`` is the global class count (vocab parallel);
+  ``row = (m, log_z, z, coef, fifth)`` are ``[rows, 1]`` (``fifth``: integer labels, the label's
+  entry, :func:`rowmath.label_grad`; dense, ``(m_top, tc)``, :func:`rowmath.top_scalars`); ``n_cls`` is the global class count (vocab parallel);
   ``wv [1, block]`` the tile's class weights."""
   eps = opts.label_smoothing
-  m, log_z, z, coef, d_lab = row
+  m, log_z, z, coef, fifth = row
   x = rowmath.prep_logits(x, opts).astype(jnp.float32)
   p = jnp.exp(x - m) * (1.0 / z)
   dy = None
@@ -107,7 +114,7 @@ def _grad_tile(x, y, col, row, g, *, sparse, opts, n_cls, wv=None):
     wv = wv.astype(jnp.float32)
   if sparse:
     smooth = (eps / n_cls if eps else 0.0) if wv is None else (eps / n_cls) * wv
-    d = jnp.where(col == y, d_lab, coef * p - smooth)
+    d = jnp.where(col == y, fifth, coef * p - smooth)
   else:
     target = (1.0 - eps) * y.astype(jnp.float32)
     dy = g * (1.0 - eps) * ((m - x) + log_z)
@@ -115,7 +122,7 @@ def _grad_tile(x, y, col, row, g, *, sparse, opts, n_cls, wv=None):
       target = target + eps / n_cls
     if wv is not None:
       target, dy = target * wv, dy * wv
-    d = coef * p - target
+    d = rowmath.dense_grad(x, m, p, target, coef, *fifth)
   return g * d * rowmath.softcap_factor(x, opts), dy
 
 
@@ -157,20 +164,21 @@ def _fwd_kernel(x_ref, y_ref, *refs, sparse, opts, block_c, c, weighted=False):
   @pl.when(j == pl.num_programs(1) - 1)
   def _finish():
     if opts.axis_name is not None:
-      for ref, val in zip(outs, _finished(stats)):
+      for ref, val in zip(outs, _finished(stats, sparse)):
         ref[...] = val
       return
     w_rows = None if weights is None else tuple(None if r is None else r[...] for r in weights)
-    loss, row = rowmath.loss_from_stats(*_finished(stats), y_ref[...], sparse=sparse, opts=opts,
-                                        local_c=c, mosaic=True, weights=w_rows)
+    loss, row = rowmath.loss_from_stats(*_finished(stats, sparse), y_ref[...], sparse=sparse,
+                                        opts=opts, local_c=c, mosaic=True, weights=w_rows)
     for ref, val in zip(outs, (loss, *row)):
       ref[...] = val
 
 
 def _bwd_kernel(*refs, sparse, opts, block_c, n_cls, weighted=False):
   """Grid (row blocks, class blocks), all parallel: one tile of ``dlogits`` from the saved row
-  statistics and the per-row ``coef`` and (integer labels) label entry ``d_lab``; ``weighted``:
-  the class weight's ``[1, block]`` tile follows ``g``.
+  statistics and the per-row ``coef`` and (integer labels) label entry ``d_lab`` or (dense) the
+  row max's scalars ``(m_top, tc)``; ``weighted``: the class weight's ``[1, block]`` tile
+  follows ``g``.
 
   With ``axis_name`` the caller passes local labels and ``g`` with ignored rows zeroed."""
   w_ref = None
@@ -181,17 +189,18 @@ def _bwd_kernel(*refs, sparse, opts, block_c, n_cls, weighted=False):
     (dx_ref,) = refs
     dy_ref = None
   else:
-    x_ref, y_ref, m_ref, lz_ref, z_ref, coef_ref, g_ref, *refs = refs
+    x_ref, y_ref, m_ref, lz_ref, z_ref, coef_ref, mt_ref, tc_ref, g_ref, *refs = refs
     if weighted:
       w_ref, *refs = refs
     dx_ref, *dy = refs
-    dl_ref, dy_ref = None, (dy[0] if dy else None)
+    dy_ref = dy[0] if dy else None
   col = _cols(pl.program_id(1) * block_c, x_ref.shape)
   y = y_ref[...]
   g = g_ref[...]
   if sparse and opts.axis_name is None:
     g = rowmath.zero_ignored(y, g, opts)
-  row = (m_ref[...], lz_ref[...], z_ref[...], coef_ref[...], None if dl_ref is None else dl_ref[...])
+  row = (m_ref[...], lz_ref[...], z_ref[...], coef_ref[...],
+         dl_ref[...] if sparse else (mt_ref[...], tc_ref[...]))
   wv = None
   if w_ref is not None and (not sparse or opts.label_smoothing):
     wv = w_ref[...]
@@ -231,7 +240,7 @@ def _fused_kernel(*refs, sparse, opts, chunk, c):
     return _update_stats(stats, x_ref[:, pl.ds(start, size)], y_tile(start, size), col,
                          sparse=sparse, opts=opts, c=c)
 
-  stats = _finished(_walk(c, chunk, stats_body, _init_stats(rows)))
+  stats = _finished(_walk(c, chunk, stats_body, _init_stats(rows)), sparse)
   loss, row_stats = rowmath.loss_from_stats(*stats, y_row, sparse=sparse, opts=opts, local_c=c,
                                             mosaic=True)
   w = w_ref[...]
@@ -242,8 +251,11 @@ def _fused_kernel(*refs, sparse, opts, chunk, c):
     sum_t = (1.0 - opts.label_smoothing) * stats[2] + opts.label_smoothing
   coef = rowmath.grad_coef(row_stats, opts, sum_t)
   # (integer labels: stats[3] is the label's capped logit, folded in the walk)
-  d_lab = rowmath.label_grad(stats[3], row_stats, coef, opts, c, mosaic=True) if sparse else None
-  row = (*row_stats, coef, d_lab)
+  if sparse:
+    fifth = rowmath.label_grad(stats[3], row_stats, coef, opts, c, mosaic=True)
+  else:
+    fifth = rowmath.top_scalars(row_stats[0], row_stats[1], coef, mosaic=True)
+  row = (*row_stats, coef, fifth)
 
   def grad_body(start, size, carry):
     col = _cols(start, (rows, size))
@@ -457,6 +469,8 @@ class PallasMosaicTpuKernel:
     if sparse:  # the label's entry per row, from its logit (a gather of one value per row)
       x_lab, _, _ = rowmath.local_label(logits, labels, opts)
       row.append(rowmath.label_grad(x_lab, stats, coef, opts, n_cls, t_lab=t_lab))
+    else:  # the row max's exact entry (rowmath.dense_grad)
+      row += list(rowmath.top_scalars(stats[0], stats[1], coef))
     if sparse and opts.axis_name is not None:  # what needs the other shards is done here
       labels, g = rowmath.local_rows(labels, g, opts, c)
     br, bc, grid = self._grid(rows, c, logits.dtype)

@@ -162,7 +162,12 @@ def _fold(carry, x, y, mask, *, sparse, opts, is_label=None, wv=None):
   e = jnp.exp(x - expand(m_new))
   if is_label is not None:
     e = jnp.where(is_label, 0.0, e)
+  else:  # the block's maxima enter as a count, after its tail (rowmath.block_tail)
+    top = x == expand(m_new)
+    e = jnp.where(top, 0.0, e)
   z, zc = rowmath.add_rescaled(z, zc, rowmath.exp_diff(m, m_new), red(e), 1.0)
+  if is_label is None:
+    z, zc = rowmath.add_rescaled(z, zc, 1.0, red(jnp.where(top, 1.0, 0.0)), 1.0)
   if opts.label_smoothing:
     sx = sx + red(jnp.where(mask, x if wv is None else x * wv, 0.0))
   if not sparse:
@@ -194,7 +199,9 @@ def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c, groups=1, block=No
   ``block = (x, y, mask, idx)``: the whole row, already loaded (no walk).
 
   Returns the raw statistics ``(m, z, a, b, sum_x)`` of :func:`rowmath.loss_from_stats`: dense
-  ``a = sum(y)``, ``b = sum(y * (x - m))``; sparse ``z`` without the label's term and ``b`` =
+  ``z`` less one maximum's 1 (each block's maxima are counted apart from its tail, so a
+  confident row's tail is exact), ``a = sum(y)``, ``b = sum(y * (x - m))``; sparse ``z`` without
+  the label's term and ``b`` =
   the label's logit, read with one scalar load after the walk (no per-block reduction);
   ``sum_x`` (label smoothing only).
   """
@@ -217,11 +224,12 @@ def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c, groups=1, block=No
   else:
     m, z, zc, a, b, sx = _fold(init, *block[:3], sparse=sparse, opts=opts,
                                is_label=(block[3] == label) if sparse else None)
-  z = z + zc
+  z = z + zc if sparse else rowmath.block_tail(z, zc)
   if groups > 1:  # combine the groups' statistics
     mg = jnp.max(m)
-    z, b, a, sx, m = (jnp.sum(z * rowmath.exp_diff(m, mg)), jnp.sum(b + (m - mg) * a),
-                      jnp.sum(a), jnp.sum(sx), mg)
+    z = (jnp.sum(z * rowmath.exp_diff(m, mg)) if sparse
+         else rowmath.merged_tail(m, z, mg, jnp.sum))
+    b, a, sx, m = jnp.sum(b + (m - mg) * a), jnp.sum(a), jnp.sum(sx), mg
   if sparse:
     # The label's logit by one scalar load; labels outside this row's classes (out of range, or
     # on another vocab shard) read a clipped, valid address and count 0.
@@ -234,7 +242,7 @@ def _grad_block(x, y, idx, mask, dx_ref, dy_ref, label, row, g, *, sparse, opts,
   """Writes one block of ``dlogits`` (and ``dlabels``) from its logits ``x`` (upcast, capped);
   ``row`` holds the row's scalars (:func:`_grad_row`); ``wv`` the block's class weights."""
   eps = opts.label_smoothing
-  m, log_z, inv_z, coef, d_lab = row
+  m, log_z, inv_z, coef, d_lab, top = row
   p = jnp.exp(x - m) * inv_z
   if sparse:
     smooth = (eps / n_cls if eps else 0.0) if wv is None else (eps / n_cls) * wv
@@ -249,17 +257,18 @@ def _grad_block(x, y, idx, mask, dx_ref, dy_ref, label, row, g, *, sparse, opts,
       target = target + eps / n_cls
     if wv is not None:
       target = target * wv
-    dx = coef * p - target
+    dx = rowmath.dense_grad(x, m, p, target, coef, *top)
   dx = g * dx * rowmath.softcap_factor(x, opts)
   dx_ref.store(idx, dx.astype(dx_ref.dtype), mask)
 
 
 def _grad_row(stats, sum_t, *, sparse, opts, n_cls, weights=None):
-  """A row's scalars for :func:`_grad_block`: ``(m, log_z, 1 / z, coef, d_lab)``; ``d_lab``
+  """A row's scalars for :func:`_grad_block`: ``(m, log_z, 1 / z, coef, d_lab, top)``; ``d_lab``
   (integer labels: :func:`rowmath.label_grad`) from the label's logit ``stats[3]`` as the
   forward read it (a second read could round differently after the soft-cap, and ``x_y - m``
-  must be exactly 0 where the label is the max). ``weights = (w_y, sum(w))`` under a class
-  weight (dense labels: ``sum_t`` is then the weighted one)."""
+  must be exactly 0 where the label is the max); ``top`` (dense labels:
+  :func:`rowmath.top_scalars`) for the row max's exact entry. ``weights = (w_y, sum(w))`` under
+  a class weight (dense labels: ``sum_t`` is then the weighted one)."""
   m, log_z, z = stats[:3]
   t_lab = None
   if weights is None:
@@ -268,10 +277,12 @@ def _grad_row(stats, sum_t, *, sparse, opts, n_cls, weights=None):
     if sparse:
       sum_t, _, t_lab = rowmath.weighted_targets(None, None, *weights, opts, n_cls, sparse=True)
     coef = rowmath.grad_coef(stats, opts, sum_t, weighted=True)
-  d_lab = None
+  d_lab, top = None, None
   if sparse:
     d_lab = rowmath.label_grad(stats[3], stats[:3], coef, opts, n_cls, t_lab=t_lab)
-  return m, log_z, 1.0 / z, coef, d_lab
+  else:
+    top = rowmath.top_scalars(m, log_z, coef)
+  return m, log_z, 1.0 / z, coef, d_lab, top
 
 
 def _grad_walk(x_ref, y_ref, dx_ref, dy_ref, label, stats, g, sum_t, *, sparse, opts, block_c,

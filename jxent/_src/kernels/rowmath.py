@@ -155,34 +155,47 @@ def safe_max(x: jax.Array, opts: XentOptions) -> jax.Array:
   return jnp.where(jnp.isneginf(m), 0.0, m).astype(x.dtype)
 
 
-def tail_log_z(x: jax.Array, m: jax.Array, opts: XentOptions) -> jax.Array:
-  """``log(sum(exp(x - m)))`` for float64 without rounding the sum to 1 (TF's newer kernel).
-
-  The sum is ``1 + r`` with ``r`` the terms other than one maximum; ``1 + r`` rounds to 1 once
-  ``r < 1.1e-16`` (a logit margin above 37), losing the tail. ``log1p(r)`` keeps it. ``r`` is
-  summed with ``expm1`` at the maxima (0, with derivative 1, for ``xla_autodiff``) plus their
-  count less one; an all ``-inf`` row gives ``r = -1`` and ``-inf``.
-  """
-  s = x - m[:, None]
-  top = s == 0
-  rest, count = psum((jnp.sum(jnp.where(top, jnp.expm1(s), jnp.exp(s)), axis=-1),
-                      jnp.sum(top, axis=-1, dtype=x.dtype)), opts)
-  rest = rest + (count - 1.0)  # (count - 1 first: adding 1 to rest would round its tail away)
-  return jnp.log1p(rest)
+def top_scalars(m, log_z, coef, *, mosaic: bool = False):
+  """Per-row ``(m_top, tc)`` for :func:`dense_grad`: the row max where its softmax is above 1/2
+  (``log_z < log 2``; NaN elsewhere, which no entry equals) and ``tc = coef * (p_max - 1) =
+  coef * expm1(-log_z)``, exact however small ``1 - p_max`` is (``mosaic``: see
+  :func:`expm1`)."""
+  m_top = jnp.where(log_z < 0.6931471805599453, m, jnp.nan)  # log 2
+  return m_top, coef * expm1(-log_z, mosaic=mosaic)
 
 
-def tail_grad(x, stats, coef, target):
-  """``coef * softmax(x) - target`` for float64 with the maxima's entries free of cancellation:
-  there ``softmax = exp(-log_z)`` and ``coef * (softmax - 1)`` is ``coef * expm1(-log_z)``, so a
-  confident one-hot row keeps its tiny ``-sum(tail)``; an exact 0 there is +0, as in TF. Only
-  where the maximum's ``p > 1/2`` (``log_z < log 2``, a single maximum): below, ``expm1(-log_z)``
-  is near -1 and adding ``coef - target`` back would cancel (a common logit: 423 ulps)."""
-  m, log_z, z = stats
-  top = (x == m[:, None]) & (log_z < 0.6931471805599453)[:, None]  # log 2
-  p = softmax(x, m, z)
-  at_top = coef * jnp.expm1(-log_z)[:, None] + (coef - target)
+def dense_grad(x, m, p, target, coef, m_top, tc):
+  """``coef * softmax - target`` (dense labels) with the row maxima's entries free of
+  cancellation: there ``softmax = 1 / z`` and the entry is ``tc + (coef - target)``
+  (:func:`top_scalars`), so a confident one-hot row keeps its tiny ``-sum(tail) / z`` (``p - 1``
+  rounds it to the ulp of 1: the naive formula's 1540 ulps). Only where the maximum's ``p > 1/2``
+  (``m_top``): below, ``tc`` is near ``-coef`` and adding ``coef - target`` back would cancel (a
+  common logit: 423 ulps). An exact 0 there is +0, as in TF. ``coef * p * (x - m)`` (0 there)
+  is added for its derivative: JAX's derivative of this gradient (a Hessian) then has the
+  maximum's own ``p`` term, which ``tc`` (a function of ``log_z`` only) leaves out where ``m``
+  carries no derivative. Every argument broadcasts against ``x``."""
+  at_top = (tc + (coef - target)) + coef * p * (x - m)
   at_top = jnp.where(at_top == 0, 0.0, at_top)  # (not `+ 0.0`, which XLA folds away)
-  return jnp.where(top, at_top, coef * p - target)
+  return jnp.where(x == m_top, at_top, coef * p - target)
+
+
+def merged_tail(m, t, mg, total):
+  """The tail ``u = sum(exp(x - mg)) - 1`` of a row from its parts (blocks, groups, segments or
+  vocab shards) with maxima ``m`` and tails ``t`` (each part's ``sum(exp(x - m)) - 1``, exact:
+  :func:`block_tail`), merged at the row max ``mg`` without rounding ``u`` to the ulp of 1: the
+  parts holding the row max add their tails, the others their rescaled sums ``(t + 1) * exp(m -
+  mg)``, and each maximum beyond the first adds 1. ``total`` sums over the parts (``jnp.sum``
+  along their axis, or :func:`psum`). A row of ``-inf`` gives -1."""
+  top = m == mg
+  tails = total(jnp.where(top, t, (t + 1.0) * exp_diff(m, mg)))
+  return tails + (total(jnp.where(top, 1.0, 0.0).astype(t.dtype)) - 1.0)
+
+
+def block_tail(z, zc):
+  """A part's tail ``sum(exp(x - m)) - 1`` from its compensated sum ``z + zc``
+  (:func:`add_rescaled`) in which the maxima entered as whole counts: ``(z - 1) + zc``, exact
+  where ``z`` is 1 plus a tail (-1 for a part of ``-inf``)."""
+  return (z - 1.0) + zc
 
 
 def exp_diff(a, b):
@@ -323,21 +336,24 @@ def loss_from_stats(m, z, a, b, sum_x, labels, *, sparse: bool, opts: XentOption
   """Per-row ``(loss, stats)`` from a row's online statistics over this shard's classes
   (``stats``: :func:`stats_of`).
 
-  ``m`` is the running max, ``sum_x = sum(x)`` (label smoothing only); dense: ``z =
-  sum(exp(x - m))``, ``a = sum(y)``, ``b = sum(y * (x - m))``; sparse: ``z`` is that sum
-  without the label's term and ``b`` is the label's logit (0 when the label is not among this
-  shard's classes; see :func:`label_log_z`). With ``axis_name`` the shards' statistics are
-  merged first (rescaled to the global max). Shared by the chunked and Pallas kernels
-  (``mosaic``: inside a Mosaic TPU kernel, see :func:`expm1`). With a class weight ``w``,
-  ``weights = (w_y, sum(w))`` (:func:`class_weight_rows`; ``w_y`` per row, integer labels),
-  ``sum_x = sum(w * x)`` and, dense, ``a``, ``b`` are of ``w * y``.
+  ``m`` is the running max, ``sum_x = sum(x)`` (label smoothing only). ``z`` is the sum of
+  exponentials ``sum(exp(x - m))`` less one term, so that it holds no 1 whose ulp would round a
+  confident row's tail away: dense, less one maximum's 1 (:func:`block_tail`; ``log_z =
+  log1p(z)``); sparse, less the label's term (:func:`label_log_z`). Dense: ``a = sum(y)``, ``b
+  = sum(y * (x - m))``; sparse: ``b`` is the label's logit (0 when the label is not among this
+  shard's classes). With ``axis_name`` the shards' statistics are merged first (rescaled to the
+  global max; :func:`merged_tail`). Shared by the chunked and Pallas kernels (``mosaic``: inside
+  a Mosaic TPU kernel, see :func:`expm1`). With a class weight ``w``, ``weights = (w_y,
+  sum(w))`` (:func:`class_weight_rows`; ``w_y`` per row, integer labels), ``sum_x = sum(w * x)``
+  and, dense, ``a``, ``b`` are of ``w * y``.
   """
   if opts.axis_name is not None:
     mg = pmax(m, opts)
-    z = psum(z * exp_diff(m, mg), opts)
     if sparse:
+      z = psum(z * exp_diff(m, mg), opts)
       b = psum(b, opts)
     else:
+      z = merged_tail(m, z, mg, lambda v: psum(v, opts))
       a, b = psum((a, b + (m - mg) * a), opts)
     if opts.label_smoothing:
       sum_x = psum(sum_x, opts)
@@ -352,8 +368,8 @@ def loss_from_stats(m, z, a, b, sum_x, labels, *, sparse: bool, opts: XentOption
     xent = log_z - (b - m)
     loss = combine(m, log_z, xent if w_y is None else w_y * xent, sum_s, opts, n_cls, wsum)
     return finish_sparse(loss, labels, n_cls, opts), stats_of(m, log_z, z + jnp.exp(b - m))
-  log_z = jnp.log(z)
-  return combine(m, log_z, log_z * a - b, sum_s, opts, n_cls, wsum), stats_of(m, log_z, z)
+  log_z = jnp.log1p(z)
+  return combine(m, log_z, log_z * a - b, sum_s, opts, n_cls, wsum), stats_of(m, log_z, z + 1.0)
 
 
 def class_weight_rows(class_weight, labels, opts: XentOptions, *, sparse: bool):
@@ -500,11 +516,11 @@ def merge_stats(m, z, a, b, sum_x, *, sparse: bool):
   """Merges row statistics ``[..., S]`` of S segments of each row (as :func:`loss_from_stats`
   merges vocab shards, without collectives): rescaled to the row max. ``m`` is finite."""
   mg = jnp.max(m, axis=-1)
-  e = exp_diff(m, mg[..., None])
-  z = jnp.sum(z * e, axis=-1)
   if sparse:
+    z = jnp.sum(z * exp_diff(m, mg[..., None]), axis=-1)
     b = jnp.sum(b, axis=-1)
   else:
+    z = merged_tail(m, z, mg[..., None], lambda v: jnp.sum(v, axis=-1))
     a, b = jnp.sum(a, axis=-1), jnp.sum(b + (m - mg[..., None]) * a, axis=-1)
   return mg, z, a, b, jnp.sum(sum_x, axis=-1)
 

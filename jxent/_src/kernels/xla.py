@@ -29,11 +29,12 @@ from jax import lax
 
 from jxent._src.options import XentOptions
 from jxent._src.kernels.rowmath import (class_offset, class_weight_rows, class_weight_tangent,
-                                        combine, exp_diff, finish_sparse,
+                                        combine, dense_grad, exp_diff, finish_sparse,
                                         gather_label, grad_coef, ignored_rows, label_grad,
-                                        local_label, num_classes, pmax, prep_logits, psum,
+                                        label_log_z, local_label, num_classes, pmax,
+                                        prep_logits, psum,
                                         safe_max, softcap_factor, softmax, stats_of, sum_target,
-                                        tail_grad, tail_log_z, weighted_targets)
+                                        top_scalars, weighted_targets)
 
 
 def cpu_fusible(*arrays: jax.Array) -> tuple[jax.Array, ...]:
@@ -89,6 +90,9 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
   """
   rows, c = logits.shape
   k = segments(c)
+  if sparse and label_tail(logits.dtype, autodiff=autodiff):
+    return _label_tail_forward(logits, labels, k, opts, need_lse=need_lse,
+                               class_weight=class_weight)
 
   def seg(v):
     return v.reshape(rows * k, c // k)
@@ -165,6 +169,67 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
   return combine(m, log_z, xent, sum_s, opts, n_cls, wsum), stats
 
 
+def label_tail(dtype, *, autodiff: bool = False) -> bool:
+  """Whether integer labels take :func:`_label_tail_forward` (XLA:CPU, float32 logits; not
+  ``xla_autodiff``), the sum of exponentials without the label's term."""
+  return jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32 and not autodiff
+
+
+def _without_label(x, m, idx):
+  """``exp(x - m)`` ``[R, C]`` with each row's label entry (``idx``; out of range: none) set to
+  0. The forward of a VJP and its backward build it alike: under one jit XLA:CPU computes it once,
+  sums it, and scales it in place into the gradient (the exponentials are that path's main cost
+  on a CPU)."""
+  return jnp.exp(x - m[:, None]).at[jnp.arange(x.shape[0]), idx].set(0.0, mode="drop")
+
+
+def _label_tail_forward(logits, labels, k: int, opts: XentOptions, *, need_lse: bool,
+                        class_weight=None):
+  """Integer labels on XLA:CPU (float32): the row max, then ``t = sum_{j != label} exp(x_j - m)``
+  and the loss from ``(m, t, x_label)`` as the chunked and Pallas kernels form it
+  (:func:`rowmath.label_log_z`: ``log_z = log1p(t + expm1(x_label - m))``, exact on confident
+  rows, and the label's gradient ``-t / z`` from it). The smoothing sum is ``sum(w * (x - m))``,
+  shift invariant.
+
+  ``t`` leaves the label's term out by its index, so it never holds the 1 of a confident row's
+  maximum, whose ulp would round the tail away (the plain sum: ~1500 ulps on the true class).
+  Two forms with the same sums, so that ``value_and_grad`` returns the plain forward's value bit
+  for bit: the primal (``need_lse=False``) masks the label inside one fused reduction,
+  ``min(exp(x - m), (j - label)^2)`` (no ``[R, C]`` temporary; XLA:CPU fuses no select into
+  it); the forward of the VJP sums :func:`_without_label`, which its backward shares. Rows are
+  summed in segments (:func:`segments`), all against the row max.
+  """
+  rows, c = logits.shape
+  seg = c // k
+  x = prep_logits(logits, opts)
+  m = pmax(jnp.max(jnp.max(x.reshape(rows * k, seg), axis=-1).reshape(rows, k), axis=-1), opts)
+  m = lax.stop_gradient(jnp.where(jnp.isneginf(m), 0.0, m))
+  x_lab, local, in_shard = local_label(logits, labels, opts)
+  idx = jnp.where(in_shard, local, c)  # (c: no entry of this shard)
+  if need_lse:
+    e = _without_label(x, m, idx).reshape(rows * k, seg)
+  else:
+    lab = (idx[:, None] - jnp.arange(k)[None, :] * seg).reshape(-1).astype(x.dtype)
+    gap = jnp.square(jnp.arange(seg, dtype=x.dtype)[None, :] - lab[:, None])  # >= 1 off the label
+    e = jnp.minimum(jnp.exp(x.reshape(rows * k, seg) - jnp.repeat(m, k)[:, None]), gap)
+  t = jnp.sum(jnp.sum(e, axis=-1).reshape(rows, k), axis=-1)
+  b = jnp.where(in_shard, x_lab, 0.0)
+  t, b = psum((t, b), opts)
+  n_cls = num_classes(c, opts)
+  w_y, wsum = (None, None)
+  if class_weight is not None:
+    w_y, wsum = class_weight_rows(class_weight, labels, opts, sparse=True)
+  sum_s = None
+  if opts.label_smoothing:  # sum(w * (x - m)), shift invariant
+    s = x - m[:, None] if class_weight is None else (x - m[:, None]) * class_weight[None, :]
+    sum_s = psum(jnp.sum(jnp.sum(s.reshape(rows * k, seg), axis=-1).reshape(rows, k), axis=-1),
+                 opts)
+  log_z = label_log_z(t, b, m)
+  xent = log_z - (b - m)
+  loss = combine(m, log_z, xent if w_y is None else w_y * xent, sum_s, opts, n_cls, wsum)
+  return finish_sparse(loss, labels, n_cls, opts), stats_of(m, log_z, t + jnp.exp(b - m))
+
+
 def exact_tail(dtype) -> bool:
   """Whether :func:`_row_stats` sums a row's tail apart from its maxima: everywhere but on
   XLA:CPU for 16- and 32-bit logits, whose reduction fusions take no select or compare (each
@@ -175,7 +240,7 @@ def exact_tail(dtype) -> bool:
 
 def _row_stats(xs, raw, rows: int, k: int, opts: XentOptions, *, fusible_max: bool = False):
   """Segment maxima ``ms`` [rows, k], row maxima ``m``, ``shift = ms - m``, the global ``u =
-  sum(exp(x - m)) - 1`` summed without cancellation (the tail form of :func:`tail_log_z`; None
+  sum(exp(x - m)) - 1`` summed without cancellation (the tail beside the max's 1; None
   where :func:`exact_tail` is off) and the sum ``z`` itself.
 
   A row's sum of exponentials is 1 (its maximum) plus a tail; ``1 + tail`` rounds the tail to
@@ -209,7 +274,9 @@ def _row_stats(xs, raw, rows: int, k: int, opts: XentOptions, *, fusible_max: bo
   sh = xs - ms[:, None]
   exact = exact_tail(xs.dtype)
   if exact:  # the segments' sums without their maxima, and the maxima's counts
-    top = sh == 0
+    # (by `xs == ms`, not `sh == 0`: the two reductions may be separate fusions, and XLA may
+    # contract a soft-cap's product into `x - m` in one of them only)
+    top = xs == ms[:, None]
     rest = jnp.sum(jnp.where(top, sh, jnp.exp(sh)), axis=-1).reshape(rows, k)
     count = jnp.sum(jnp.where(top, 1.0, 0.0).astype(xs.dtype), axis=-1).reshape(rows, k)
   else:
@@ -272,11 +339,6 @@ def backward(logits, labels, stats, g, *, sparse: bool, opts: XentOptions, want_
   stats = tuple(v.astype(x.dtype) for v in stats)
   m, log_z, z = stats
   cw = None if class_weight is None else class_weight.astype(x.dtype)
-  if x.dtype == jnp.float64 and not sparse:  # the tail of log_z, for tail_grad (one more pass)
-    log_z = tail_log_z(x, m, opts)
-    stats = (m, log_z, z)
-  # (On XLA:CPU exp(x - m) is the forward's own when both are in one jit program: CSE.)
-  p = softmax(x, m, z)
   if sparse:
     t_lab = None
     if cw is None:
@@ -292,11 +354,14 @@ def backward(logits, labels, stats, g, *, sparse: bool, opts: XentOptions, want_
       g = jnp.where(ign, 0.0, g)
     # Every class gets g * (coef * p - eps / C); the label's entry is then overwritten with its
     # exact value, computed per row (a scatter of R values instead of an [R, C] one-hot).
-    base = coef[:, None] * p - smooth
-    dlogits = (g[:, None] * base * softcap_factor(x, opts)).astype(logits.dtype)
     x_lab, local, in_shard = local_label(logits_lab, labels, opts)
     rows = jnp.arange(x.shape[0])
     idx = jnp.where(in_shard, local, local_c)  # out of bounds: dropped
+    if label_tail(logits.dtype):  # the forward's own exponentials (see _without_label)
+      base = _without_label(x, m, idx) * (g * coef / z)[:, None] - g[:, None] * smooth
+    else:
+      base = g[:, None] * (coef[:, None] * softmax(x, m, z) - smooth)
+    dlogits = (base * softcap_factor(x, opts)).astype(logits.dtype)
     d_lab = g * label_grad(x_lab, stats, coef, opts, n_cls, t_lab=t_lab) * softcap_factor(x_lab, opts)
     if jax.default_backend() == "cpu" and logits.dtype == jnp.bfloat16:
       # XLA:CPU scatters bfloat16 through a float32 copy of the whole gradient (1.6x slower at
@@ -314,10 +379,10 @@ def backward(logits, labels, stats, g, *, sparse: bool, opts: XentOptions, want_
     sum_t, target, _ = weighted_targets(cw[None, :], y, None, psum(jnp.sum(cw), opts), opts, n_cls,
                                         sparse=False)
     coef = grad_coef(stats, opts, sum_t, weighted=True)
-  if x.dtype == jnp.float64:  # the tails without cancellation at the maxima (tail_grad)
-    dx = g[:, None] * tail_grad(x, stats, coef[:, None], target)
-  else:
-    dx = g[:, None] * (coef[:, None] * p - target)
+  # (the row maxima's entries without cancellation on confident rows: dense_grad)
+  m_top, tc = top_scalars(m, log_z, coef)
+  dx = g[:, None] * dense_grad(x, m[:, None], softmax(x, m, z), target, coef[:, None],
+                               m_top[:, None], tc[:, None])
   dlabels = None
   if want_dlabels:
     # d loss / d y = (1 - eps) * w * (lse - x) = (1 - eps) * w * ((m - x) + log_z)
