@@ -332,7 +332,7 @@ def combine(m, log_z, xent, sum_s, opts: XentOptions, n_classes, wsum=None):
 
 
 def loss_from_stats(m, z, a, b, sum_x, labels, *, sparse: bool, opts: XentOptions, local_c: int,
-                    mosaic: bool = False, weights=None):
+                    mosaic: bool = False, weights=None, sum_w=None):
   """Per-row ``(loss, stats)`` from a row's online statistics over this shard's classes
   (``stats``: :func:`stats_of`).
 
@@ -345,7 +345,9 @@ def loss_from_stats(m, z, a, b, sum_x, labels, *, sparse: bool, opts: XentOption
   global max; :func:`merged_tail`). Shared by the chunked and Pallas kernels (``mosaic``: inside
   a Mosaic TPU kernel, see :func:`expm1`). With a class weight ``w``, ``weights = (w_y,
   sum(w))`` (:func:`class_weight_rows`; ``w_y`` per row, integer labels), ``sum_x = sum(w * x)``
-  and, dense, ``a``, ``b`` are of ``w * y``.
+  and, dense, ``a``, ``b`` are of ``w * y``. With ``sum_w`` (this shard's ``sum(w)``, or its
+  class count) ``sum_x`` is ``sum(w * (x - m))`` instead, shift invariant (``sum(w * x) - sum(w)
+  * m`` cancels at a large logit offset).
   """
   if opts.axis_name is not None:
     mg = pmax(m, opts)
@@ -356,13 +358,13 @@ def loss_from_stats(m, z, a, b, sum_x, labels, *, sparse: bool, opts: XentOption
       z = merged_tail(m, z, mg, lambda v: psum(v, opts))
       a, b = psum((a, b + (m - mg) * a), opts)
     if opts.label_smoothing:
-      sum_x = psum(sum_x, opts)
+      sum_x = psum(sum_x if sum_w is None else sum_x + (m - mg) * sum_w, opts)
     m = mg
   n_cls = num_classes(local_c, opts)
   w_y, wsum = (None, None) if weights is None else weights
   sum_s = None
   if opts.label_smoothing:
-    sum_s = sum_x - (n_cls if wsum is None else wsum) * m
+    sum_s = sum_x if sum_w is not None else sum_x - (n_cls if wsum is None else wsum) * m
   if sparse:
     log_z = label_log_z(z, b, m, mosaic=mosaic)
     xent = log_z - (b - m)

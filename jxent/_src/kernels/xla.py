@@ -21,6 +21,7 @@ are combined with collectives.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -67,7 +68,8 @@ def segments(c: int) -> int:
 
 
 def label_dot(opts: XentOptions) -> bool:
-  """Whether the dense label term is a row dot product (XLA:CPU; see :func:`forward`)."""
+  """Whether the dense label term is one fused reduction once the row statistics are known,
+  ``sum(y * min(log_z - (x - m), max))`` (XLA:CPU; see :func:`forward`)."""
   return jax.default_backend() == "cpu" and opts.axis_name is None
 
 
@@ -110,17 +112,20 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
                                                     seg(labels))
   xs = prep_logits(raw, opts)
   cdt = xs.dtype
-  half = jnp.finfo(logits.dtype).bits == 16  # (its dot form upcasts both inputs whole on CPU)
-  loss_only = (not need_lse or half) and label_dot(opts) and not autodiff and not sparse
+  loss_only = not need_lse and label_dot(opts) and not autodiff and not sparse
   ms, m, shift, u, z = _row_stats(xs, raw, rows, k, opts, fusible_max=loss_only)
   n_cls = num_classes(c, opts)
   w_y, wsum = (None, None)
   if class_weight is not None:
     w_y, wsum = class_weight_rows(class_weight, labels, opts, sparse=sparse)
+  dense_cpu = not sparse and label_dot(opts) and not autodiff and rows
   sum_s = None
-  if opts.label_smoothing:
-    sum_x = jnp.sum(weigh(prep_logits(raw_sum, opts)), axis=-1).reshape(rows, k)
-    sum_s = psum(jnp.sum(sum_x, axis=-1), opts) - (n_cls if wsum is None else wsum) * m
+  if opts.label_smoothing and not dense_cpu:  # (the dense CPU form folds it into its targets)
+    # sum(w * (x - m)), shift invariant (sum(w * x) - sum(w) * m cancelled: 52 ulps of the loss
+    # at a logit offset of -1000); m behind a barrier, as for the dense label term below
+    m_seg = jnp.repeat(lax.optimization_barrier(m), k)[:, None]
+    sum_s = psum(jnp.sum(jnp.sum(weigh(prep_logits(raw_sum, opts) - m_seg), axis=-1)
+                         .reshape(rows, k), axis=-1), opts)
   log_z = jnp.log(z) if u is None else jnp.log1p(u)
   stats = stats_of(m, log_z, z)
   if sparse:
@@ -130,43 +135,41 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
     return finish_sparse(loss, labels, n_cls, opts), stats
   ys = weigh(labels_seg.astype(cdt))
   xd = prep_logits(raw_lab, opts)  # xs again, from its own handle for the label terms
-  if not label_dot(opts) or autodiff or not rows:  # (autodiff: see _exact_xent)
+  if not dense_cpu:  # (autodiff: see _exact_xent)
     return combine(m, log_z, _exact_xent(xd, ys, ms, shift, log_z, opts, autodiff=autodiff),
                    sum_s, opts, n_cls, wsum), stats
-  if loss_only:
-    # Only the loss is wanted: sum(y * (log_z - (x - m))) once log_z is known. XLA:CPU fuses it,
-    # the max and the sum of exponentials into one read of x and y with no [R, C] temporary
-    # (1.6x faster at 16384x1000, 262 -> 8 MB of temporaries at 2048x32000).
-    log_z_seg, m_seg = (jnp.repeat(v, k)[:, None] for v in (log_z, m))
-    xent = jnp.sum(jnp.sum(ys * (log_z_seg - (xd - m_seg)), axis=-1).reshape(rows, k), axis=-1)
-  else:
-    # sum(y * (x - m)) as sum(y * x) - m * sum(y), the first a row dot product: XLA:CPU reads x
-    # and y once for it, where an elementwise product feeding a reduction beside the lse's
-    # materialises [R, C] (2.6x faster at 2048x32000).
-    syx = jnp.sum(jnp.einsum("rc,rc->r", ys, xd, preferred_element_type=cdt).reshape(rows, k),
-                  axis=-1)
-    sum_y = jnp.sum(jnp.sum(ys, axis=-1).reshape(rows, k), axis=-1)
-    xent = log_z * sum_y - (syx - m * sum_y)
-  # A zero label on a -inf logit makes either form NaN (0 * inf): such rows (`where` masks) take
-  # the exact form instead (both run under vmap): one reduction that reads the inputs
-  # themselves, with the row statistics already known, sum(y * min(log_z - (x - m), max)), so a
-  # zero label contributes 0 at x = -inf. Only `minimum`, not a `where` or a second reduction,
-  # keeps XLA:CPU to one fused read without temporaries (a loop over row blocks upcast bfloat16
-  # inputs whole: 218.7 MB at 512x50257; with this form 0.1 MB). Limitation: a row that also
-  # has a non-zero label on another -inf logit gets y * 3.4e38 instead of +inf.
-  def exact():
-    log_z_seg, m_seg = (jnp.repeat(v, k)[:, None] for v in (log_z, m))
-    x_e, y_e = cpu_fusible(seg(logits), seg(labels))
-    gap = jnp.minimum(log_z_seg - (prep_logits(x_e, opts) - m_seg), jnp.finfo(cdt).max)
-    exact_xent = psum(jnp.sum(jnp.sum(weigh(y_e.astype(cdt)) * gap, axis=-1).reshape(rows, k),
-                              axis=-1), opts)
-    # (XLA:CPU's minimum drops a NaN: rows of all -inf, or with a NaN or +inf logit, have a
-    # non-finite log_z and stay NaN, as in TF and optax.)
-    exact_xent = jnp.where(jnp.isfinite(log_z), exact_xent, jnp.nan)
-    return jnp.where(jnp.isnan(xent), exact_xent, xent)
-
-  xent = lax.cond(jnp.any(jnp.isnan(xent)), exact, lambda: xent)
-  return combine(m, log_z, xent, sum_s, opts, n_cls, wsum), stats
+  # One reduction that reads the inputs themselves, with the row statistics already known:
+  # sum(y * min(log_z - (x - m), max)), shift invariant, and the same in the plain forward and
+  # in the forward of a VJP (value_and_grad returns the plain forward's value bit for bit).
+  # XLA:CPU fuses it with the max and the sum of exponentials into one read of x and y with no
+  # [R, C] temporary. A zero label on a -inf logit (`where` masks) contributes 0, not 0 * inf;
+  # only `minimum`, not a `where`, keeps XLA:CPU to one fused read (a loop over row blocks
+  # upcast bfloat16 inputs whole: 218.7 MB at 512x50257; with this form 0.1 MB). Limitation: a
+  # non-zero label on a -inf logit gives y * 3.4e38 instead of +inf. (The earlier forms: sum(y *
+  # x) - m * sum(y) as a row dot product cancels at a logit offset, 1150 ulps at 1e4; a NaN
+  # check with this form as its fallback made XLA:CPU keep an [R, C] temporary, 1.8x optax at
+  # 16384x1000.)
+  # (the row values behind a barrier: sharing the broadcast of m with the sum of exponentials
+  # made XLA:CPU write it out as an [R, C] temporary, 2x optax at 16384x1000)
+  log_z_seg, m_seg = (jnp.repeat(v, k)[:, None] for v in lax.optimization_barrier((log_z, m)))
+  # The gap is capped at the float32 maximum where the label is 0 only: a zero label on a -inf
+  # logit (`where` masks) then contributes 0, not 0 * inf, and a non-zero one +inf, as in TF.
+  # (|y| * 2^127 * 2^127 is +inf for every non-zero label, denormal ones included; 2^127 comes
+  # through a barrier, or XLA folds the two constants into inf and 0 * inf is NaN. Only
+  # `minimum`, not a `where`, keeps XLA:CPU to one fused read: a NaN check with a fallback kept
+  # an [R, C] temporary, 1.9x optax at 16384x1000.)
+  big = lax.optimization_barrier(jnp.asarray(2.0 ** 127, cdt))
+  cap = jnp.finfo(cdt).max + (jnp.abs(ys) * big) * big
+  gap = jnp.minimum(log_z_seg - (xd - m_seg), cap)
+  eps = opts.label_smoothing
+  if eps:  # the smoothing in the targets, (1 - eps) w y + eps w / C: one sum, one rounding less
+    ys = (1.0 - eps) * ys + (eps / n_cls) * weigh(jnp.ones_like(ys))
+  xent = jnp.sum(jnp.sum(ys * gap, axis=-1).reshape(rows, k), axis=-1)
+  # (XLA:CPU's minimum drops a NaN: rows of all -inf, or with a NaN or +inf logit, have a
+  # non-finite log_z and stay NaN, as in TF and optax.)
+  xent = jnp.where(jnp.isfinite(log_z), xent, jnp.nan)
+  return combine(m, log_z, xent, None, dataclasses.replace(opts, label_smoothing=0.0), n_cls,
+                 wsum), stats
 
 
 def label_tail(dtype, *, autodiff: bool = False) -> bool:
@@ -281,6 +284,10 @@ def _row_stats(xs, raw, rows: int, k: int, opts: XentOptions, *, fusible_max: bo
     count = jnp.sum(jnp.where(top, 1.0, 0.0).astype(xs.dtype), axis=-1).reshape(rows, k)
   else:
     zs = jnp.sum(jnp.exp(sh), axis=-1).reshape(rows, k)
+  if k == 1 and opts.axis_name is None and not exact:
+    # (whole rows: no rescaling between segments, whose [R] steps between the reductions kept
+    # XLA:CPU from fusing the dense label term with them, 2x optax at 16384x1000)
+    return ms[:, None], ms, jnp.zeros_like(ms)[:, None], None, zs[:, 0]
   ms = ms.reshape(rows, k)
   m = pmax(jnp.max(ms, axis=-1), opts)
   if not fusible_max:
