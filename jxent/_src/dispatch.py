@@ -33,6 +33,8 @@ class XlaKernel:
   platforms: ClassVar[tuple[str, ...]] = ("cpu", "gpu", "cuda", "rocm", "tpu")
   # forward / backward take ``class_weight=`` (a [C] vector; see rowmath.class_weight_rows)
   class_weights: ClassVar[bool] = True
+  # whether the backward may rebuild the forward's exponentials (xla.backward's ``shared``)
+  shares_exp: ClassVar[bool] = True
   interpret: bool = False
 
   def forward(self, logits, labels, *, sparse, opts, need_lse=True, class_weight=None):
@@ -42,7 +44,8 @@ class XlaKernel:
   def backward(self, logits, labels, stats, g, *, sparse, opts, want_dlabels=True,
                class_weight=None):
     return xla.backward(logits, labels, stats, g, sparse=sparse, opts=opts,
-                        want_dlabels=want_dlabels, class_weight=class_weight)
+                        want_dlabels=want_dlabels, class_weight=class_weight,
+                        shared=self.shares_exp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +93,7 @@ class ChunkedXlaKernel(XlaKernel):
   """
 
   name: ClassVar[str] = "chunked_xla"
+  shares_exp: ClassVar[bool] = False  # (its forward writes no exponentials to share)
   block: int = chunked.BLOCK
 
   def __post_init__(self):

@@ -328,7 +328,7 @@ def _exact_xent(xs, ys, ms, shift, log_z, opts: XentOptions, *, autodiff: bool):
 
 
 def backward(logits, labels, stats, g, *, sparse: bool, opts: XentOptions, want_dlabels: bool = True,
-             class_weight=None):
+             class_weight=None, shared: bool = True):
   """``dlogits`` (logits dtype) and, for dense labels, ``dlabels`` (labels dtype), from the
   forward's row statistics ``stats = (m, log_z, z)``.
 
@@ -336,7 +336,9 @@ def backward(logits, labels, stats, g, *, sparse: bool, opts: XentOptions, want_
   label's entry is written per row as ``coef * expm1(log p_y) + (coef - target_y)``, where
   ``log p_y = (x_y - m) - log_z``: no ``p_y - 1`` cancellation on confident rows. A
   ``class_weight`` ``w`` scales the targets (:func:`rowmath.weighted_targets`), broadcast in the
-  same elementwise pass."""
+  same elementwise pass. ``shared``: the forward was :func:`forward`, whose exponentials the
+  float32 CPU integer-label path rebuilds alike (:func:`_without_label`); False for a forward
+  that writes none (the chunked kernel's), which the softmax's own form serves better."""
   logits_lab, logits = cpu_fusible(logits, logits)  # see cpu_fusible
   x = prep_logits(logits, opts)
   local_c = x.shape[-1]
@@ -364,7 +366,7 @@ def backward(logits, labels, stats, g, *, sparse: bool, opts: XentOptions, want_
     x_lab, local, in_shard = local_label(logits_lab, labels, opts)
     rows = jnp.arange(x.shape[0])
     idx = jnp.where(in_shard, local, local_c)  # out of bounds: dropped
-    if label_tail(logits.dtype):  # the forward's own exponentials (see _without_label)
+    if shared and label_tail(logits.dtype):  # the forward's own exponentials (_without_label)
       base = _without_label(x, m, idx) * (g * coef / z)[:, None] - g[:, None] * smooth
     else:
       base = g[:, None] * (coef[:, None] * softmax(x, m, z) - smooth)
