@@ -103,8 +103,9 @@ def _update_stats(stats, x, y, col, *, sparse, opts, c, wv=None):
 def _grad_tile(x, y, col, row, g, *, sparse, opts, n_cls, wv=None):
   """``(dlogits, dlabels)`` of one tile; ``g`` already holds the row weights and masking;
   ``row = (m, log_z, z, coef, fifth)`` are ``[rows, 1]`` (``fifth``: integer labels, the label's
-  entry, :func:`rowmath.label_grad`; dense, ``(m_top, tc)``, :func:`rowmath.top_scalars`); ``n_cls`` is the global class count (vocab parallel);
-  ``wv [1, block]`` the tile's class weights."""
+  entry, :func:`rowmath.label_grad`; dense, ``(m_top, tc)``, :func:`rowmath.top_scalars`);
+  ``n_cls`` is the global class count (vocab parallel); ``wv [1, block]`` the tile's class
+  weights."""
   eps = opts.label_smoothing
   m, log_z, z, coef, fifth = row
   x = rowmath.prep_logits(x, opts).astype(jnp.float32)

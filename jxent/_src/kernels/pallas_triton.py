@@ -201,9 +201,8 @@ def _row_stats(x_ref, y_ref, label, *, sparse, opts, block_c, groups=1, block=No
   Returns the raw statistics ``(m, z, a, b, sum_x)`` of :func:`rowmath.loss_from_stats`: dense
   ``z`` less one maximum's 1 (each block's maxima are counted apart from its tail, so a
   confident row's tail is exact), ``a = sum(y)``, ``b = sum(y * (x - m))``; sparse ``z`` without
-  the label's term and ``b`` =
-  the label's logit, read with one scalar load after the walk (no per-block reduction);
-  ``sum_x`` (label smoothing only).
+  the label's term and ``b`` = the label's logit, read with one scalar load after the walk (no
+  per-block reduction); ``sum_x`` (label smoothing only).
   """
   c = x_ref.size
   lanes = _lanes(block_c, groups)

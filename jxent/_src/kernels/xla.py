@@ -32,7 +32,7 @@ from jxent._src.options import XentOptions
 from jxent._src.kernels.rowmath import (class_offset, class_weight_rows, class_weight_tangent,
                                         combine, dense_grad, exp_diff, finish_sparse,
                                         gather_label, grad_coef, ignored_rows, label_grad,
-                                        label_log_z, local_label, num_classes, pmax,
+                                        local_label, loss_from_stats, num_classes, pmax,
                                         prep_logits, psum,
                                         safe_max, softcap_factor, softmax, stats_of, sum_target,
                                         top_scalars, weighted_targets)
@@ -139,25 +139,20 @@ def forward(logits: jax.Array, labels: jax.Array, *, sparse: bool, opts: XentOpt
     return combine(m, log_z, _exact_xent(xd, ys, ms, shift, log_z, opts, autodiff=autodiff),
                    sum_s, opts, n_cls, wsum), stats
   # One reduction that reads the inputs themselves, with the row statistics already known:
-  # sum(y * min(log_z - (x - m), max)), shift invariant, and the same in the plain forward and
+  # sum(y * min(log_z - (x - m), cap)), shift invariant, and the same in the plain forward and
   # in the forward of a VJP (value_and_grad returns the plain forward's value bit for bit).
   # XLA:CPU fuses it with the max and the sum of exponentials into one read of x and y with no
-  # [R, C] temporary. A zero label on a -inf logit (`where` masks) contributes 0, not 0 * inf;
-  # only `minimum`, not a `where`, keeps XLA:CPU to one fused read (a loop over row blocks
-  # upcast bfloat16 inputs whole: 218.7 MB at 512x50257; with this form 0.1 MB). Limitation: a
-  # non-zero label on a -inf logit gives y * 3.4e38 instead of +inf. (The earlier forms: sum(y *
-  # x) - m * sum(y) as a row dot product cancels at a logit offset, 1150 ulps at 1e4; a NaN
-  # check with this form as its fallback made XLA:CPU keep an [R, C] temporary, 1.8x optax at
-  # 16384x1000.)
-  # (the row values behind a barrier: sharing the broadcast of m with the sum of exponentials
-  # made XLA:CPU write it out as an [R, C] temporary, 2x optax at 16384x1000)
+  # [R, C] temporary. (Earlier forms: sum(y * x) - m * sum(y) as a row dot product cancelled at
+  # a logit offset, 1150 ulps at 1e4; a NaN check with a fallback kept an [R, C] temporary,
+  # 1.9x optax at 16384x1000.) The row values pass a barrier: sharing the broadcast of m with
+  # the sum of exponentials made XLA:CPU write it out as an [R, C] temporary (2x optax there).
   log_z_seg, m_seg = (jnp.repeat(v, k)[:, None] for v in lax.optimization_barrier((log_z, m)))
   # The gap is capped at the float32 maximum where the label is 0 only: a zero label on a -inf
   # logit (`where` masks) then contributes 0, not 0 * inf, and a non-zero one +inf, as in TF.
-  # (|y| * 2^127 * 2^127 is +inf for every non-zero label, denormal ones included; 2^127 comes
-  # through a barrier, or XLA folds the two constants into inf and 0 * inf is NaN. Only
-  # `minimum`, not a `where`, keeps XLA:CPU to one fused read: a NaN check with a fallback kept
-  # an [R, C] temporary, 1.9x optax at 16384x1000.)
+  # Only `minimum`, not a `where`, keeps XLA:CPU to one fused read (a loop over row blocks
+  # upcast bfloat16 inputs whole: 218.7 MB at 512x50257). |y| * 2^127 * 2^127 is +inf for every
+  # non-zero label, denormal ones included; 2^127 comes through a barrier, or XLA folds the two
+  # constants into inf and 0 * inf is NaN.
   big = lax.optimization_barrier(jnp.asarray(2.0 ** 127, cdt))
   cap = jnp.finfo(cdt).max + (jnp.abs(ys) * big) * big
   gap = jnp.minimum(log_z_seg - (xd - m_seg), cap)
@@ -190,9 +185,9 @@ def _label_tail_forward(logits, labels, k: int, opts: XentOptions, *, need_lse: 
                         class_weight=None):
   """Integer labels on XLA:CPU (float32): the row max, then ``t = sum_{j != label} exp(x_j - m)``
   and the loss from ``(m, t, x_label)`` as the chunked and Pallas kernels form it
-  (:func:`rowmath.label_log_z`: ``log_z = log1p(t + expm1(x_label - m))``, exact on confident
-  rows, and the label's gradient ``-t / z`` from it). The smoothing sum is ``sum(w * (x - m))``,
-  shift invariant.
+  (:func:`rowmath.loss_from_stats`: ``log_z = log1p(t + expm1(x_label - m))``, exact on
+  confident rows, and the label's gradient ``-t / z`` from it). The smoothing sum is ``sum(w *
+  (x - m))``, shift invariant.
 
   ``t`` leaves the label's term out by its index, so it never holds the 1 of a confident row's
   maximum, whose ulp would round the tail away (the plain sum: ~1500 ulps on the true class).
@@ -216,21 +211,16 @@ def _label_tail_forward(logits, labels, k: int, opts: XentOptions, *, need_lse: 
     gap = jnp.square(jnp.arange(seg, dtype=x.dtype)[None, :] - lab[:, None])  # >= 1 off the label
     e = jnp.minimum(jnp.exp(x.reshape(rows * k, seg) - jnp.repeat(m, k)[:, None]), gap)
   t = jnp.sum(jnp.sum(e, axis=-1).reshape(rows, k), axis=-1)
-  b = jnp.where(in_shard, x_lab, 0.0)
-  t, b = psum((t, b), opts)
-  n_cls = num_classes(c, opts)
-  w_y, wsum = (None, None)
-  if class_weight is not None:
-    w_y, wsum = class_weight_rows(class_weight, labels, opts, sparse=True)
-  sum_s = None
+  sum_s = sum_w = None
   if opts.label_smoothing:  # sum(w * (x - m)), shift invariant
     s = x - m[:, None] if class_weight is None else (x - m[:, None]) * class_weight[None, :]
-    sum_s = psum(jnp.sum(jnp.sum(s.reshape(rows * k, seg), axis=-1).reshape(rows, k), axis=-1),
-                 opts)
-  log_z = label_log_z(t, b, m)
-  xent = log_z - (b - m)
-  loss = combine(m, log_z, xent if w_y is None else w_y * xent, sum_s, opts, n_cls, wsum)
-  return finish_sparse(loss, labels, n_cls, opts), stats_of(m, log_z, t + jnp.exp(b - m))
+    sum_s = jnp.sum(jnp.sum(s.reshape(rows * k, seg), axis=-1).reshape(rows, k), axis=-1)
+    sum_w = jnp.full_like(m, c if class_weight is None else jnp.sum(class_weight))
+  weights = None
+  if class_weight is not None:
+    weights = class_weight_rows(class_weight, labels, opts, sparse=True)
+  return loss_from_stats(m, t, None, jnp.where(in_shard, x_lab, 0.0), sum_s, labels, sparse=True,
+                         opts=opts, local_c=c, weights=weights, sum_w=sum_w)
 
 
 def exact_tail(dtype) -> bool:
@@ -284,10 +274,6 @@ def _row_stats(xs, raw, rows: int, k: int, opts: XentOptions, *, fusible_max: bo
     count = jnp.sum(jnp.where(top, 1.0, 0.0).astype(xs.dtype), axis=-1).reshape(rows, k)
   else:
     zs = jnp.sum(jnp.exp(sh), axis=-1).reshape(rows, k)
-  if k == 1 and opts.axis_name is None and not exact:
-    # (whole rows: no rescaling between segments, whose [R] steps between the reductions kept
-    # XLA:CPU from fusing the dense label term with them, 2x optax at 16384x1000)
-    return ms[:, None], ms, jnp.zeros_like(ms)[:, None], None, zs[:, 0]
   ms = ms.reshape(rows, k)
   m = pmax(jnp.max(ms, axis=-1), opts)
   if not fusible_max:
